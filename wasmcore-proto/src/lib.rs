@@ -1,0 +1,761 @@
+//! The wasm-core wire protocol, version 1: request and response types and the line codec.
+//!
+//! One JSON object per line in each direction. Every request carries `"op"` and may carry a
+//! `"tag"` (any JSON value) that the daemon echoes back; every response carries `"ok"`.
+//! Failures carry `"error": {"code", "message", …}` with a stable snake_case code.
+//!
+//! This crate is shared by the daemon, `wasmcorectl` and the tests. It has no I/O of its own:
+//! [`LineBuffer`] splits bytes into capped lines, [`decode_request`] turns one line into a
+//! [`Request`], and [`encode_line`] turns any response into one line. `docs/PROTOCOL.md` is
+//! the reference for users; it must match this file.
+
+#![forbid(unsafe_code)]
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The protocol version reported by `status`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Default cap on one request line, in bytes (a 16 MiB module in base64 fits).
+pub const DEFAULT_MAX_LINE: usize = 24 << 20;
+
+/// Stable error codes. The wire form is the snake_case name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request is malformed: not JSON, unknown op, missing or invalid field.
+    BadRequest,
+    /// A request line, module, input or output exceeds its cap.
+    TooLarge,
+    /// No binary by that UUID or name is visible to the caller.
+    NotFound,
+    /// The caller is not allowed to do this.
+    Forbidden,
+    /// The module is not valid WebAssembly or does not follow the plugin ABI.
+    InvalidModule,
+    /// The execution ran past its deadline.
+    Timeout,
+    /// The execution used up its fuel.
+    OutOfFuel,
+    /// The execution needed more linear memory than its cap.
+    MemoryLimit,
+    /// The guest trapped.
+    Trap,
+    /// The plugin returned a non-zero code (or a WASI command exited non-zero).
+    PluginError,
+    /// A per-tenant quota would be exceeded.
+    QuotaExceeded,
+    /// A concurrency limit is reached; retry later.
+    Busy,
+    /// A binary with that name already exists for this owner.
+    AlreadyExists,
+    /// The daemon failed; details are in its log.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The wire name of the code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::InvalidModule => "invalid_module",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::OutOfFuel => "out_of_fuel",
+            ErrorCode::MemoryLimit => "memory_limit",
+            ErrorCode::Trap => "trap",
+            ErrorCode::PluginError => "plugin_error",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
+            ErrorCode::Busy => "busy",
+            ErrorCode::AlreadyExists => "already_exists",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Limits a caller may ask for on `execute` and `chain`. Each may only lower the daemon's
+/// configured maximum.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitsRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuel: Option<u64>,
+}
+
+/// `load`: register a module. Exactly one source: `wasm_base64`, `fd: true` (the module is
+/// the file descriptor passed with SCM_RIGHTS together with this line), or `path` (admins).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wasm_base64: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fd: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub public: bool,
+}
+
+/// `execute`: run one binary.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecuteRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<Value>,
+    pub binary: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_base64: Option<String>,
+    #[serde(flatten)]
+    pub limits: LimitsRequest,
+}
+
+/// `chain`: run binaries in order, each one's output the next one's input.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<Value>,
+    pub binaries: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_base64: Option<String>,
+    #[serde(flatten)]
+    pub limits: LimitsRequest,
+}
+
+/// `list`: the binaries visible to the caller (`all`: every tenant's, admins only).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<Value>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all: bool,
+}
+
+/// `unload` and `info`: one binary by UUID or name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BinaryRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<Value>,
+    pub binary: String,
+}
+
+/// `status`: daemon-wide facts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<Value>,
+}
+
+/// One request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Load(LoadRequest),
+    Execute(ExecuteRequest),
+    Chain(ChainRequest),
+    List(ListRequest),
+    Unload(BinaryRequest),
+    Info(BinaryRequest),
+    Status(StatusRequest),
+}
+
+impl Request {
+    /// The op name as on the wire.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Load(_) => "load",
+            Request::Execute(_) => "execute",
+            Request::Chain(_) => "chain",
+            Request::List(_) => "list",
+            Request::Unload(_) => "unload",
+            Request::Info(_) => "info",
+            Request::Status(_) => "status",
+        }
+    }
+
+    /// The caller's tag, echoed in the response.
+    pub fn take_tag(&mut self) -> Option<Value> {
+        match self {
+            Request::Load(r) => r.tag.take(),
+            Request::Execute(r) => r.tag.take(),
+            Request::Chain(r) => r.tag.take(),
+            Request::List(r) => r.tag.take(),
+            Request::Unload(r) | Request::Info(r) => r.tag.take(),
+            Request::Status(r) => r.tag.take(),
+        }
+    }
+}
+
+/// Why a line could not be decoded into a [`Request`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeError {
+    /// The caller's tag, when the line was JSON with a `tag` field.
+    pub tag: Option<Value>,
+    pub message: String,
+}
+
+/// Decode one request line (without its newline).
+pub fn decode_request(line: &[u8]) -> Result<Request, DecodeError> {
+    let text = std::str::from_utf8(line).map_err(|e| DecodeError {
+        tag: None,
+        message: format!("request is not valid UTF-8 ({e}); a request is one JSON object per line"),
+    })?;
+    serde_json::from_str::<Request>(text).map_err(|e| {
+        // Recover the tag for the error response when the line is at least a JSON object.
+        #[derive(Deserialize)]
+        struct TagOnly {
+            #[serde(default)]
+            tag: Option<Value>,
+        }
+        let tag = serde_json::from_str::<TagOnly>(text).ok().and_then(|t| t.tag);
+        DecodeError {
+            tag,
+            message: describe_json_error(text, &e),
+        }
+    })
+}
+
+fn describe_json_error(text: &str, e: &serde_json::Error) -> String {
+    let trimmed = text.trim_start();
+    if trimmed.is_empty() {
+        return "empty request line; send one JSON object per line".to_string();
+    }
+    if !trimmed.starts_with('{') && e.is_syntax() {
+        return format!("request is not a JSON object: {e}");
+    }
+    let msg = e.to_string();
+    if msg.contains("missing field `op`") {
+        return "missing field `op` (one of load, execute, chain, list, unload, info, status)"
+            .to_string();
+    }
+    if msg.starts_with("unknown variant") {
+        return format!("unknown op: {msg}");
+    }
+    format!("invalid request: {msg}")
+}
+
+/// The per-execution accounting returned with every result.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    pub wall_us: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuel_used: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_peak_bytes: Option<u64>,
+}
+
+/// The error object of a failed response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+    /// For `chain`: the 0-based index of the stage that failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<usize>,
+    /// For `plugin_error`: the plugin's return code or WASI exit status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin_code: Option<i32>,
+    /// For `trap`: the innermost wasm frames.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backtrace: Vec<String>,
+    /// Log lines the guest wrote before it failed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logs: Vec<String>,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorBody {
+            code,
+            message: message.into(),
+            stage: None,
+            plugin_code: None,
+            backtrace: Vec::new(),
+            logs: Vec::new(),
+        }
+    }
+}
+
+/// The kind of a module: the seed's `process` ABI or a WASI preview1 command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModuleKind {
+    Process,
+    Wasi,
+}
+
+impl std::fmt::Display for ModuleKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ModuleKind::Process => "process",
+            ModuleKind::Wasi => "wasi",
+        })
+    }
+}
+
+/// Response to `load`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoadResponse {
+    pub binary: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub sha256: String,
+    pub size: u64,
+    pub kind: ModuleKind,
+    pub public: bool,
+    pub compile_ms: f64,
+}
+
+/// Response to `execute` and `chain`. Output is `output` when it is UTF-8, else
+/// `output_base64`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ExecuteResponse {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_base64: Option<String>,
+    pub stats: Stats,
+    /// For `chain`: the stats of each stage in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<Stats>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logs: Vec<String>,
+}
+
+impl ExecuteResponse {
+    /// Put `bytes` into `output` or `output_base64`.
+    pub fn set_output(&mut self, bytes: Vec<u8>) {
+        match String::from_utf8(bytes) {
+            Ok(s) => {
+                self.output = Some(s);
+                self.output_base64 = None;
+            }
+            Err(e) => {
+                self.output = None;
+                self.output_base64 = Some(base64::engine::general_purpose::STANDARD.encode(e.as_bytes()));
+            }
+        }
+    }
+
+    /// The output bytes, whichever field carries them.
+    pub fn output_bytes(&self) -> Result<Vec<u8>, String> {
+        match (&self.output, &self.output_base64) {
+            (Some(s), _) => Ok(s.as_bytes().to_vec()),
+            (None, Some(b)) => decode_base64(b),
+            (None, None) => Ok(Vec::new()),
+        }
+    }
+}
+
+/// One entry of `list`, and the core of `info`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BinaryInfo {
+    pub binary: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub owner_uid: u32,
+    pub size: u64,
+    pub sha256: String,
+    pub kind: ModuleKind,
+    pub public: bool,
+    /// Seconds since the Unix epoch.
+    pub loaded_at: u64,
+    pub executions: u64,
+}
+
+/// Response to `list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListResponse {
+    pub binaries: Vec<BinaryInfo>,
+}
+
+/// Effective limits of an execution (also reported by `info` and `status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub timeout_ms: u64,
+    pub memory_limit_mb: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuel: Option<u64>,
+}
+
+/// An import or export of a module, as reported by `info`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExternInfo {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+    pub name: String,
+    /// `func`, `memory`, `table` or `global`, with the function signature for `func`.
+    #[serde(rename = "type")]
+    pub ty: String,
+}
+
+/// Response to `info`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InfoResponse {
+    #[serde(flatten)]
+    pub info: BinaryInfo,
+    pub imports: Vec<ExternInfo>,
+    pub exports: Vec<ExternInfo>,
+    pub limits: Limits,
+    /// Bytes of plugin state the owner holds for this binary.
+    pub state_bytes: u64,
+}
+
+/// Response to `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusResponse {
+    pub version: String,
+    pub protocol: u32,
+    pub uptime_s: u64,
+    pub binaries: u64,
+    pub executions: u64,
+    pub executions_running: u64,
+    pub connections: u64,
+    pub fuel_metering: bool,
+    pub default_limits: Limits,
+    pub max_limits: Limits,
+    pub max_module_bytes: u64,
+    pub max_request_bytes: u64,
+    /// The caller as the daemon sees it.
+    pub tenant: TenantInfo,
+}
+
+/// Who the daemon thinks the caller is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantInfo {
+    pub uid: u32,
+    pub gid: u32,
+    pub admin: bool,
+}
+
+/// A response line: `ok`, the echoed `tag`, then either the op's fields or `error`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response<B> {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+    #[serde(flatten)]
+    pub body: Option<B>,
+}
+
+impl<B> Response<B> {
+    pub fn success(tag: Option<Value>, body: B) -> Self {
+        Response {
+            ok: true,
+            tag,
+            error: None,
+            body: Some(body),
+        }
+    }
+    pub fn failure(tag: Option<Value>, error: ErrorBody) -> Self {
+        Response {
+            ok: false,
+            tag,
+            error: Some(error),
+            body: None,
+        }
+    }
+}
+
+/// A response with no fields of its own (`unload`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Empty {}
+
+/// Serialize `value` as one line, newline included.
+pub fn encode_line<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128);
+    encode_line_into(value, &mut out);
+    out
+}
+
+/// Append `value` as one line, newline included, to `out`.
+pub fn encode_line_into<T: Serialize>(value: &T, out: &mut Vec<u8>) {
+    // Serializing our own types into a Vec cannot fail: no maps with non-string keys.
+    serde_json::to_writer(&mut *out, value).expect("protocol values always serialize");
+    out.push(b'\n');
+}
+
+/// Standard base64 (with padding), as used by `wasm_base64`, `input_base64`, `output_base64`.
+pub fn encode_base64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Decode standard base64, with a message fit for an error response.
+pub fn decode_base64(text: &str) -> Result<Vec<u8>, String> {
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|e| format!("invalid base64: {e}"))
+}
+
+/// What [`LineBuffer::next_line`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LineError {
+    /// A line is longer than the cap; the stream cannot be resynchronised.
+    TooLong { max: usize },
+}
+
+/// Splits a byte stream into lines of at most `max` bytes (newline excluded).
+///
+/// Bytes are appended with [`LineBuffer::extend`] (or written into [`LineBuffer::spare`]);
+/// complete lines are taken with [`LineBuffer::next_line`]. A line over the cap is an error
+/// as soon as the cap is passed, so a peer cannot make the buffer grow past `max` + one read.
+#[derive(Debug)]
+pub struct LineBuffer {
+    buf: Vec<u8>,
+    /// Start of the unconsumed bytes.
+    start: usize,
+    /// How far `buf[start..]` has been searched for a newline.
+    scanned: usize,
+    max: usize,
+    /// Stream offset of `buf[0]`.
+    base: u64,
+    last_span: (u64, u64),
+}
+
+impl LineBuffer {
+    pub fn new(max: usize) -> Self {
+        LineBuffer {
+            buf: Vec::with_capacity(8192),
+            start: 0,
+            scanned: 0,
+            max,
+            base: 0,
+            last_span: (0, 0),
+        }
+    }
+
+    /// The cap on one line.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Bytes received and not yet taken as lines.
+    pub fn pending(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    /// Total bytes received so far on the stream. With [`LineBuffer::last_line_span`] it ties
+    /// ancillary data (passed fds) to the line it arrived with.
+    pub fn received_total(&self) -> u64 {
+        self.base + self.buf.len() as u64
+    }
+
+    /// Stream offsets `[first, last]` of the line last returned by `next_line`, newline
+    /// included.
+    pub fn last_line_span(&self) -> (u64, u64) {
+        self.last_span
+    }
+
+    fn compact(&mut self) {
+        if self.start > 0 && (self.start == self.buf.len() || self.start >= 64 * 1024) {
+            self.buf.drain(..self.start);
+            self.base += self.start as u64;
+            self.start = 0;
+        }
+    }
+
+    /// Append received bytes.
+    pub fn extend(&mut self, data: &[u8]) {
+        self.compact();
+        self.buf.extend_from_slice(data);
+    }
+
+    /// A writable area of at least `want` bytes at the end of the buffer; call
+    /// [`LineBuffer::commit`] with how many bytes were written into it.
+    pub fn spare(&mut self, want: usize) -> &mut [u8] {
+        self.compact();
+        let len = self.buf.len();
+        self.buf.resize(len + want, 0);
+        &mut self.buf[len..]
+    }
+
+    /// Keep `n` bytes of the area returned by [`LineBuffer::spare`] and drop the rest.
+    pub fn commit(&mut self, spare_len: usize, n: usize) {
+        let len = self.buf.len() - spare_len + n;
+        self.buf.truncate(len);
+    }
+
+    /// Take the next complete line (without its `\n`, and without a `\r` before it).
+    /// `Ok(None)`: no complete line yet.
+    pub fn next_line(&mut self) -> Result<Option<&[u8]>, LineError> {
+        let pending = &self.buf[self.start..];
+        match memchr_newline(&pending[self.scanned..]) {
+            Some(i) => {
+                let end = self.scanned + i;
+                if end > self.max {
+                    return Err(LineError::TooLong { max: self.max });
+                }
+                let line_start = self.start;
+                self.start += end + 1;
+                self.last_span = (
+                    self.base + line_start as u64,
+                    self.base + (line_start + end) as u64,
+                );
+                self.scanned = 0;
+                let mut line = &self.buf[line_start..line_start + end];
+                if let Some(stripped) = line.strip_suffix(b"\r") {
+                    line = stripped;
+                }
+                Ok(Some(line))
+            }
+            None => {
+                self.scanned = pending.len();
+                if pending.len() > self.max {
+                    Err(LineError::TooLong { max: self.max })
+                } else {
+                    Ok(None)
+                }
+            }
+        }
+    }
+
+    /// Whether a complete line is already buffered (used to decide when to flush replies).
+    pub fn has_line(&self) -> bool {
+        memchr_newline(&self.buf[self.start + self.scanned..]).is_some()
+    }
+}
+
+fn memchr_newline(hay: &[u8]) -> Option<usize> {
+    hay.iter().position(|&b| b == b'\n')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn decodes_every_op() {
+        let cases = [
+            (r#"{"op":"load","wasm_base64":"AGFzbQ==","name":"x"}"#, "load"),
+            (r#"{"op":"execute","binary":"b","input":"hi","timeout_ms":5}"#, "execute"),
+            (r#"{"op":"chain","binaries":["a","b"],"input_base64":"AA=="}"#, "chain"),
+            (r#"{"op":"list","all":true}"#, "list"),
+            (r#"{"op":"unload","binary":"b"}"#, "unload"),
+            (r#"{"op":"info","binary":"b"}"#, "info"),
+            (r#"{"op":"status"}"#, "status"),
+        ];
+        for (line, op) in cases {
+            let r = decode_request(line.as_bytes()).unwrap();
+            assert_eq!(r.op(), op);
+        }
+        let r = decode_request(br#"{"op":"execute","binary":"b","fuel":7}"#).unwrap();
+        match r {
+            Request::Execute(e) => assert_eq!(e.limits.fuel, Some(7)),
+            _ => panic!("wrong op"),
+        }
+    }
+
+    #[test]
+    fn tag_is_kept_and_recovered_on_error() {
+        let mut r = decode_request(br#"{"op":"status","tag":{"n":1}}"#).unwrap();
+        assert_eq!(r.take_tag(), Some(json!({"n":1})));
+        let e = decode_request(br#"{"op":"nope","tag":7}"#).unwrap_err();
+        assert_eq!(e.tag, Some(json!(7)));
+        assert!(e.message.contains("unknown op"), "{}", e.message);
+    }
+
+    #[test]
+    fn clear_errors_for_bad_lines() {
+        let e = decode_request(b"\xff\xfe").unwrap_err();
+        assert!(e.message.contains("UTF-8"));
+        let e = decode_request(b"hello").unwrap_err();
+        assert!(e.message.contains("not a JSON object"), "{}", e.message);
+        let e = decode_request(br#"{"binary":"x"}"#).unwrap_err();
+        assert!(e.message.contains("missing field `op`"), "{}", e.message);
+        let e = decode_request(br#"{"op":"execute"}"#).unwrap_err();
+        assert!(e.message.contains("binary"), "{}", e.message);
+        let e = decode_request(br#"{"op":"status","bogus":1}"#).unwrap_err();
+        assert!(e.message.contains("bogus"), "{}", e.message);
+        let e = decode_request(b"").unwrap_err();
+        assert!(e.message.contains("empty"), "{}", e.message);
+    }
+
+    #[test]
+    fn deeply_nested_json_is_an_error_not_a_crash() {
+        let line = format!("{{\"op\":\"status\",\"tag\":{}{}}}", "[".repeat(100_000), "]".repeat(100_000));
+        let e = decode_request(line.as_bytes()).unwrap_err();
+        assert!(e.message.contains("recursion"), "{}", e.message);
+    }
+
+    #[test]
+    fn responses_have_the_documented_shape() {
+        let mut body = ExecuteResponse::default();
+        body.set_output(b"HELLO".to_vec());
+        body.stats.wall_us = 12;
+        let line = encode_line(&Response::success(Some(json!("t")), body));
+        let v: Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v, json!({"ok":true,"tag":"t","output":"HELLO","stats":{"wall_us":12}}));
+
+        let line = encode_line(&Response::<Empty>::failure(None, ErrorBody::new(ErrorCode::NotFound, "no such binary")));
+        let v: Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v, json!({"ok":false,"error":{"code":"not_found","message":"no such binary"}}));
+
+        let line = encode_line(&Response::success(None, Empty {}));
+        assert_eq!(line, b"{\"ok\":true}\n");
+    }
+
+    #[test]
+    fn non_utf8_output_goes_to_base64_and_back() {
+        let mut body = ExecuteResponse::default();
+        let bytes: Vec<u8> = (0..=255).collect();
+        body.set_output(bytes.clone());
+        assert!(body.output.is_none());
+        assert_eq!(body.output_bytes().unwrap(), bytes);
+    }
+
+    #[test]
+    fn line_buffer_splits_and_caps() {
+        let mut lb = LineBuffer::new(8);
+        lb.extend(b"abc\r\nde");
+        assert_eq!(lb.next_line().unwrap(), Some(&b"abc"[..]));
+        assert_eq!(lb.next_line().unwrap(), None);
+        assert!(!lb.has_line());
+        lb.extend(b"f\n12345678\n");
+        assert!(lb.has_line());
+        assert_eq!(lb.next_line().unwrap(), Some(&b"def"[..]));
+        assert_eq!(lb.next_line().unwrap(), Some(&b"12345678"[..]));
+        lb.extend(b"123456789");
+        assert_eq!(lb.next_line(), Err(LineError::TooLong { max: 8 }));
+        let mut lb = LineBuffer::new(8);
+        lb.extend(b"123456789\n");
+        assert_eq!(lb.next_line(), Err(LineError::TooLong { max: 8 }));
+    }
+
+    #[test]
+    fn line_buffer_spare_and_commit() {
+        let mut lb = LineBuffer::new(100);
+        let spare = lb.spare(16);
+        spare[..3].copy_from_slice(b"x\ny");
+        lb.commit(16, 3);
+        assert_eq!(lb.next_line().unwrap(), Some(&b"x"[..]));
+        assert_eq!(lb.pending(), b"y");
+    }
+}

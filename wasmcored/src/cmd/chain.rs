@@ -1,0 +1,43 @@
+//! `chain`: run binaries in order, each one's output the next one's input.
+
+use wasmcore_proto::{ChainRequest, ExecuteResponse};
+
+use crate::error::{Error, Result};
+use crate::registry::Access;
+use crate::server::Daemon;
+use crate::tenant::Tenant;
+
+pub async fn apply(daemon: &Daemon, tenant: &Tenant, req: ChainRequest) -> Result<ExecuteResponse> {
+    let max = daemon.executor.limits_config().max_chain_len;
+    if req.binaries.is_empty() {
+        return Err(Error::bad_request("`binaries` must name at least one binary"));
+    }
+    if req.binaries.len() > max {
+        return Err(Error::bad_request(format!(
+            "a chain may have at most {max} stages, this one has {}",
+            req.binaries.len()
+        )));
+    }
+    let limits = daemon.executor.resolve_limits(&req.limits)?;
+    let input = super::input_bytes(daemon, req.input, req.input_base64)?;
+    // Resolve every stage before running any, so a typo fails fast and runs nothing.
+    let bins = req
+        .binaries
+        .iter()
+        .map(|r| daemon.registry.resolve(tenant, r, Access::Use))
+        .collect::<Result<Vec<_>>>()?;
+    daemon.executions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = daemon
+        .executor
+        .chain(&bins, tenant.uid, input, &limits)
+        .await
+        .inspect_err(|e| daemon.note_failure(tenant, "chain", e))?;
+    let mut resp = ExecuteResponse {
+        stats: out.stats,
+        stages: out.stages,
+        logs: out.logs,
+        ..ExecuteResponse::default()
+    };
+    resp.set_output(out.output);
+    Ok(resp)
+}

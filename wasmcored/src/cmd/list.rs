@@ -1,0 +1,17 @@
+//! `list`: binaries visible to the caller.
+
+use wasmcore_proto::{ListRequest, ListResponse};
+
+use crate::error::Result;
+use crate::server::Daemon;
+use crate::tenant::Tenant;
+
+pub fn apply(daemon: &Daemon, tenant: &Tenant, req: ListRequest) -> Result<ListResponse> {
+    let binaries = daemon
+        .registry
+        .list(tenant, req.all)?
+        .iter()
+        .map(|b| b.info())
+        .collect();
+    Ok(ListResponse { binaries })
+}

@@ -1,0 +1,123 @@
+//! `load`: compile a module and register it for the caller.
+//!
+//! The module arrives as inline base64, as a file descriptor the client opened itself and
+//! passed with SCM_RIGHTS (so the daemon never opens tenants' paths for them), or, for
+//! admins only, as a path the daemon opens.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use wasmcore_proto::{LoadRequest, LoadResponse};
+
+use crate::error::{Error, Result};
+use crate::registry::LoadOptions;
+use crate::server::Daemon;
+use crate::tenant::Tenant;
+
+enum Source {
+    Bytes(Vec<u8>),
+    File(File, String),
+}
+
+pub async fn apply(daemon: &Arc<Daemon>, tenant: &Tenant, req: LoadRequest, mut fds: Vec<OwnedFd>) -> Result<LoadResponse> {
+    let sources = usize::from(req.wasm_base64.is_some()) + usize::from(req.fd) + usize::from(req.path.is_some());
+    if sources != 1 {
+        return Err(Error::bad_request(
+            "load needs exactly one module source: `wasm_base64`, `fd: true` with a passed descriptor, or `path` (admins)",
+        ));
+    }
+    if req.public && !tenant.is_admin() {
+        return Err(Error::Forbidden("only admins may load public binaries".into()));
+    }
+    let source = if let Some(b64) = &req.wasm_base64 {
+        // Check the size from the encoded length before decoding anything.
+        daemon.registry.check_size(b64.len() / 4 * 3)?;
+        Source::Bytes(wasmcore_proto::decode_base64(b64).map_err(|e| Error::bad_request(format!("wasm_base64: {e}")))?)
+    } else if req.fd {
+        if fds.len() != 1 {
+            return Err(Error::bad_request(format!(
+                "`fd: true` needs exactly one file descriptor passed with the request line, got {}",
+                fds.len()
+            )));
+        }
+        Source::File(File::from(fds.remove(0)), "passed file descriptor".into())
+    } else {
+        let path = req.path.clone().unwrap_or_default();
+        if !tenant.is_admin() {
+            return Err(Error::Forbidden(
+                "only admins may load by `path`; send the module itself (wasmcorectl load passes the open file)".into(),
+            ));
+        }
+        let f = File::open(&path).map_err(|e| Error::NotFound(format!("opening {path}: {e}")))?;
+        Source::File(f, path)
+    };
+
+    let registry_daemon = daemon.clone();
+    let max_compile = daemon.registry.config().max_compile;
+    // Reading a file and compiling are blocking, CPU-heavy work: keep them off the workers.
+    let job = tokio::task::spawn_blocking(move || {
+        let bytes = match source {
+            Source::Bytes(b) => b,
+            Source::File(f, what) => read_module(&registry_daemon, f, &what)?,
+        };
+        registry_daemon.registry.compile(&bytes)
+    });
+    let compiled = match tokio::time::timeout(max_compile, job).await {
+        Ok(Ok(r)) => r?,
+        Ok(Err(e)) => return Err(Error::internal(format!("compilation task failed: {e}"))),
+        Err(_) => {
+            return Err(Error::InvalidModule(format!(
+                "compilation took longer than {} s; the module is refused",
+                max_compile.as_secs()
+            )));
+        }
+    };
+    let compile_ms = compiled.compile_ms;
+    let bin = daemon.registry.insert(
+        tenant,
+        compiled,
+        LoadOptions {
+            name: req.name,
+            public: req.public,
+        },
+    )?;
+    log::info!(
+        "loaded binary {} ({}, {}, {} bytes, sha256 {}) for uid {}{}",
+        bin.id,
+        bin.display_name(),
+        bin.kind,
+        bin.size,
+        bin.sha256,
+        tenant.uid,
+        if bin.public { ", public" } else { "" }
+    );
+    Ok(LoadResponse {
+        binary: bin.id.to_string(),
+        name: bin.name.clone(),
+        sha256: bin.sha256.clone(),
+        size: bin.size,
+        kind: bin.kind,
+        public: bin.public,
+        compile_ms: (compile_ms * 1000.0).round() / 1000.0,
+    })
+}
+
+/// Read a module from a file, checking it is a regular file within the size cap.
+fn read_module(daemon: &Arc<Daemon>, mut f: File, what: &str) -> Result<Vec<u8>> {
+    let meta = f.metadata().map_err(|e| Error::bad_request(format!("{what}: {e}")))?;
+    if !meta.file_type().is_file() {
+        return Err(Error::bad_request(format!("{what} is not a regular file")));
+    }
+    daemon.registry.check_size(meta.len() as usize)?;
+    let cap = daemon.registry.config().max_module_bytes as u64;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // Read one byte past the cap: a file that grew after fstat is still refused.
+    (&mut f)
+        .take(cap + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::bad_request(format!("reading {what}: {e}")))?;
+    daemon.registry.check_size(bytes.len())?;
+    Ok(bytes)
+}

@@ -1,0 +1,192 @@
+//! One client connection: read capped lines (with any passed file descriptors), decode,
+//! dispatch, encode, write. Knows nothing of what a command does.
+//!
+//! Responses go out in request order. Replies are batched: the connection writes when no
+//! further complete request is buffered, so a pipelining client gets one write per batch.
+//! A line over the cap gets an error and the connection is closed (the stream cannot be
+//! resynchronised); any other bad request gets an error and the connection goes on.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+
+use tokio::io::{AsyncWriteExt, Interest};
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+use wasmcore_proto::{ErrorBody, ErrorCode, LineBuffer, LineError, Response, decode_request, encode_line_into};
+
+use crate::cmd::{self, Reply};
+use crate::server::Daemon;
+use crate::sys;
+use crate::tenant::Tenant;
+
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Descriptors that arrived with the stream byte at `offset`.
+struct PassedFds {
+    offset: u64,
+    fds: Vec<OwnedFd>,
+    truncated: bool,
+}
+
+/// Serve one connection until the peer closes it, it idles out, or the daemon shuts down.
+pub async fn serve(daemon: Arc<Daemon>, stream: UnixStream, tenant: Tenant, mut shutdown: watch::Receiver<bool>) {
+    let mut conn = Connection {
+        lines: LineBuffer::new(daemon.config.server.max_request_bytes),
+        out: Vec::with_capacity(4096),
+        passed: VecDeque::new(),
+        stream,
+    };
+    let idle = daemon.config.server.idle_timeout;
+    loop {
+        // Answer every complete request already buffered.
+        loop {
+            match conn.next_request(&daemon, &tenant).await {
+                Ok(true) => {
+                    if !conn.lines.has_line() && conn.flush().await.is_err() {
+                        return;
+                    }
+                }
+                Ok(false) => break,
+                Err(()) => {
+                    let _ = conn.flush().await;
+                    return;
+                }
+            }
+        }
+        if conn.flush().await.is_err() {
+            return;
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        let read = tokio::select! {
+            r = tokio::time::timeout(idle, conn.read_more()) => r,
+            _ = shutdown.changed() => return,
+        };
+        match read {
+            Ok(Ok(0)) => return, // peer closed
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                log::debug!("connection from uid {}: read error: {e}", tenant.uid);
+                return;
+            }
+            Err(_) => {
+                log::debug!("connection from uid {} idle for {idle:?}; closing", tenant.uid);
+                return;
+            }
+        }
+    }
+}
+
+struct Connection {
+    lines: LineBuffer,
+    out: Vec<u8>,
+    passed: VecDeque<PassedFds>,
+    stream: UnixStream,
+}
+
+impl Connection {
+    /// Handle the next buffered request. `Ok(false)`: none buffered; `Err`: close.
+    async fn next_request(&mut self, daemon: &Arc<Daemon>, tenant: &Tenant) -> Result<bool, ()> {
+        let decoded = match self.lines.next_line() {
+            Ok(None) => return Ok(false),
+            Ok(Some(line)) => decode_request(line),
+            Err(LineError::TooLong { max }) => {
+                let body = ErrorBody::new(
+                    ErrorCode::TooLarge,
+                    format!("request line exceeds {max} bytes; closing the connection"),
+                );
+                encode_line_into(&Response::<Reply>::failure(None, body), &mut self.out);
+                return Err(());
+            }
+        };
+        let (first, last) = self.lines.last_line_span();
+        let (fds, truncated) = self.take_fds(first, last);
+        let response = match decoded {
+            Err(e) => Response::failure(e.tag, ErrorBody::new(ErrorCode::BadRequest, e.message)),
+            Ok(_) if truncated => Response::failure(
+                None,
+                ErrorBody::new(
+                    ErrorCode::BadRequest,
+                    format!("too many file descriptors passed with one request (at most {})", sys::MAX_FDS_PER_MESSAGE),
+                ),
+            ),
+            Ok(mut req) => {
+                let tag = req.take_tag();
+                match cmd::dispatch(daemon, tenant, req, fds).await {
+                    Ok(reply) => Response::success(tag, reply),
+                    Err(e) => Response::failure(tag, e.to_body()),
+                }
+            }
+        };
+        encode_line_into(&response, &mut self.out);
+        Ok(true)
+    }
+
+    /// Descriptors that arrived with bytes of the line spanning `[first, last]`; older
+    /// ones (sent with no request that used them) are closed.
+    fn take_fds(&mut self, first: u64, last: u64) -> (Vec<OwnedFd>, bool) {
+        let mut fds = Vec::new();
+        let mut truncated = false;
+        while let Some(p) = self.passed.front() {
+            if p.offset > last {
+                break;
+            }
+            let p = self.passed.pop_front().expect("front exists");
+            if p.offset >= first {
+                fds.extend(p.fds);
+                truncated |= p.truncated;
+            }
+        }
+        (fds, truncated)
+    }
+
+    /// Receive more bytes (and any descriptors). `Ok(0)` on end of stream.
+    async fn read_more(&mut self) -> std::io::Result<usize> {
+        loop {
+            self.stream.readable().await?;
+            let fd = self.stream.as_raw_fd();
+            let spare = self.lines.spare(READ_CHUNK);
+            let res = self
+                .stream
+                .try_io(Interest::READABLE, || sys::recv_with_fds(fd, spare));
+            match res {
+                Ok(r) => {
+                    self.lines.commit(READ_CHUNK, r.bytes);
+                    if !r.fds.is_empty() || r.truncated {
+                        // Ancillary data rides on the last segment received with it: tie it
+                        // to the line holding the last byte of this read.
+                        let offset = self.lines.received_total().saturating_sub(1);
+                        self.passed.push_back(PassedFds {
+                            offset,
+                            fds: r.fds,
+                            truncated: r.truncated,
+                        });
+                    }
+                    return Ok(r.bytes);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.lines.commit(READ_CHUNK, 0);
+                    continue;
+                }
+                Err(e) => {
+                    self.lines.commit(READ_CHUNK, 0);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let r = self.stream.write_all(&self.out).await;
+        self.out.clear();
+        if self.out.capacity() > 1 << 20 {
+            self.out.shrink_to(4096);
+        }
+        r
+    }
+}

@@ -1,0 +1,153 @@
+//! The daemon's error type and its one mapping to wire error codes.
+//!
+//! Commands, the registry and the executor return [`Error`]; the connection layer turns it
+//! into an [`ErrorBody`] with [`Error::to_body`] and nothing else decides a wire code.
+
+use wasmcore_proto::{ErrorBody, ErrorCode};
+
+/// Everything a request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    InvalidModule(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    QuotaExceeded(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("{0}")]
+    Internal(String),
+    #[error("{}", .0.failure)]
+    Execution(Box<ExecError>),
+}
+
+/// A failed execution: what went wrong, which chain stage, and the guest's logs so far.
+#[derive(Debug)]
+pub struct ExecError {
+    pub failure: ExecFailure,
+    pub stage: Option<usize>,
+    pub logs: Vec<String>,
+}
+
+/// How an execution failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecFailure {
+    #[error("execution exceeded its timeout of {timeout_ms} ms")]
+    Timeout { timeout_ms: u64 },
+    #[error("execution ran out of fuel (budget {fuel})")]
+    OutOfFuel { fuel: u64 },
+    #[error("execution needed more than its memory limit of {limit_mb} MiB")]
+    MemoryLimit { limit_mb: u64 },
+    #[error("wasm trap: {message}")]
+    Trap {
+        message: String,
+        backtrace: Vec<String>,
+    },
+    #[error("plugin returned error code {code}")]
+    Plugin { code: i32 },
+    #[error("WASI command exited with status {code}")]
+    WasiExit { code: i32 },
+    #[error("output exceeds the limit of {cap} bytes")]
+    OutputTooLarge { cap: usize },
+    #[error("plugin state quota exceeded: {0}")]
+    StateQuota(String),
+    #[error("all execution slots are in use; retry later")]
+    PoolExhausted,
+}
+
+impl Error {
+    pub fn bad_request(msg: impl Into<String>) -> Self {
+        Error::BadRequest(msg.into())
+    }
+
+    pub fn internal(msg: impl Into<String>) -> Self {
+        Error::Internal(msg.into())
+    }
+
+    pub fn exec(failure: ExecFailure, logs: Vec<String>) -> Self {
+        Error::Execution(Box::new(ExecError {
+            failure,
+            stage: None,
+            logs,
+        }))
+    }
+
+    /// The stable wire code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::BadRequest(_) => ErrorCode::BadRequest,
+            Error::TooLarge(_) => ErrorCode::TooLarge,
+            Error::NotFound(_) => ErrorCode::NotFound,
+            Error::Forbidden(_) => ErrorCode::Forbidden,
+            Error::InvalidModule(_) => ErrorCode::InvalidModule,
+            Error::AlreadyExists(_) => ErrorCode::AlreadyExists,
+            Error::QuotaExceeded(_) => ErrorCode::QuotaExceeded,
+            Error::Busy(_) => ErrorCode::Busy,
+            Error::Internal(_) => ErrorCode::Internal,
+            Error::Execution(e) => match e.failure {
+                ExecFailure::Timeout { .. } => ErrorCode::Timeout,
+                ExecFailure::OutOfFuel { .. } => ErrorCode::OutOfFuel,
+                ExecFailure::MemoryLimit { .. } => ErrorCode::MemoryLimit,
+                ExecFailure::Trap { .. } => ErrorCode::Trap,
+                ExecFailure::Plugin { .. } | ExecFailure::WasiExit { .. } => ErrorCode::PluginError,
+                ExecFailure::OutputTooLarge { .. } => ErrorCode::TooLarge,
+                ExecFailure::StateQuota(_) => ErrorCode::QuotaExceeded,
+                ExecFailure::PoolExhausted => ErrorCode::Busy,
+            },
+        }
+    }
+
+    /// The wire form of this error.
+    pub fn to_body(&self) -> ErrorBody {
+        let mut body = ErrorBody::new(self.code(), self.to_string());
+        if let Error::Execution(e) = self {
+            if let Some(stage) = e.stage {
+                body.message = format!("stage {stage}: {}", e.failure);
+            }
+            body.stage = e.stage;
+            body.logs = e.logs.clone();
+            match &e.failure {
+                ExecFailure::Plugin { code } | ExecFailure::WasiExit { code } => {
+                    body.plugin_code = Some(*code)
+                }
+                ExecFailure::Trap { backtrace, .. } => body.backtrace = backtrace.clone(),
+                _ => {}
+            }
+        }
+        body
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn execution_errors_map_to_codes_and_details() {
+        let mut e = Error::exec(ExecFailure::Plugin { code: 7 }, vec!["hi".into()]);
+        if let Error::Execution(x) = &mut e {
+            x.stage = Some(2);
+        }
+        let body = e.to_body();
+        assert_eq!(body.code, ErrorCode::PluginError);
+        assert_eq!(body.plugin_code, Some(7));
+        assert_eq!(body.stage, Some(2));
+        assert_eq!(body.logs, vec!["hi".to_string()]);
+        assert!(body.message.starts_with("stage 2: "), "{}", body.message);
+        let e = Error::exec(ExecFailure::OutputTooLarge { cap: 1 }, vec![]);
+        assert_eq!(e.code(), ErrorCode::TooLarge);
+        let e = Error::exec(ExecFailure::PoolExhausted, vec![]);
+        assert_eq!(e.code(), ErrorCode::Busy);
+    }
+}
