@@ -232,7 +232,9 @@ pub fn decode_request(line: &[u8]) -> Result<Request, DecodeError> {
             #[serde(default)]
             tag: Option<Value>,
         }
-        let tag = serde_json::from_str::<TagOnly>(text).ok().and_then(|t| t.tag);
+        let tag = serde_json::from_str::<TagOnly>(text)
+            .ok()
+            .and_then(|t| t.tag);
         DecodeError {
             tag,
             message: describe_json_error(text, &e),
@@ -357,7 +359,8 @@ impl ExecuteResponse {
             }
             Err(e) => {
                 self.output = None;
-                self.output_base64 = Some(base64::engine::general_purpose::STANDARD.encode(e.as_bytes()));
+                self.output_base64 =
+                    Some(base64::engine::general_purpose::STANDARD.encode(e.as_bytes()));
             }
         }
     }
@@ -654,9 +657,18 @@ mod tests {
     #[test]
     fn decodes_every_op() {
         let cases = [
-            (r#"{"op":"load","wasm_base64":"AGFzbQ==","name":"x"}"#, "load"),
-            (r#"{"op":"execute","binary":"b","input":"hi","timeout_ms":5}"#, "execute"),
-            (r#"{"op":"chain","binaries":["a","b"],"input_base64":"AA=="}"#, "chain"),
+            (
+                r#"{"op":"load","wasm_base64":"AGFzbQ==","name":"x"}"#,
+                "load",
+            ),
+            (
+                r#"{"op":"execute","binary":"b","input":"hi","timeout_ms":5}"#,
+                "execute",
+            ),
+            (
+                r#"{"op":"chain","binaries":["a","b"],"input_base64":"AA=="}"#,
+                "chain",
+            ),
             (r#"{"op":"list","all":true}"#, "list"),
             (r#"{"op":"unload","binary":"b"}"#, "unload"),
             (r#"{"op":"info","binary":"b"}"#, "info"),
@@ -700,7 +712,11 @@ mod tests {
 
     #[test]
     fn deeply_nested_json_is_an_error_not_a_crash() {
-        let line = format!("{{\"op\":\"status\",\"tag\":{}{}}}", "[".repeat(100_000), "]".repeat(100_000));
+        let line = format!(
+            "{{\"op\":\"status\",\"tag\":{}{}}}",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
         let e = decode_request(line.as_bytes()).unwrap_err();
         assert!(e.message.contains("recursion"), "{}", e.message);
     }
@@ -712,11 +728,20 @@ mod tests {
         body.stats.wall_us = 12;
         let line = encode_line(&Response::success(Some(json!("t")), body));
         let v: Value = serde_json::from_slice(&line).unwrap();
-        assert_eq!(v, json!({"ok":true,"tag":"t","output":"HELLO","stats":{"wall_us":12}}));
+        assert_eq!(
+            v,
+            json!({"ok":true,"tag":"t","output":"HELLO","stats":{"wall_us":12}})
+        );
 
-        let line = encode_line(&Response::<Empty>::failure(None, ErrorBody::new(ErrorCode::NotFound, "no such binary")));
+        let line = encode_line(&Response::<Empty>::failure(
+            None,
+            ErrorBody::new(ErrorCode::NotFound, "no such binary"),
+        ));
         let v: Value = serde_json::from_slice(&line).unwrap();
-        assert_eq!(v, json!({"ok":false,"error":{"code":"not_found","message":"no such binary"}}));
+        assert_eq!(
+            v,
+            json!({"ok":false,"error":{"code":"not_found","message":"no such binary"}})
+        );
 
         let line = encode_line(&Response::success(None, Empty {}));
         assert_eq!(line, b"{\"ok\":true}\n");

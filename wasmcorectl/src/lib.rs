@@ -1,1 +1,525 @@
-//! placeholder
+//! wasmcorectl: the admin and tenant tool for wasm-core.
+//!
+//! [`Cli`] is the one flag definition (help, the man page and completions come from it);
+//! [`ctl_main`] runs a command and returns the documented exit code. The protocol client is
+//! in [`client`]; `bench` measures the daemon against a raw socket echo.
+
+#![forbid(unsafe_code)]
+
+use std::fs::File;
+use std::io::{IsTerminal, Read, Write};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Map, Value, json};
+
+pub mod bench;
+pub mod client;
+
+use client::{Client, ClientError};
+
+/// Exit codes (documented in wasmcorectl(1) and docs/PROTOCOL.md).
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// The execution failed: timeout, out_of_fuel, memory_limit, trap, plugin_error.
+    pub const EXECUTION_FAILED: u8 = 1;
+    /// Bad command line.
+    pub const USAGE: u8 = 2;
+    /// The daemon is not reachable, or its socket is not trusted.
+    pub const UNAVAILABLE: u8 = 3;
+    /// The daemon refused: forbidden.
+    pub const FORBIDDEN: u8 = 4;
+    /// No such binary (or not visible to you).
+    pub const NOT_FOUND: u8 = 5;
+    /// The request was refused: bad_request, invalid_module, too_large, already_exists.
+    pub const REFUSED: u8 = 6;
+    /// Try again later or free something: busy, quota_exceeded.
+    pub const BUSY: u8 = 7;
+    /// The daemon failed (internal) or broke the protocol.
+    pub const INTERNAL: u8 = 8;
+    /// A local file could not be read or written.
+    pub const IO: u8 = 9;
+}
+
+/// Manage and run WebAssembly binaries on a wasm-core daemon.
+#[derive(Debug, Parser)]
+#[command(name = "wasmcorectl", version, about, long_about = None)]
+pub struct Cli {
+    /// Daemon socket [default: /run/wasm-core/wasm-core.sock if present, else /tmp/wasm-core.sock]
+    #[arg(long, global = true, env = "WASM_CORE_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Print the daemon's full JSON response instead of human output.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load a module (.wasm, or .wat text) and print its UUID.
+    Load {
+        /// The module file; opened by you and passed to the daemon as an open file.
+        file: PathBuf,
+        /// A name to refer to the binary by (unique among your binaries).
+        #[arg(long)]
+        name: Option<String>,
+        /// Let every tenant run it (admins only).
+        #[arg(long)]
+        public: bool,
+        /// Send the bytes inline (base64) instead of passing the open file.
+        #[arg(long)]
+        inline: bool,
+    },
+    /// Run a binary; its output goes to stdout as raw bytes.
+    Execute {
+        /// UUID or name.
+        binary: String,
+        #[command(flatten)]
+        input: InputArgs,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Run binaries in order, each one's output the next one's input.
+    Chain {
+        /// UUIDs or names, in order.
+        #[arg(required = true, num_args = 1..)]
+        binaries: Vec<String>,
+        #[command(flatten)]
+        input: InputArgs,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// List your binaries and public ones.
+    List {
+        /// Every tenant's binaries (admins only).
+        #[arg(long)]
+        all: bool,
+    },
+    /// Remove a binary and its plugin state.
+    Unload {
+        /// UUID or name.
+        binary: String,
+    },
+    /// Show a binary's metadata, imports, exports and limits.
+    Info {
+        /// UUID or name.
+        binary: String,
+    },
+    /// Show the daemon's version, counts and limits, and who it thinks you are.
+    Status,
+    /// Measure execute and chain throughput and latency against a raw socket echo.
+    Bench(bench::BenchArgs),
+}
+
+/// Where the input comes from (default: stdin when it is not a terminal, else empty).
+#[derive(Debug, Args)]
+pub struct InputArgs {
+    /// The input as a string.
+    #[arg(long, conflicts_with = "input_file")]
+    pub input: Option<String>,
+    /// Read the input from a file.
+    #[arg(long, value_name = "FILE")]
+    pub input_file: Option<PathBuf>,
+}
+
+/// Limits for one execution; each may only lower the daemon's maximum.
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    #[arg(long, value_name = "MS")]
+    pub timeout_ms: Option<u64>,
+    #[arg(long, value_name = "MIB")]
+    pub memory_limit_mb: Option<u64>,
+    /// Fuel budget (deterministic CPU limit).
+    #[arg(long, value_name = "N")]
+    pub fuel: Option<u64>,
+}
+
+/// A failure with its exit code and message.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    fn new(code: u8, message: impl Into<String>) -> Self {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Unavailable(m) => Failure::new(exit::UNAVAILABLE, m),
+            ClientError::Protocol(m) => Failure::new(exit::INTERNAL, m),
+        }
+    }
+}
+
+/// Parse the command line, run it, and return the exit code.
+pub fn ctl_main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            if !f.message.is_empty() {
+                eprintln!("wasmcorectl: {}", f.message);
+            }
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+/// Run a parsed command.
+pub fn run(cli: Cli) -> Result<(), Failure> {
+    let socket = client::resolve_socket(cli.socket.as_deref());
+    if let Command::Bench(args) = &cli.command {
+        return bench::run(&socket, args);
+    }
+    let mut c = Client::connect(&socket)?;
+    let json = cli.json;
+    match cli.command {
+        Command::Load {
+            file,
+            name,
+            public,
+            inline,
+        } => load(&mut c, json, file, name, public, inline),
+        Command::Execute {
+            binary,
+            input,
+            limits,
+        } => {
+            let mut req = json!({"op": "execute", "binary": binary});
+            add_input_and_limits(&mut req, &input, &limits)?;
+            execution(&mut c, json, &req)
+        }
+        Command::Chain {
+            binaries,
+            input,
+            limits,
+        } => {
+            let mut req = json!({"op": "chain", "binaries": binaries});
+            add_input_and_limits(&mut req, &input, &limits)?;
+            execution(&mut c, json, &req)
+        }
+        Command::List { all } => {
+            let mut req = json!({"op": "list"});
+            if all {
+                req["all"] = json!(true);
+            }
+            let resp = call(&mut c, &req)?;
+            if json {
+                return print_json(&resp);
+            }
+            print_list(&resp);
+            Ok(())
+        }
+        Command::Unload { binary } => {
+            let resp = call(&mut c, &json!({"op": "unload", "binary": binary}))?;
+            if json {
+                return print_json(&resp);
+            }
+            Ok(())
+        }
+        Command::Info { binary } => {
+            let resp = call(&mut c, &json!({"op": "info", "binary": binary}))?;
+            if json {
+                return print_json(&resp);
+            }
+            print_fields(&resp, &["ok"]);
+            Ok(())
+        }
+        Command::Status => {
+            let resp = call(&mut c, &json!({"op": "status"}))?;
+            if json {
+                return print_json(&resp);
+            }
+            print_fields(&resp, &["ok"]);
+            Ok(())
+        }
+        Command::Bench(_) => unreachable!("handled above"),
+    }
+}
+
+/// Send, receive, and turn an error response into a [`Failure`].
+fn call(c: &mut Client, req: &Value) -> Result<Value, Failure> {
+    let resp = c.call(req, None)?;
+    check(resp)
+}
+
+fn check(resp: Value) -> Result<Value, Failure> {
+    if resp["ok"] == json!(true) {
+        return Ok(resp);
+    }
+    Err(failure_from(&resp))
+}
+
+/// The exit code and message for an error response.
+pub fn failure_from(resp: &Value) -> Failure {
+    let code = resp["error"]["code"].as_str().unwrap_or("internal");
+    let msg = resp["error"]["message"]
+        .as_str()
+        .unwrap_or("the daemon reported an error without a message");
+    let exit_code = match code {
+        "timeout" | "out_of_fuel" | "memory_limit" | "trap" | "plugin_error" => {
+            exit::EXECUTION_FAILED
+        }
+        "forbidden" => exit::FORBIDDEN,
+        "not_found" => exit::NOT_FOUND,
+        "bad_request" | "invalid_module" | "too_large" | "already_exists" => exit::REFUSED,
+        "busy" | "quota_exceeded" => exit::BUSY,
+        _ => exit::INTERNAL,
+    };
+    let mut message = format!("{code}: {msg}");
+    if let Some(bt) = resp["error"]["backtrace"].as_array() {
+        for f in bt {
+            message.push_str(&format!("\n    at {}", f.as_str().unwrap_or("?")));
+        }
+    }
+    Failure::new(exit_code, message)
+}
+
+fn load(
+    c: &mut Client,
+    json: bool,
+    file: PathBuf,
+    name: Option<String>,
+    public: bool,
+    inline: bool,
+) -> Result<(), Failure> {
+    let io_err =
+        |e: std::io::Error| Failure::new(exit::IO, format!("cannot read {}: {e}", file.display()));
+    let mut req = json!({"op": "load"});
+    if let Some(n) = name {
+        req["name"] = json!(n);
+    }
+    if public {
+        req["public"] = json!(true);
+    }
+    let is_text = file.extension().is_some_and(|e| e == "wat");
+    let resp = if is_text || inline {
+        let bytes = std::fs::read(&file).map_err(io_err)?;
+        let bytes = if is_text {
+            wat::parse_bytes(&bytes)
+                .map_err(|e| Failure::new(exit::REFUSED, format!("{}: {e}", file.display())))?
+                .into_owned()
+        } else {
+            bytes
+        };
+        req["wasm_base64"] = json!(wasmcore_proto::encode_base64(&bytes));
+        c.call(&req, None)?
+    } else {
+        // Opened as the caller: the daemon never opens tenants' paths itself.
+        let f = File::open(&file).map_err(io_err)?;
+        req["fd"] = json!(true);
+        c.call(&req, Some(f.as_fd()))?
+    };
+    let resp = check(resp)?;
+    if json {
+        return print_json(&resp);
+    }
+    println!("{}", resp["binary"].as_str().unwrap_or_default());
+    Ok(())
+}
+
+fn add_input_and_limits(
+    req: &mut Value,
+    input: &InputArgs,
+    limits: &LimitArgs,
+) -> Result<(), Failure> {
+    let bytes = if let Some(s) = &input.input {
+        s.clone().into_bytes()
+    } else if let Some(path) = &input.input_file {
+        std::fs::read(path)
+            .map_err(|e| Failure::new(exit::IO, format!("cannot read {}: {e}", path.display())))?
+    } else if !std::io::stdin().is_terminal() {
+        let mut v = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut v)
+            .map_err(|e| Failure::new(exit::IO, format!("reading stdin: {e}")))?;
+        v
+    } else {
+        Vec::new()
+    };
+    match String::from_utf8(bytes) {
+        Ok(s) => req["input"] = json!(s),
+        Err(e) => req["input_base64"] = json!(wasmcore_proto::encode_base64(e.as_bytes())),
+    }
+    if let Some(v) = limits.timeout_ms {
+        req["timeout_ms"] = json!(v);
+    }
+    if let Some(v) = limits.memory_limit_mb {
+        req["memory_limit_mb"] = json!(v);
+    }
+    if let Some(v) = limits.fuel {
+        req["fuel"] = json!(v);
+    }
+    Ok(())
+}
+
+fn execution(c: &mut Client, json: bool, req: &Value) -> Result<(), Failure> {
+    let resp = c.call(req, None)?;
+    if json {
+        print_json(&resp)?;
+        return if resp["ok"] == json!(true) {
+            Ok(())
+        } else {
+            Err(Failure {
+                message: String::new(),
+                ..failure_from(&resp)
+            })
+        };
+    }
+    let logs = if resp["ok"] == json!(true) {
+        &resp["logs"]
+    } else {
+        &resp["error"]["logs"]
+    };
+    if let Some(logs) = logs.as_array() {
+        for l in logs {
+            eprintln!("log: {}", l.as_str().unwrap_or_default());
+        }
+    }
+    let resp = check(resp)?;
+    let out: wasmcore_proto::ExecuteResponse = serde_json::from_value(resp)
+        .map_err(|e| Failure::new(exit::INTERNAL, format!("unexpected response: {e}")))?;
+    let bytes = out
+        .output_bytes()
+        .map_err(|e| Failure::new(exit::INTERNAL, e))?;
+    write_stdout(&bytes)
+}
+
+fn write_stdout(bytes: &[u8]) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        // A closed pipe (`| head`) is not an error of ours.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(Failure::new(exit::IO, format!("writing stdout: {e}"))),
+    }
+}
+
+fn print_json(v: &Value) -> Result<(), Failure> {
+    let mut s = serde_json::to_string_pretty(v).unwrap_or_default();
+    s.push('\n');
+    write_stdout(s.as_bytes())
+}
+
+fn print_list(resp: &Value) {
+    let empty = Vec::new();
+    let rows = resp["binaries"].as_array().unwrap_or(&empty);
+    let mut table = vec![
+        [
+            "BINARY",
+            "NAME",
+            "OWNER",
+            "KIND",
+            "SIZE",
+            "PUBLIC",
+            "EXECUTIONS",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for b in rows {
+        table.push(vec![
+            text(&b["binary"]),
+            text(&b["name"]),
+            text(&b["owner_uid"]),
+            text(&b["kind"]),
+            text(&b["size"]),
+            if b["public"] == json!(true) {
+                "yes".into()
+            } else {
+                "no".into()
+            },
+            text(&b["executions"]),
+        ]);
+    }
+    let widths: Vec<usize> = (0..table[0].len())
+        .map(|i| table.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in &table {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    let _ = write_stdout(out.as_bytes());
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn print_fields(resp: &Value, skip: &[&str]) {
+    let mut out = String::new();
+    if let Some(map) = resp.as_object() {
+        write_fields(&mut out, map, skip, "");
+    }
+    let _ = write_stdout(out.as_bytes());
+}
+
+fn write_fields(out: &mut String, map: &Map<String, Value>, skip: &[&str], prefix: &str) {
+    for (k, v) in map {
+        if skip.contains(&k.as_str()) {
+            continue;
+        }
+        match v {
+            Value::Object(inner) => write_fields(out, inner, &[], &format!("{prefix}{k}.")),
+            Value::Array(items) if items.iter().all(Value::is_object) && !items.is_empty() => {
+                out.push_str(&format!("{prefix}{k}:\n"));
+                for item in items {
+                    let parts: Vec<String> = item
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .map(|(ik, iv)| format!("{ik}={}", text(iv)))
+                        .collect();
+                    out.push_str(&format!("  {}\n", parts.join(" ")));
+                }
+            }
+            _ => out.push_str(&format!("{prefix}{k}: {}\n", text(v))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn error_codes_map_to_documented_exit_codes() {
+        let f = |code: &str| {
+            failure_from(&json!({"ok": false, "error": {"code": code, "message": "m"}})).code
+        };
+        assert_eq!(f("trap"), exit::EXECUTION_FAILED);
+        assert_eq!(f("forbidden"), exit::FORBIDDEN);
+        assert_eq!(f("not_found"), exit::NOT_FOUND);
+        assert_eq!(f("invalid_module"), exit::REFUSED);
+        assert_eq!(f("busy"), exit::BUSY);
+        assert_eq!(f("internal"), exit::INTERNAL);
+    }
+}

@@ -45,7 +45,12 @@ fn memory(caller: &mut Caller<'_, ExecCtx>, func: &str) -> wasmtime::Result<Memo
 }
 
 /// Check that `[ptr, ptr+len)` lies inside a memory of `size` bytes.
-pub(crate) fn guest_range(func: &str, ptr: i32, len: i32, size: usize) -> wasmtime::Result<Range<usize>> {
+pub(crate) fn guest_range(
+    func: &str,
+    ptr: i32,
+    len: i32,
+    size: usize,
+) -> wasmtime::Result<Range<usize>> {
     let (p, l) = (ptr as u32 as usize, len as u32 as usize);
     if ptr < 0 || len < 0 {
         return Err(trap(HostTrap::BadPointer(format!(
@@ -60,7 +65,12 @@ pub(crate) fn guest_range(func: &str, ptr: i32, len: i32, size: usize) -> wasmti
     }
 }
 
-fn read_guest(caller: &mut Caller<'_, ExecCtx>, func: &str, ptr: i32, len: i32) -> wasmtime::Result<Vec<u8>> {
+fn read_guest(
+    caller: &mut Caller<'_, ExecCtx>,
+    func: &str,
+    ptr: i32,
+    len: i32,
+) -> wasmtime::Result<Vec<u8>> {
     let mem = memory(caller, func)?;
     let data = mem.data(&*caller);
     let r = guest_range(func, ptr, len, data.len())?;
@@ -116,7 +126,9 @@ pub fn add_to_linker(linker: &mut Linker<ExecCtx>) -> wasmtime::Result<()> {
                     return Ok(-1);
                 };
                 let total = i32::try_from(4 + value.len()).map_err(|_| {
-                    trap(HostTrap::BadPointer("host.get_state: value too large".into()))
+                    trap(HostTrap::BadPointer(
+                        "host.get_state: value too large".into(),
+                    ))
                 })?;
                 let Some(alloc) = caller.data().alloc.clone() else {
                     return Err(trap(HostTrap::BadPointer(
@@ -126,7 +138,12 @@ pub fn add_to_linker(linker: &mut Linker<ExecCtx>) -> wasmtime::Result<()> {
                 let ptr = alloc.call_async(&mut caller, total).await?;
                 let mem = memory(&mut caller, "get_state")?;
                 let data = mem.data_mut(&mut caller);
-                let r = guest_range("get_state (pointer returned by alloc)", ptr, total, data.len())?;
+                let r = guest_range(
+                    "get_state (pointer returned by alloc)",
+                    ptr,
+                    total,
+                    data.len(),
+                )?;
                 let dst = &mut data[r];
                 dst[..4].copy_from_slice(&(value.len() as u32).to_le_bytes());
                 dst[4..].copy_from_slice(&value);
@@ -137,7 +154,12 @@ pub fn add_to_linker(linker: &mut Linker<ExecCtx>) -> wasmtime::Result<()> {
     linker.func_wrap(
         HOST_MODULE,
         "set_state",
-        |mut caller: Caller<'_, ExecCtx>, kptr: i32, klen: i32, vptr: i32, vlen: i32| -> wasmtime::Result<()> {
+        |mut caller: Caller<'_, ExecCtx>,
+         kptr: i32,
+         klen: i32,
+         vptr: i32,
+         vlen: i32|
+         -> wasmtime::Result<()> {
             let key = read_guest(&mut caller, "set_state", kptr, klen)?;
             check_key("set_state", &key, caller.data().max_key)?;
             let value = read_guest(&mut caller, "set_state", vptr, vlen)?;

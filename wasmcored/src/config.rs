@@ -160,8 +160,14 @@ impl Config {
             ("limits.max_chain_len", l.max_chain_len as u64),
             ("engine.pool_instances", self.engine.pool_instances as u64),
             ("engine.max_wasm_stack", self.engine.max_wasm_stack as u64),
-            ("registry.max_module_bytes", self.registry.max_module_bytes as u64),
-            ("server.max_request_bytes", self.server.max_request_bytes as u64),
+            (
+                "registry.max_module_bytes",
+                self.registry.max_module_bytes as u64,
+            ),
+            (
+                "server.max_request_bytes",
+                self.server.max_request_bytes as u64,
+            ),
             ("server.max_connections", self.server.max_connections as u64),
         ];
         for (key, v) in nonzero {

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
-use wasmcore_proto::{ErrorBody, ErrorCode, LineBuffer, LineError, Response, decode_request, encode_line_into};
+use wasmcore_proto::{
+    ErrorBody, ErrorCode, LineBuffer, LineError, Response, decode_request, encode_line_into,
+};
 
 use crate::cmd::{self, Reply};
 use crate::server::Daemon;
@@ -30,7 +32,12 @@ struct PassedFds {
 }
 
 /// Serve one connection until the peer closes it, it idles out, or the daemon shuts down.
-pub async fn serve(daemon: Arc<Daemon>, stream: UnixStream, tenant: Tenant, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    daemon: Arc<Daemon>,
+    stream: UnixStream,
+    tenant: Tenant,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut conn = Connection {
         lines: LineBuffer::new(daemon.config.server.max_request_bytes),
         out: Vec::with_capacity(4096),
@@ -72,7 +79,10 @@ pub async fn serve(daemon: Arc<Daemon>, stream: UnixStream, tenant: Tenant, mut 
                 return;
             }
             Err(_) => {
-                log::debug!("connection from uid {} idle for {idle:?}; closing", tenant.uid);
+                log::debug!(
+                    "connection from uid {} idle for {idle:?}; closing",
+                    tenant.uid
+                );
                 return;
             }
         }
@@ -109,7 +119,10 @@ impl Connection {
                 None,
                 ErrorBody::new(
                     ErrorCode::BadRequest,
-                    format!("too many file descriptors passed with one request (at most {})", sys::MAX_FDS_PER_MESSAGE),
+                    format!(
+                        "too many file descriptors passed with one request (at most {})",
+                        sys::MAX_FDS_PER_MESSAGE
+                    ),
                 ),
             ),
             Ok(mut req) => {

@@ -42,9 +42,23 @@ pub struct ExecLimits {
 impl ExecLimits {
     /// Apply the request's limits to the configured defaults; a request may lower a limit,
     /// never raise it past the maximum.
-    pub fn resolve(req: &LimitsRequest, cfg: &LimitsConfig, fuel_metering: bool) -> Result<ExecLimits> {
-        let timeout_ms = pick("timeout_ms", req.timeout_ms, cfg.default_timeout_ms, cfg.max_timeout_ms)?;
-        let memory_mb = pick("memory_limit_mb", req.memory_limit_mb, cfg.default_memory_mb, cfg.max_memory_mb)?;
+    pub fn resolve(
+        req: &LimitsRequest,
+        cfg: &LimitsConfig,
+        fuel_metering: bool,
+    ) -> Result<ExecLimits> {
+        let timeout_ms = pick(
+            "timeout_ms",
+            req.timeout_ms,
+            cfg.default_timeout_ms,
+            cfg.max_timeout_ms,
+        )?;
+        let memory_mb = pick(
+            "memory_limit_mb",
+            req.memory_limit_mb,
+            cfg.default_memory_mb,
+            cfg.max_memory_mb,
+        )?;
         let fuel = match req.fuel {
             Some(_) if !fuel_metering => {
                 return Err(Error::bad_request(
@@ -54,7 +68,9 @@ impl ExecLimits {
             Some(0) => return Err(Error::bad_request("fuel must be greater than 0")),
             Some(f) => match cfg.max_fuel {
                 Some(m) if f > m => {
-                    return Err(Error::bad_request(format!("fuel {f} exceeds the maximum {m}")));
+                    return Err(Error::bad_request(format!(
+                        "fuel {f} exceeds the maximum {m}"
+                    )));
                 }
                 _ => Some(f),
             },
@@ -132,8 +148,10 @@ impl Logs {
 
     fn finish(mut self) -> Vec<String> {
         if self.dropped > 0 {
-            self.lines
-                .push(format!("[{} log lines dropped: over the {}-byte limit]", self.dropped, self.cap));
+            self.lines.push(format!(
+                "[{} log lines dropped: over the {}-byte limit]",
+                self.dropped, self.cap
+            ));
         }
         self.lines
     }
@@ -149,7 +167,12 @@ pub(crate) struct Limiter {
 }
 
 impl ResourceLimiter for Limiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.max_memory {
             self.memory_refused = true;
             return Ok(false);
@@ -158,7 +181,12 @@ impl ResourceLimiter for Limiter {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= self.max_table)
     }
 
@@ -248,14 +276,27 @@ impl Executor {
     }
 
     /// Run `bin` once on `input` for `tenant_uid` (whose state namespace it uses).
-    pub async fn execute(&self, bin: &Binary, tenant_uid: u32, input: Vec<u8>, limits: &ExecLimits) -> Result<RunOutput> {
+    pub async fn execute(
+        &self,
+        bin: &Binary,
+        tenant_uid: u32,
+        input: Vec<u8>,
+        limits: &ExecLimits,
+    ) -> Result<RunOutput> {
         let deadline = Instant::now() + limits.timeout;
-        self.run(bin, tenant_uid, input, limits, limits.fuel, deadline).await
+        self.run(bin, tenant_uid, input, limits, limits.fuel, deadline)
+            .await
     }
 
     /// Run `bins` in order, each stage's output the next one's input, under one deadline and
     /// one fuel budget. A failure names its stage.
-    pub async fn chain(&self, bins: &[Arc<Binary>], tenant_uid: u32, input: Vec<u8>, limits: &ExecLimits) -> Result<ChainOutput> {
+    pub async fn chain(
+        &self,
+        bins: &[Arc<Binary>],
+        tenant_uid: u32,
+        input: Vec<u8>,
+        limits: &ExecLimits,
+    ) -> Result<ChainOutput> {
         let start = Instant::now();
         let deadline = start + limits.timeout;
         let mut fuel_left = limits.fuel;
@@ -351,7 +392,10 @@ impl Executor {
             if Instant::now() >= cx.data().deadline {
                 Err(wasmtime::Error::new(HostTrap::TimedOut))
             } else {
-                Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())))
+                Ok(UpdateDeadline::YieldCustom(
+                    1,
+                    Box::pin(tokio::task::yield_now()),
+                ))
             }
         });
 
@@ -397,7 +441,9 @@ impl Executor {
             Some(p) if bin.kind == ModuleKind::Wasi => {
                 let out = p.stdout.contents();
                 if out.len() > self.limits.max_output_bytes {
-                    let failure = ExecFailure::OutputTooLarge { cap: self.limits.max_output_bytes };
+                    let failure = ExecFailure::OutputTooLarge {
+                        cap: self.limits.max_output_bytes,
+                    };
                     return Err(Error::exec(failure, ctx.logs.finish()));
                 }
                 out.to_vec()
@@ -428,19 +474,30 @@ impl Executor {
     }
 
     /// Process ABI: `alloc(len)`, copy the input, `process(ptr, len)`; returns its code.
-    async fn run_process(&self, bin: &Binary, store: &mut Store<ExecCtx>, input: &[u8]) -> wasmtime::Result<i32> {
+    async fn run_process(
+        &self,
+        bin: &Binary,
+        store: &mut Store<ExecCtx>,
+        input: &[u8],
+    ) -> wasmtime::Result<i32> {
         let instance = bin.pre.instantiate_async(&mut *store).await?;
         let exports = &bin.exports;
-        let memory = match exports.memory.as_ref().and_then(|e| instance.get_module_export(&mut *store, e)) {
+        let memory = match exports
+            .memory
+            .as_ref()
+            .and_then(|e| instance.get_module_export(&mut *store, e))
+        {
             Some(Extern::Memory(m)) => m,
             _ => return Err(wasmtime::Error::msg("module has no `memory` export")),
         };
         let alloc = typed_export::<i32, i32>(store, &instance, exports.alloc.as_ref(), "alloc")?;
-        let process = typed_export::<(i32, i32), i32>(store, &instance, exports.process.as_ref(), "process")?;
+        let process =
+            typed_export::<(i32, i32), i32>(store, &instance, exports.process.as_ref(), "process")?;
         store.data_mut().memory = Some(memory);
         store.data_mut().alloc = Some(alloc.clone());
 
-        let len = i32::try_from(input.len()).map_err(|_| wasmtime::Error::msg("input too large"))?;
+        let len =
+            i32::try_from(input.len()).map_err(|_| wasmtime::Error::msg("input too large"))?;
         let ptr = alloc.call_async(&mut *store, len).await?;
         let size = memory.data_size(&*store);
         let r = guest_range("alloc (returned pointer)", ptr, len, size)?;
@@ -451,10 +508,17 @@ impl Executor {
     /// WASI command: call `_start`; an `I32Exit` carries the status.
     async fn run_wasi(&self, bin: &Binary, store: &mut Store<ExecCtx>) -> wasmtime::Result<i32> {
         let instance = bin.pre.instantiate_async(&mut *store).await?;
-        if let Some(Extern::Memory(m)) = bin.exports.memory.as_ref().and_then(|e| instance.get_module_export(&mut *store, e)) {
+        if let Some(Extern::Memory(m)) = bin
+            .exports
+            .memory
+            .as_ref()
+            .and_then(|e| instance.get_module_export(&mut *store, e))
+        {
             store.data_mut().memory = Some(m);
         }
-        if let Ok(alloc) = typed_export::<i32, i32>(store, &instance, bin.exports.alloc.as_ref(), "alloc") {
+        if let Ok(alloc) =
+            typed_export::<i32, i32>(store, &instance, bin.exports.alloc.as_ref(), "alloc")
+        {
             store.data_mut().alloc = Some(alloc);
         }
         let start = typed_export::<(), ()>(store, &instance, bin.exports.start.as_ref(), "_start")?;
@@ -481,7 +545,11 @@ where
 {
     let func: Func = match export.and_then(|e| instance.get_module_export(&mut *store, e)) {
         Some(Extern::Func(f)) => f,
-        _ => return Err(wasmtime::Error::msg(format!("module has no `{name}` function export"))),
+        _ => {
+            return Err(wasmtime::Error::msg(format!(
+                "module has no `{name}` function export"
+            )));
+        }
     };
     func.typed::<P, R>(&*store)
 }
@@ -508,7 +576,13 @@ fn sum_opt(it: impl Iterator<Item = Option<u64>>) -> Option<u64> {
 }
 
 /// Turn a wasmtime error into the failure the caller sees.
-fn classify(e: wasmtime::Error, ctx: &ExecCtx, limits: &ExecLimits, fuel: Option<u64>, timeout_ms: u64) -> ExecFailure {
+fn classify(
+    e: wasmtime::Error,
+    ctx: &ExecCtx,
+    limits: &ExecLimits,
+    fuel: Option<u64>,
+    timeout_ms: u64,
+) -> ExecFailure {
     if let Some(t) = e.downcast_ref::<HostTrap>() {
         return match t {
             HostTrap::TimedOut => ExecFailure::Timeout { timeout_ms },
@@ -530,7 +604,11 @@ fn classify(e: wasmtime::Error, ctx: &ExecCtx, limits: &ExecLimits, fuel: Option
     }
     if let Some(trap) = e.downcast_ref::<Trap>() {
         match trap {
-            Trap::OutOfFuel => return ExecFailure::OutOfFuel { fuel: fuel.unwrap_or(u64::MAX) },
+            Trap::OutOfFuel => {
+                return ExecFailure::OutOfFuel {
+                    fuel: fuel.unwrap_or(u64::MAX),
+                };
+            }
             Trap::Interrupt => return ExecFailure::Timeout { timeout_ms },
             _ => {}
         }
@@ -542,7 +620,9 @@ fn classify(e: wasmtime::Error, ctx: &ExecCtx, limits: &ExecLimits, fuel: Option
     // WASI output overflow surfaces as a stream error from the pipe.
     let text = format!("{e:#}");
     if text.contains("beyond capacity of MemoryOutputPipe") {
-        return ExecFailure::OutputTooLarge { cap: ctx.output_cap };
+        return ExecFailure::OutputTooLarge {
+            cap: ctx.output_cap,
+        };
     }
     ExecFailure::Trap {
         message: text,

@@ -26,7 +26,11 @@ impl Log for Logger {
             };
             format!("<{prio}>{}\n", record.args())
         } else {
-            format!("wasmcored: {}: {}\n", record.level().as_str().to_lowercase(), record.args())
+            format!(
+                "wasmcored: {}: {}\n",
+                record.level().as_str().to_lowercase(),
+                record.args()
+            )
         };
         // One write per line so concurrent lines do not interleave.
         let _ = std::io::stderr().lock().write_all(line.as_bytes());

@@ -64,8 +64,12 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     if args.no_fuel {
         config.engine.fuel_metering = false;
     }
-    std::fs::create_dir_all(&config.state_dir)
-        .map_err(|e| anyhow::anyhow!("creating state directory {}: {e}", config.state_dir.display()))?;
+    std::fs::create_dir_all(&config.state_dir).map_err(|e| {
+        anyhow::anyhow!(
+            "creating state directory {}: {e}",
+            config.state_dir.display()
+        )
+    })?;
     let daemon = wasmcored::Daemon::new(config)?;
     if listeners.is_empty() {
         for path in &daemon.config.server.listen {

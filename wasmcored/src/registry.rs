@@ -141,7 +141,9 @@ pub struct Compiled {
 
 impl std::fmt::Debug for Compiled {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Compiled").field("kind", &self.kind).finish_non_exhaustive()
+        f.debug_struct("Compiled")
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
     }
 }
 
@@ -186,9 +188,14 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    pub fn new(engine: Arc<WasmEngine>, cfg: RegistryConfig, state: Arc<dyn StateStore>) -> anyhow::Result<Self> {
+    pub fn new(
+        engine: Arc<WasmEngine>,
+        cfg: RegistryConfig,
+        state: Arc<dyn StateStore>,
+    ) -> anyhow::Result<Self> {
         let mut linker = Linker::new(engine.engine());
-        crate::abi::add_to_linker(&mut linker).map_err(|e| anyhow::anyhow!("defining host functions: {e:#}"))?;
+        crate::abi::add_to_linker(&mut linker)
+            .map_err(|e| anyhow::anyhow!("defining host functions: {e:#}"))?;
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |c: &mut ExecCtx| {
             c.wasi
                 .as_mut()
@@ -248,10 +255,11 @@ impl Registry {
         let compile_ms = start.elapsed().as_secs_f64() * 1000.0;
         let (kind, exports) = check_abi(&module)?;
         let needs_wasi = module.imports().any(|i| i.module() == WASI_MODULE);
-        let pre = self
-            .linker
-            .instantiate_pre(&module)
-            .map_err(|e| Error::InvalidModule(format!("module imports something wasm-core does not provide: {e:#}")))?;
+        let pre = self.linker.instantiate_pre(&module).map_err(|e| {
+            Error::InvalidModule(format!(
+                "module imports something wasm-core does not provide: {e:#}"
+            ))
+        })?;
         Ok(Compiled {
             module,
             pre,
@@ -265,9 +273,16 @@ impl Registry {
     }
 
     /// Register a compiled module for `owner`.
-    pub fn insert(&self, owner: &Tenant, compiled: Compiled, opts: LoadOptions) -> Result<Arc<Binary>> {
+    pub fn insert(
+        &self,
+        owner: &Tenant,
+        compiled: Compiled,
+        opts: LoadOptions,
+    ) -> Result<Arc<Binary>> {
         if opts.public && !owner.is_admin() {
-            return Err(Error::Forbidden("only admins may load public binaries".into()));
+            return Err(Error::Forbidden(
+                "only admins may load public binaries".into(),
+            ));
         }
         if let Some(name) = &opts.name {
             validate_name(name)?;
@@ -353,7 +368,12 @@ impl Registry {
     /// Find a binary by UUID or name as `tenant` sees it. Binaries the tenant may not see
     /// are reported as not found, so their existence does not leak.
     pub fn resolve(&self, tenant: &Tenant, reference: &str, access: Access) -> Result<Arc<Binary>> {
-        let not_found = || Error::NotFound(format!("no binary {reference:?} is visible to you (uid {})", tenant.uid));
+        let not_found = || {
+            Error::NotFound(format!(
+                "no binary {reference:?} is visible to you (uid {})",
+                tenant.uid
+            ))
+        };
         let bin = match Uuid::parse_str(reference) {
             Ok(id) => self.binaries.get(&id).map(|b| b.clone()),
             Err(_) => {
@@ -383,7 +403,9 @@ impl Registry {
     /// (admins only).
     pub fn list(&self, tenant: &Tenant, all: bool) -> Result<Vec<Arc<Binary>>> {
         if all && !tenant.is_admin() {
-            return Err(Error::Forbidden("only admins may list every tenant's binaries (--all)".into()));
+            return Err(Error::Forbidden(
+                "only admins may list every tenant's binaries (--all)".into(),
+            ));
         }
         let mut v: Vec<Arc<Binary>> = self
             .binaries
@@ -399,7 +421,9 @@ impl Registry {
     pub fn unload(&self, tenant: &Tenant, reference: &str) -> Result<Arc<Binary>> {
         let bin = self.resolve(tenant, reference, Access::Manage)?;
         let Some((_, bin)) = self.binaries.remove(&bin.id) else {
-            return Err(Error::NotFound(format!("binary {reference:?} was already unloaded")));
+            return Err(Error::NotFound(format!(
+                "binary {reference:?} was already unloaded"
+            )));
         };
         if let Some(name) = &bin.name {
             self.names.remove(&(bin.owner, name.clone()));
@@ -430,7 +454,10 @@ fn check_abi(module: &Module) -> Result<(ModuleKind, Exports)> {
         process: module.get_export_index("process"),
         start: module.get_export_index("_start"),
     };
-    if !matches!(module.get_export("memory"), Some(ExternType::Memory(_)) | None) {
+    if !matches!(
+        module.get_export("memory"),
+        Some(ExternType::Memory(_)) | None
+    ) {
         exports.memory = None;
     }
     if module.get_export("process").is_some() {

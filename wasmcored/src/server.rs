@@ -45,7 +45,9 @@ const FAILURE_LOG_WINDOW: Duration = Duration::from_secs(60);
 impl Daemon {
     /// Build the engine, registry and executor for `config`.
     pub fn new(config: Config) -> anyhow::Result<Arc<Daemon>> {
-        config.check().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        config
+            .check()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         let engine = WasmEngine::new(&config.engine, &config.limits)?;
         let state: Arc<dyn StateStore> = Arc::new(MemoryStateStore::default());
         let registry = Registry::new(engine.clone(), config.registry.clone(), state.clone())?;
@@ -72,13 +74,20 @@ impl Daemon {
         let mut w = self.failure_log.lock().unwrap_or_else(|p| p.into_inner());
         if w.0.elapsed() > FAILURE_LOG_WINDOW {
             if w.1 > FAILURE_LOG_BURST {
-                log::info!("{} more execution failures in the last minute were not logged", w.1 - FAILURE_LOG_BURST);
+                log::info!(
+                    "{} more execution failures in the last minute were not logged",
+                    w.1 - FAILURE_LOG_BURST
+                );
             }
             *w = (Instant::now(), 0);
         }
         w.1 += 1;
         if w.1 <= FAILURE_LOG_BURST {
-            log::info!("execution of {what} for uid {} failed: {} ({e})", tenant.uid, e.code());
+            log::info!(
+                "execution of {what} for uid {} failed: {} ({e})",
+                tenant.uid,
+                e.code()
+            );
         }
     }
 
@@ -93,7 +102,11 @@ impl Daemon {
 }
 
 /// Serve `listeners` until SIGTERM/SIGINT or until `stop` turns true.
-pub async fn run(daemon: Arc<Daemon>, listeners: Vec<Listener>, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+pub async fn run(
+    daemon: Arc<Daemon>,
+    listeners: Vec<Listener>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let conn_limit = Arc::new(Semaphore::new(daemon.config.server.max_connections));
     let mut accept_tasks = Vec::new();
@@ -125,7 +138,10 @@ pub async fn run(daemon: Arc<Daemon>, listeners: Vec<Listener>, mut stop: watch:
     });
 
     wait_for_stop(&mut stop).await;
-    log::info!("shutting down: no new connections; in-flight requests get {:?}", daemon.config.server.shutdown_grace);
+    log::info!(
+        "shutting down: no new connections; in-flight requests get {:?}",
+        daemon.config.server.shutdown_grace
+    );
     systemd::notify_stopping();
     let _ = shutdown_tx.send(true);
     for t in accept_tasks {
@@ -140,7 +156,10 @@ pub async fn run(daemon: Arc<Daemon>, listeners: Vec<Listener>, mut stop: watch:
         _ = second_signal() => { log::warn!("second signal: exiting at once"); false }
     };
     if !drained {
-        log::warn!("{} connections still open at exit", daemon.connections.load(Relaxed));
+        log::warn!(
+            "{} connections still open at exit",
+            daemon.connections.load(Relaxed)
+        );
     }
     for p in bound {
         let _ = std::fs::remove_file(&p);
@@ -170,7 +189,12 @@ async fn second_signal() {
     }
 }
 
-async fn accept_loop(daemon: Arc<Daemon>, listener: UnixListener, limit: Arc<Semaphore>, mut shutdown: watch::Receiver<bool>) {
+async fn accept_loop(
+    daemon: Arc<Daemon>,
+    listener: UnixListener,
+    limit: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -181,9 +205,19 @@ async fn accept_loop(daemon: Arc<Daemon>, listener: UnixListener, limit: Arc<Sem
             Err(e) => {
                 match e.raw_os_error() {
                     // The peer went away before we took it, or a signal: go on.
-                    Some(nix::libc::ECONNABORTED | nix::libc::EINTR | nix::libc::EAGAIN | nix::libc::EPROTO) => {}
+                    Some(
+                        nix::libc::ECONNABORTED
+                        | nix::libc::EINTR
+                        | nix::libc::EAGAIN
+                        | nix::libc::EPROTO,
+                    ) => {}
                     // Out of descriptors or memory: back off so we do not spin.
-                    Some(nix::libc::EMFILE | nix::libc::ENFILE | nix::libc::ENOBUFS | nix::libc::ENOMEM) => {
+                    Some(
+                        nix::libc::EMFILE
+                        | nix::libc::ENFILE
+                        | nix::libc::ENOBUFS
+                        | nix::libc::ENOMEM,
+                    ) => {
                         log::warn!("accept: {e}; backing off for 100 ms");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
@@ -220,7 +254,10 @@ async fn accept_loop(daemon: Arc<Daemon>, listener: UnixListener, limit: Arc<Sem
 
 async fn refuse(mut stream: tokio::net::UnixStream, max: usize) {
     use tokio::io::AsyncWriteExt;
-    let body = ErrorBody::new(ErrorCode::Busy, format!("the daemon is serving its maximum of {max} connections; retry later"));
+    let body = ErrorBody::new(
+        ErrorCode::Busy,
+        format!("the daemon is serving its maximum of {max} connections; retry later"),
+    );
     let line = encode_line(&Response::<Reply>::failure(None, body));
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&line)).await;
 }

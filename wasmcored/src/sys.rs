@@ -8,7 +8,8 @@ use std::os::fd::RawFd;
 pub fn getsockopt_peergroups(fd: RawFd) -> std::io::Result<Vec<u32>> {
     let mut groups: Vec<nix::libc::gid_t> = vec![0; 64];
     loop {
-        let mut len = (groups.len() * std::mem::size_of::<nix::libc::gid_t>()) as nix::libc::socklen_t;
+        let mut len =
+            (groups.len() * std::mem::size_of::<nix::libc::gid_t>()) as nix::libc::socklen_t;
         // SAFETY: `groups` is a writable buffer of `len` bytes that outlives the call; the
         // kernel writes at most `len` bytes and updates `len`.
         let rc = unsafe {
@@ -68,7 +69,9 @@ pub fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> std::io::Result<Received> {
     msg.msg_iovlen = 1;
     msg.msg_control = cmsg.as_mut_ptr().cast();
     // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE((MAX_FDS_PER_MESSAGE * std::mem::size_of::<RawFd>()) as u32) } as usize;
+    let space =
+        unsafe { libc::CMSG_SPACE((MAX_FDS_PER_MESSAGE * std::mem::size_of::<RawFd>()) as u32) }
+            as usize;
     msg.msg_controllen = space.min(SPACE) as _;
     // SAFETY: msg describes valid buffers (above).
     let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };

@@ -90,7 +90,13 @@ pub fn bind(path: &Path) -> anyhow::Result<Listener> {
 
 /// Tell systemd we are ready, with a status line.
 pub fn notify_ready(status: &str) {
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(status)]);
+    let _ = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(status),
+        ],
+    );
 }
 
 /// Update the status line.
@@ -100,5 +106,11 @@ pub fn notify_status(status: &str) {
 
 /// Tell systemd we are stopping.
 pub fn notify_stopping() {
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping, sd_notify::NotifyState::Status("stopping")]);
+    let _ = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Stopping,
+            sd_notify::NotifyState::Status("stopping"),
+        ],
+    );
 }

@@ -19,10 +19,7 @@ impl Tenant {
     /// A tenant with the given identity; `admin_gids` are the groups whose members are admins
     /// (root always is).
     pub fn new(uid: u32, gid: u32, groups: Vec<u32>, admin_gids: &[u32]) -> Self {
-        let is_admin = uid == 0
-            || admin_gids
-                .iter()
-                .any(|g| *g == gid || groups.contains(g));
+        let is_admin = uid == 0 || admin_gids.iter().any(|g| *g == gid || groups.contains(g));
         Tenant {
             uid,
             gid,

@@ -10,7 +10,9 @@ use crate::tenant::Tenant;
 pub async fn apply(daemon: &Daemon, tenant: &Tenant, req: ChainRequest) -> Result<ExecuteResponse> {
     let max = daemon.executor.limits_config().max_chain_len;
     if req.binaries.is_empty() {
-        return Err(Error::bad_request("`binaries` must name at least one binary"));
+        return Err(Error::bad_request(
+            "`binaries` must name at least one binary",
+        ));
     }
     if req.binaries.len() > max {
         return Err(Error::bad_request(format!(
@@ -26,7 +28,9 @@ pub async fn apply(daemon: &Daemon, tenant: &Tenant, req: ChainRequest) -> Resul
         .iter()
         .map(|r| daemon.registry.resolve(tenant, r, Access::Use))
         .collect::<Result<Vec<_>>>()?;
-    daemon.executions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    daemon
+        .executions
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let out = daemon
         .executor
         .chain(&bins, tenant.uid, input, &limits)

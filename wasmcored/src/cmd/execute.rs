@@ -7,11 +7,17 @@ use crate::registry::Access;
 use crate::server::Daemon;
 use crate::tenant::Tenant;
 
-pub async fn apply(daemon: &Daemon, tenant: &Tenant, req: ExecuteRequest) -> Result<ExecuteResponse> {
+pub async fn apply(
+    daemon: &Daemon,
+    tenant: &Tenant,
+    req: ExecuteRequest,
+) -> Result<ExecuteResponse> {
     let limits = daemon.executor.resolve_limits(&req.limits)?;
     let input = super::input_bytes(daemon, req.input, req.input_base64)?;
     let bin = daemon.registry.resolve(tenant, &req.binary, Access::Use)?;
-    daemon.executions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    daemon
+        .executions
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let run = daemon
         .executor
         .execute(&bin, tenant.uid, input, &limits)

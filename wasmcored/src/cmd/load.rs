@@ -21,20 +21,32 @@ enum Source {
     File(File, String),
 }
 
-pub async fn apply(daemon: &Arc<Daemon>, tenant: &Tenant, req: LoadRequest, mut fds: Vec<OwnedFd>) -> Result<LoadResponse> {
-    let sources = usize::from(req.wasm_base64.is_some()) + usize::from(req.fd) + usize::from(req.path.is_some());
+pub async fn apply(
+    daemon: &Arc<Daemon>,
+    tenant: &Tenant,
+    req: LoadRequest,
+    mut fds: Vec<OwnedFd>,
+) -> Result<LoadResponse> {
+    let sources = usize::from(req.wasm_base64.is_some())
+        + usize::from(req.fd)
+        + usize::from(req.path.is_some());
     if sources != 1 {
         return Err(Error::bad_request(
             "load needs exactly one module source: `wasm_base64`, `fd: true` with a passed descriptor, or `path` (admins)",
         ));
     }
     if req.public && !tenant.is_admin() {
-        return Err(Error::Forbidden("only admins may load public binaries".into()));
+        return Err(Error::Forbidden(
+            "only admins may load public binaries".into(),
+        ));
     }
     let source = if let Some(b64) = &req.wasm_base64 {
         // Check the size from the encoded length before decoding anything.
         daemon.registry.check_size(b64.len() / 4 * 3)?;
-        Source::Bytes(wasmcore_proto::decode_base64(b64).map_err(|e| Error::bad_request(format!("wasm_base64: {e}")))?)
+        Source::Bytes(
+            wasmcore_proto::decode_base64(b64)
+                .map_err(|e| Error::bad_request(format!("wasm_base64: {e}")))?,
+        )
     } else if req.fd {
         if fds.len() != 1 {
             return Err(Error::bad_request(format!(
@@ -106,7 +118,9 @@ pub async fn apply(daemon: &Arc<Daemon>, tenant: &Tenant, req: LoadRequest, mut 
 
 /// Read a module from a file, checking it is a regular file within the size cap.
 fn read_module(daemon: &Arc<Daemon>, mut f: File, what: &str) -> Result<Vec<u8>> {
-    let meta = f.metadata().map_err(|e| Error::bad_request(format!("{what}: {e}")))?;
+    let meta = f
+        .metadata()
+        .map_err(|e| Error::bad_request(format!("{what}: {e}")))?;
     if !meta.file_type().is_file() {
         return Err(Error::bad_request(format!("{what} is not a regular file")));
     }

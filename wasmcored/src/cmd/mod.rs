@@ -37,7 +37,12 @@ pub enum Reply {
 }
 
 /// Run one request for `tenant`. `fds` are the descriptors that arrived with its line.
-pub async fn dispatch(daemon: &Arc<Daemon>, tenant: &Tenant, req: Request, fds: Vec<OwnedFd>) -> Result<Reply> {
+pub async fn dispatch(
+    daemon: &Arc<Daemon>,
+    tenant: &Tenant,
+    req: Request,
+    fds: Vec<OwnedFd>,
+) -> Result<Reply> {
     if !fds.is_empty() && !matches!(&req, Request::Load(l) if l.fd) {
         return Err(Error::bad_request(
             "file descriptors were passed with a request that takes none (only load with \"fd\": true does)",
@@ -55,13 +60,20 @@ pub async fn dispatch(daemon: &Arc<Daemon>, tenant: &Tenant, req: Request, fds: 
 }
 
 /// The input bytes of `execute` / `chain`: `input` (UTF-8) or `input_base64`, not both.
-fn input_bytes(daemon: &Daemon, input: Option<String>, input_base64: Option<String>) -> Result<Vec<u8>> {
+fn input_bytes(
+    daemon: &Daemon,
+    input: Option<String>,
+    input_base64: Option<String>,
+) -> Result<Vec<u8>> {
     let bytes = match (input, input_base64) {
         (Some(_), Some(_)) => {
-            return Err(Error::bad_request("give either `input` or `input_base64`, not both"));
+            return Err(Error::bad_request(
+                "give either `input` or `input_base64`, not both",
+            ));
         }
         (Some(s), None) => s.into_bytes(),
-        (None, Some(b)) => wasmcore_proto::decode_base64(&b).map_err(|e| Error::bad_request(format!("input_base64: {e}")))?,
+        (None, Some(b)) => wasmcore_proto::decode_base64(&b)
+            .map_err(|e| Error::bad_request(format!("input_base64: {e}")))?,
         (None, None) => Vec::new(),
     };
     daemon.executor.check_input(&bytes)?;

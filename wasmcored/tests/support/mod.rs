@@ -1,0 +1,115 @@
+//! Shared helpers for the in-process engine tests: an engine/registry/executor set built
+//! from a config, fixtures (.wat files here) and the built example plugins.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use wasmcore_proto::{ErrorCode, LimitsRequest};
+use wasmcored::config::Config;
+use wasmcored::engine::WasmEngine;
+use wasmcored::executor::{ExecLimits, Executor, RunOutput};
+use wasmcored::registry::{Binary, LoadOptions, Registry};
+use wasmcored::state::{MemoryStateStore, StateStore};
+use wasmcored::{Error, Tenant};
+
+pub struct Env {
+    pub registry: Registry,
+    pub exec: Executor,
+    pub owner: Tenant,
+}
+
+pub fn config() -> Config {
+    let mut c = Config::default();
+    // Small pools: many test engines live at once.
+    c.engine.pool_instances = 16;
+    c
+}
+
+pub fn env() -> Env {
+    env_with(config())
+}
+
+pub fn env_with(c: Config) -> Env {
+    c.check().expect("valid test config");
+    let engine = WasmEngine::new(&c.engine, &c.limits).expect("engine");
+    let state: Arc<dyn StateStore> = Arc::new(MemoryStateStore::default());
+    let registry =
+        Registry::new(engine.clone(), c.registry.clone(), state.clone()).expect("registry");
+    let exec = Executor::new(
+        engine,
+        state,
+        c.limits.clone(),
+        c.registry.max_state_bytes,
+        c.registry.max_state_key_bytes,
+    );
+    Env {
+        registry,
+        exec,
+        owner: Tenant::new(1000, 1000, vec![], &[]),
+    }
+}
+
+pub fn fixture(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    wat::parse_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A built example plugin; the test command builds them first (`make plugins`).
+pub fn plugin(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins/dist")
+        .join(format!("{name}.wasm"));
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (build the plugins first: make plugins)",
+            path.display()
+        )
+    })
+}
+
+impl Env {
+    pub fn load(&self, bytes: &[u8]) -> Arc<Binary> {
+        self.load_as(&self.owner, bytes, LoadOptions::default())
+            .expect("load")
+    }
+
+    pub fn load_as(
+        &self,
+        who: &Tenant,
+        bytes: &[u8],
+        opts: LoadOptions,
+    ) -> Result<Arc<Binary>, Error> {
+        let compiled = self.registry.compile(bytes)?;
+        self.registry.insert(who, compiled, opts)
+    }
+
+    pub fn limits(&self, req: LimitsRequest) -> ExecLimits {
+        self.exec.resolve_limits(&req).expect("limits")
+    }
+
+    pub async fn run(&self, bin: &Binary, input: &[u8]) -> Result<RunOutput, Error> {
+        self.run_with(bin, input, LimitsRequest::default()).await
+    }
+
+    pub async fn run_with(
+        &self,
+        bin: &Binary,
+        input: &[u8],
+        req: LimitsRequest,
+    ) -> Result<RunOutput, Error> {
+        let limits = self.limits(req);
+        self.exec
+            .execute(bin, self.owner.uid, input.to_vec(), &limits)
+            .await
+    }
+}
+
+/// The wire code of a failed result, with the message for assertions.
+pub fn code<T: std::fmt::Debug>(r: Result<T, Error>) -> (ErrorCode, String) {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(e) => (e.code(), e.to_string()),
+    }
+}
