@@ -52,6 +52,8 @@ pub struct Binary {
     pub public: bool,
     /// Seconds since the Unix epoch.
     pub loaded_at: u64,
+    /// Load order within this daemon's life (for stable listings).
+    seq: u64,
     pub executions: AtomicU64,
     pub needs_wasi: bool,
     pub module: Module,
@@ -177,6 +179,7 @@ pub struct Registry {
     public_names: DashMap<String, Uuid>,
     /// Binaries per owner; updated under the entry lock so the cap cannot be raced.
     per_owner: DashMap<u32, usize>,
+    seq: AtomicU64,
 }
 
 impl std::fmt::Debug for Registry {
@@ -211,6 +214,7 @@ impl Registry {
             names: DashMap::new(),
             public_names: DashMap::new(),
             per_owner: DashMap::new(),
+            seq: AtomicU64::new(0),
         })
     }
 
@@ -299,6 +303,7 @@ impl Registry {
             loaded_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            seq: self.seq.fetch_add(1, Relaxed),
             executions: AtomicU64::new(0),
             needs_wasi: compiled.needs_wasi,
             module: compiled.module,
@@ -413,7 +418,7 @@ impl Registry {
             .filter(|b| all || tenant.is(b.owner) || b.public)
             .map(|b| b.clone())
             .collect();
-        v.sort_by(|a, b| (a.loaded_at, a.id).cmp(&(b.loaded_at, b.id)));
+        v.sort_by_key(|b| b.seq);
         Ok(v)
     }
 
