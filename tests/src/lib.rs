@@ -15,7 +15,10 @@ use serde_json::Value;
 /// Directory holding the built binaries (next to this test executable's `deps/`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
 }
 
 pub fn wasmcored() -> PathBuf {
@@ -40,7 +43,11 @@ pub fn fixture(name: &str) -> Vec<u8> {
 /// A built example plugin.
 pub fn plugin_path(name: &str) -> PathBuf {
     let p = repo().join("plugins/dist").join(format!("{name}.wasm"));
-    assert!(p.exists(), "{} is missing: build the plugins first (make plugins)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: build the plugins first (make plugins)",
+        p.display()
+    );
     p
 }
 
@@ -58,7 +65,8 @@ impl TempDir {
         ));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).expect("create temp dir");
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod temp dir");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod temp dir");
         TempDir(p)
     }
 
@@ -70,7 +78,8 @@ impl TempDir {
     pub fn write(&self, name: &str, bytes: &[u8]) -> PathBuf {
         let p = self.0.join(name);
         std::fs::write(&p, bytes).expect("write temp file");
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).expect("chmod temp file");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644))
+            .expect("chmod temp file");
         p
     }
 }
@@ -108,7 +117,12 @@ impl Daemon {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e} (build the workspace first)", wasmcored().display()));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "starting {}: {e} (build the workspace first)",
+                    wasmcored().display()
+                )
+            });
         let mut d = Daemon { child, socket, dir };
         d.wait_ready();
         d
@@ -121,7 +135,10 @@ impl Daemon {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("wasmcored exited early with {status}: {}", self.stderr_now());
+                panic!(
+                    "wasmcored exited early with {status}: {}",
+                    self.stderr_now()
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -151,7 +168,12 @@ impl Daemon {
     }
 
     /// Run `wasmcorectl` with optional stdin bytes, optionally as another user (uid, gid).
-    pub fn ctl_with(&self, args: &[&str], stdin: Option<&[u8]>, user: Option<(u32, u32)>) -> Output {
+    pub fn ctl_with(
+        &self,
+        args: &[&str],
+        stdin: Option<&[u8]>,
+        user: Option<(u32, u32)>,
+    ) -> Output {
         let mut cmd = match user {
             None => Command::new(wasmcorectl()),
             Some((uid, gid)) => {
@@ -164,7 +186,9 @@ impl Daemon {
             }
         };
         cmd.arg("--socket").arg(&self.socket).args(args);
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn wasmcorectl");
         {
             let mut input = child.stdin.take().expect("stdin");
@@ -177,12 +201,17 @@ impl Daemon {
 
     /// Open file descriptors of the daemon process.
     pub fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 
     /// Send SIGTERM and wait for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         self.child.wait().expect("wait for wasmcored")
     }
 }
@@ -190,7 +219,10 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let t = Instant::now();
             while t.elapsed() < Duration::from_secs(5) {
                 if let Ok(Some(_)) = self.child.try_wait() {
@@ -214,7 +246,9 @@ pub struct Client {
 impl Client {
     pub fn connect(path: &Path) -> Client {
         let stream = UnixStream::connect(path).expect("connect");
-        stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
         let reader = BufReader::new(stream.try_clone().expect("clone"));
         Client { stream, reader }
     }
@@ -242,7 +276,8 @@ impl Client {
 
     pub fn recv(&mut self) -> Value {
         let line = self.recv_line().expect("a response line");
-        serde_json::from_slice(&line).unwrap_or_else(|e| panic!("bad response {:?}: {e}", String::from_utf8_lossy(&line)))
+        serde_json::from_slice(&line)
+            .unwrap_or_else(|e| panic!("bad response {:?}: {e}", String::from_utf8_lossy(&line)))
     }
 
     pub fn call(&mut self, v: &Value) -> Value {
@@ -262,14 +297,30 @@ pub struct TestUser {
 impl TestUser {
     /// Create `name` (root only). Fails the test if it cannot: the access tests need real UIDs.
     pub fn create(name: &str) -> TestUser {
-        assert!(nix::unistd::getuid().is_root(), "the multi-user tests create real users and must run as root");
+        assert!(
+            nix::unistd::getuid().is_root(),
+            "the multi-user tests create real users and must run as root"
+        );
         let _ = Command::new("userdel").arg(name).output();
         let out = Command::new("useradd")
-            .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "--user-group", name])
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                "--user-group",
+                name,
+            ])
             .output()
             .expect("run useradd");
-        assert!(out.status.success(), "useradd {name}: {}", String::from_utf8_lossy(&out.stderr));
-        let u = nix::unistd::User::from_name(name).expect("lookup").expect("user exists");
+        assert!(
+            out.status.success(),
+            "useradd {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let u = nix::unistd::User::from_name(name)
+            .expect("lookup")
+            .expect("user exists");
         TestUser {
             name: name.to_string(),
             uid: u.uid.as_raw(),

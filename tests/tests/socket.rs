@@ -59,8 +59,20 @@ fn every_op_over_a_raw_socket() {
 
     let r = c.call(&json!({"op": "info", "binary": id}));
     ok(&r);
-    assert!(r["exports"].as_array().unwrap().iter().any(|e| e["name"] == json!("process")));
-    assert!(r["imports"].as_array().unwrap().iter().any(|e| e["name"] == json!("output")));
+    assert!(
+        r["exports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == json!("process"))
+    );
+    assert!(
+        r["imports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == json!("output"))
+    );
     assert_eq!(r["limits"]["timeout_ms"], json!(5000));
 
     let r = c.call(&json!({"op": "status"}));
@@ -70,8 +82,14 @@ fn every_op_over_a_raw_socket() {
     assert_eq!(r["tenant"]["uid"], json!(nix::unistd::getuid().as_raw()));
 
     ok(&c.call(&json!({"op": "unload", "binary": "up"})));
-    assert_eq!(err_code(&c.call(&json!({"op": "execute", "binary": id}))), "not_found");
-    assert_eq!(err_code(&c.call(&json!({"op": "unload", "binary": id}))), "not_found");
+    assert_eq!(
+        err_code(&c.call(&json!({"op": "execute", "binary": id}))),
+        "not_found"
+    );
+    assert_eq!(
+        err_code(&c.call(&json!({"op": "unload", "binary": id}))),
+        "not_found"
+    );
 }
 
 #[test]
@@ -137,11 +155,23 @@ fn malformed_requests_get_clear_errors_and_the_connection_survives() {
         (b"{\"op\":\"fly\",\"tag\":5}\n", "unknown op"),
         (b"{\"binary\":\"x\"}\n", "missing field `op`"),
         (b"{\"op\":\"execute\"}\n", "missing field `binary`"),
-        (b"{\"op\":\"execute\",\"binary\":\"x\",\"timeout_ms\":\"soon\"}\n", "invalid"),
-        (b"{\"op\":\"status\",\"extra\":true}\n", "unknown field `extra`"),
+        (
+            b"{\"op\":\"execute\",\"binary\":\"x\",\"timeout_ms\":\"soon\"}\n",
+            "invalid",
+        ),
+        (
+            b"{\"op\":\"status\",\"extra\":true}\n",
+            "unknown field `extra`",
+        ),
         (b"{\"op\":\"load\"}\n", "exactly one module source"),
-        (b"{\"op\":\"load\",\"wasm_base64\":\"!!!\"}\n", "invalid base64"),
-        (b"{\"op\":\"execute\",\"binary\":\"x\",\"input\":\"a\",\"input_base64\":\"YQ==\"}\n", "not both"),
+        (
+            b"{\"op\":\"load\",\"wasm_base64\":\"!!!\"}\n",
+            "invalid base64",
+        ),
+        (
+            b"{\"op\":\"execute\",\"binary\":\"x\",\"input\":\"a\",\"input_base64\":\"YQ==\"}\n",
+            "not both",
+        ),
         (b"{\"op\":\"chain\",\"binaries\":[]}\n", "at least one"),
         (b"\xff\xfe\n", "UTF-8"),
         (b"\n", "empty request"),
@@ -151,11 +181,19 @@ fn malformed_requests_get_clear_errors_and_the_connection_survives() {
         let r = c.recv();
         let code = err_code(&r).to_string();
         let msg = r["error"]["message"].as_str().unwrap();
-        assert!(msg.contains(expect), "{:?}: {msg}", String::from_utf8_lossy(line));
+        assert!(
+            msg.contains(expect),
+            "{:?}: {msg}",
+            String::from_utf8_lossy(line)
+        );
         assert!(code == "bad_request" || code == "not_found", "{code}");
     }
     c.send_raw(b"{\"op\":\"fly\",\"tag\":5}\n");
-    assert_eq!(c.recv()["tag"], json!(5), "the tag is echoed even for an unknown op");
+    assert_eq!(
+        c.recv()["tag"],
+        json!(5),
+        "the tag is echoed even for an unknown op"
+    );
     ok(&c.call(&json!({"op": "status"})));
 }
 
@@ -163,14 +201,19 @@ fn malformed_requests_get_clear_errors_and_the_connection_survives() {
 fn an_oversized_line_closes_only_that_connection() {
     let d = Daemon::start_with(&[]);
     let mut c = d.client();
-    let max = ok(&c.call(&json!({"op": "status"})))["max_request_bytes"].as_u64().unwrap() as usize;
+    let max = ok(&c.call(&json!({"op": "status"})))["max_request_bytes"]
+        .as_u64()
+        .unwrap() as usize;
     let big = vec![b'x'; max + 10];
     // The daemon may close before we finish writing: ignore write errors.
     use std::io::Write;
     let _ = c.stream.write_all(&big);
     let r = c.recv();
     assert_eq!(err_code(&r), "too_large");
-    assert!(c.recv_line().is_none(), "the connection is closed after an oversized line");
+    assert!(
+        c.recv_line().is_none(),
+        "the connection is closed after an oversized line"
+    );
     ok(&d.client().call(&json!({"op": "status"})));
 }
 
@@ -190,10 +233,17 @@ fn a_client_that_disconnects_mid_execution_leaks_nothing() {
     let t = Instant::now();
     loop {
         let r = c.call(&json!({"op": "status"}));
-        if r["executions_running"] == json!(0) && r["connections"] == json!(1) && d.open_fds() <= fds_before {
+        if r["executions_running"] == json!(0)
+            && r["connections"] == json!(1)
+            && d.open_fds() <= fds_before
+        {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "still busy: {r}, fds {} > {fds_before}", d.open_fds());
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "still busy: {r}, fds {} > {fds_before}",
+            d.open_fds()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -207,10 +257,18 @@ fn every_op_through_wasmcorectl() {
     let id = stdout(&o).trim().to_string();
     assert_eq!(id.len(), 36, "load prints the UUID: {id:?}");
     let o = d.ctl(&["execute", "up", "--input", "hello"]);
-    assert_eq!((o.status.code(), o.stdout.as_slice()), (Some(0), &b"HELLO"[..]));
+    assert_eq!(
+        (o.status.code(), o.stdout.as_slice()),
+        (Some(0), &b"HELLO"[..])
+    );
     let o = d.ctl_with(&["execute", &id], Some(b"from stdin"), None);
     assert_eq!(o.stdout, b"FROM STDIN");
-    let o = d.ctl(&["load", plugin_path("transform").to_str().unwrap(), "--name", "slug"]);
+    let o = d.ctl(&[
+        "load",
+        plugin_path("transform").to_str().unwrap(),
+        "--name",
+        "slug",
+    ]);
     assert!(o.status.success());
     let o = d.ctl(&["chain", "slug", "up", "--input", "Hello, World"]);
     assert_eq!(o.stdout, b"HELLO-WORLD");
@@ -235,7 +293,11 @@ fn every_op_through_wasmcorectl() {
     // Documented exit codes, with errors on stderr that say what happened.
     let o = d.ctl(&["execute", "fails"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("plugin_error") && stderr(&o).contains("log: about to fail"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("plugin_error") && stderr(&o).contains("log: about to fail"),
+        "{}",
+        stderr(&o)
+    );
     let o = d.ctl(&["execute", "nope"]);
     assert_eq!(o.status.code(), Some(5));
     assert!(stderr(&o).contains("not_found"), "{}", stderr(&o));
@@ -258,7 +320,11 @@ fn every_op_through_wasmcorectl() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(3));
-    assert!(stderr(&o).contains("is the daemon running"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("is the daemon running"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -271,7 +337,14 @@ fn passed_file_descriptors_are_checked() {
         let mut line = serde_json::to_vec(req).unwrap();
         line.push(b'\n');
         let fds = [fd];
-        sendmsg::<()>(s.as_raw_fd(), &[std::io::IoSlice::new(&line)], &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None).unwrap();
+        sendmsg::<()>(
+            s.as_raw_fd(),
+            &[std::io::IoSlice::new(&line)],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
         let mut r = std::io::BufReader::new(s);
         let mut buf = String::new();
         std::io::BufRead::read_line(&mut r, &mut buf).unwrap();
@@ -282,21 +355,46 @@ fn passed_file_descriptors_are_checked() {
     assert_eq!(ok(&r)["kind"], json!("process"));
     let dir = std::fs::File::open(tmp.path()).unwrap();
     let r = send_fd(&json!({"op": "load", "fd": true}), dir.as_raw_fd());
-    assert!(r["error"]["message"].as_str().unwrap().contains("not a regular file"), "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a regular file"),
+        "{r}"
+    );
     let (a, _b) = UnixStream::pair().unwrap();
     let r = send_fd(&json!({"op": "load", "fd": true}), a.as_raw_fd());
     assert_eq!(err_code(&r), "bad_request");
     let r = send_fd(&json!({"op": "status"}), good.as_raw_fd());
-    assert!(r["error"]["message"].as_str().unwrap().contains("takes none"), "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("takes none"),
+        "{r}"
+    );
     let r = d.client().call(&json!({"op": "load", "fd": true}));
-    assert!(r["error"]["message"].as_str().unwrap().contains("exactly one file descriptor"), "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("exactly one file descriptor"),
+        "{r}"
+    );
     // Too many descriptors in one message.
     {
         use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
         let s = UnixStream::connect(&d.socket).unwrap();
         let fds: Vec<_> = (0..10).map(|_| good.as_raw_fd()).collect();
         let line = b"{\"op\":\"load\",\"fd\":true}\n";
-        sendmsg::<()>(s.as_raw_fd(), &[std::io::IoSlice::new(line)], &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None).unwrap();
+        sendmsg::<()>(
+            s.as_raw_fd(),
+            &[std::io::IoSlice::new(line)],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
         let mut r = std::io::BufReader::new(s);
         let mut buf = String::new();
         std::io::BufRead::read_line(&mut r, &mut buf).unwrap();
@@ -314,7 +412,9 @@ fn load_by_path_is_for_admins() {
     let up = plugin_path("uppercase");
     let r = d.client().call(&json!({"op": "load", "path": up}));
     ok(&r);
-    let r = d.client().call(&json!({"op": "load", "path": "/nonexistent.wasm"}));
+    let r = d
+        .client()
+        .call(&json!({"op": "load", "path": "/nonexistent.wasm"}));
     assert_eq!(err_code(&r), "not_found");
 }
 
@@ -349,7 +449,12 @@ fn a_second_uid_cannot_touch_the_first_ones_binaries() {
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["binaries"], json!([]));
-    for args in [vec!["execute", &root_id, "--input", "x"], vec!["unload", &root_id], vec!["info", &root_id], vec!["execute", "rootbin"]] {
+    for args in [
+        vec!["execute", &root_id, "--input", "x"],
+        vec!["unload", &root_id],
+        vec!["info", &root_id],
+        vec!["execute", "rootbin"],
+    ] {
         let o = as_b(&args);
         assert_eq!(o.status.code(), Some(5), "{args:?}: {}", stderr(&o));
     }
@@ -364,7 +469,11 @@ fn a_second_uid_cannot_touch_the_first_ones_binaries() {
     // Loading by path is refused for a non-admin, and so is loading a public binary.
     let r = raw_as(&d, &user, &json!({"op": "load", "path": m}));
     assert_eq!(err_code(&r), "forbidden", "{r}");
-    let r = raw_as(&d, &user, &json!({"op": "load", "wasm_base64": b64(&std::fs::read(&module).unwrap()), "public": true}));
+    let r = raw_as(
+        &d,
+        &user,
+        &json!({"op": "load", "wasm_base64": b64(&std::fs::read(&module).unwrap()), "public": true}),
+    );
     assert_eq!(err_code(&r), "forbidden", "{r}");
     let o = as_b(&["--json", "status"]);
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -413,7 +522,12 @@ fn dev_mode_binding_is_careful() {
 fn sigterm_stops_cleanly_and_removes_the_socket() {
     let mut d = Daemon::start();
     let socket = d.socket.clone();
-    assert!(std::fs::symlink_metadata(&socket).unwrap().file_type().is_socket());
+    assert!(
+        std::fs::symlink_metadata(&socket)
+            .unwrap()
+            .file_type()
+            .is_socket()
+    );
     let status = d.terminate();
     assert!(status.success(), "{status}");
     assert!(!socket.exists());
@@ -435,10 +549,16 @@ fn a_stale_socket_is_replaced() {
         .unwrap();
     let t = Instant::now();
     while UnixStream::connect(&path).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(20), "daemon did not bind over a stale socket");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "daemon did not bind over a stale socket"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     ok(&Client::connect(&path).call(&json!({"op": "status"})));
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
     assert!(child.wait().unwrap().success());
 }

@@ -72,7 +72,7 @@ impl Default for EngineConfig {
         EngineConfig {
             fuel_metering: true,
             pool_instances: 256,
-            memory_keep_resident: 64 << 10,
+            memory_keep_resident: 2 << 20,
             max_unused_warm_slots: 64,
             max_wasm_stack: 512 << 10,
             epoch_tick: Duration::from_millis(1),
@@ -184,10 +184,10 @@ impl Config {
         if l.max_memory_mb > 4096 {
             return Err("limits.max_memory_mb must be at most 4096 (32-bit linear memory)".into());
         }
-        if let (Some(d), Some(m)) = (l.default_fuel, l.max_fuel) {
-            if d > m {
-                return Err("limits.default_fuel exceeds limits.max_fuel".into());
-            }
+        if let (Some(d), Some(m)) = (l.default_fuel, l.max_fuel)
+            && d > m
+        {
+            return Err("limits.default_fuel exceeds limits.max_fuel".into());
         }
         if (l.default_fuel.is_some() || l.max_fuel.is_some()) && !self.engine.fuel_metering {
             return Err("limits.default_fuel/max_fuel need engine.fuel_metering = true".into());

@@ -1,0 +1,260 @@
+//! Per-execution cost in-process: `uppercase` with an 11-byte input through the executor
+//! (fuel on and off) against bare Wasmtime (pooling allocator, sync call, no limits) in the
+//! same run, and the cost of fuel metering on a CPU-bound guest.
+//!
+//! Run: `cargo bench -p wasmcored --bench exec` (after `make plugins`). Rounds alternate
+//! between the variants and the median round is reported, so background noise hits all
+//! variants alike. Only ratios are meaningful across machines.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use wasmcore_proto::LimitsRequest;
+use wasmcored::Tenant;
+use wasmcored::config::Config;
+use wasmcored::engine::WasmEngine;
+use wasmcored::executor::Executor;
+use wasmcored::registry::{Binary, LoadOptions, Registry};
+use wasmcored::state::{MemoryStateStore, StateStore};
+use wasmtime::{
+    Engine, InstanceAllocationStrategy, Linker, Module, PoolingAllocationConfig, Store,
+};
+
+const INPUT: &[u8] = b"hello world";
+const ROUNDS: usize = 7;
+
+struct Daemonless {
+    registry: Registry,
+    exec: Executor,
+}
+
+fn daemonless(fuel: bool) -> Daemonless {
+    let mut c = Config::default();
+    c.engine.fuel_metering = fuel;
+    let engine = WasmEngine::new(&c.engine, &c.limits).expect("engine");
+    let state: Arc<dyn StateStore> = Arc::new(MemoryStateStore::default());
+    let registry =
+        Registry::new(engine.clone(), c.registry.clone(), state.clone()).expect("registry");
+    let exec = Executor::new(
+        engine,
+        state,
+        c.limits.clone(),
+        c.registry.max_state_bytes,
+        c.registry.max_state_key_bytes,
+    );
+    Daemonless { registry, exec }
+}
+
+fn load(d: &Daemonless, bytes: &[u8]) -> Arc<Binary> {
+    let owner = Tenant::new(1000, 1000, vec![], &[]);
+    let compiled = d.registry.compile(bytes).expect("compile");
+    d.registry
+        .insert(&owner, compiled, LoadOptions::default())
+        .expect("insert")
+}
+
+/// Nanoseconds per execution through the executor.
+fn executor_ns(
+    rt: &tokio::runtime::Runtime,
+    d: &Daemonless,
+    bin: &Binary,
+    input: &[u8],
+    iters: usize,
+) -> f64 {
+    let limits = d
+        .exec
+        .resolve_limits(&LimitsRequest::default())
+        .expect("limits");
+    rt.block_on(async {
+        let t = Instant::now();
+        for _ in 0..iters {
+            let out = d
+                .exec
+                .execute(bin, 1000, input.to_vec(), &limits)
+                .await
+                .expect("execute");
+            std::hint::black_box(out);
+        }
+        t.elapsed().as_nanos() as f64 / iters as f64
+    })
+}
+
+/// The bare embedding: pooling allocator, `InstancePre`, sync calls, output into a Vec.
+struct Bare {
+    engine: Engine,
+    pre: wasmtime::InstancePre<Vec<u8>>,
+}
+
+/// `tuned`: the daemon's memory-reset settings (keep resident + PAGEMAP_SCAN), so the
+/// ratio isolates the executor's own work; otherwise Wasmtime's default pooling settings.
+fn bare(bytes: &[u8], tuned: bool) -> Bare {
+    let mut c = wasmtime::Config::new();
+    let mut pool = PoolingAllocationConfig::default();
+    if tuned {
+        let d = wasmcored::config::EngineConfig::default();
+        pool.linear_memory_keep_resident(d.memory_keep_resident)
+            .table_keep_resident(d.memory_keep_resident)
+            .pagemap_scan(wasmtime::Enabled::Auto);
+    }
+    c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    let engine = Engine::new(&c).expect("engine");
+    let module = Module::new(&engine, bytes).expect("module");
+    let mut linker: Linker<Vec<u8>> = Linker::new(&engine);
+    linker
+        .func_wrap(
+            "host",
+            "output",
+            |mut caller: wasmtime::Caller<'_, Vec<u8>>, ptr: i32, len: i32| {
+                let mem = caller
+                    .get_export("memory")
+                    .and_then(|e| e.into_memory())
+                    .expect("memory");
+                let (data, out) = mem.data_and_store_mut(&mut caller);
+                out.extend_from_slice(&data[ptr as usize..(ptr + len) as usize]);
+            },
+        )
+        .expect("output");
+    // uppercase imports only `output`; anything else would trap if called.
+    linker
+        .define_unknown_imports_as_traps(&module)
+        .expect("stubs");
+    let pre = linker.instantiate_pre(&module).expect("pre");
+    Bare { engine, pre }
+}
+
+fn bare_ns(b: &Bare, input: &[u8], iters: usize) -> f64 {
+    let t = Instant::now();
+    for _ in 0..iters {
+        let mut store = Store::new(&b.engine, Vec::new());
+        let instance = b.pre.instantiate(&mut store).expect("instantiate");
+        let memory = instance.get_memory(&mut store, "memory").expect("memory");
+        let alloc = instance
+            .get_typed_func::<i32, i32>(&mut store, "alloc")
+            .expect("alloc");
+        let process = instance
+            .get_typed_func::<(i32, i32), i32>(&mut store, "process")
+            .expect("process");
+        let ptr = alloc
+            .call(&mut store, input.len() as i32)
+            .expect("alloc call");
+        memory
+            .write(&mut store, ptr as usize, input)
+            .expect("write");
+        let rc = process
+            .call(&mut store, (ptr, input.len() as i32))
+            .expect("process call");
+        assert_eq!(rc, 0);
+        std::hint::black_box(store.into_data());
+    }
+    t.elapsed().as_nanos() as f64 / iters as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let plugin =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist/uppercase.wasm");
+    let bytes = std::fs::read(&plugin)
+        .unwrap_or_else(|e| panic!("{}: {e} (run make plugins first)", plugin.display()));
+    let iters: usize = std::env::var("BENCH_ITERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_000);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    let with_fuel = daemonless(true);
+    let without_fuel = daemonless(false);
+    let bin_fuel = load(&with_fuel, &bytes);
+    let bin_nofuel = load(&without_fuel, &bytes);
+    let b = bare(&bytes, false);
+    let bt = bare(&bytes, true);
+    // Warm up every variant (pool slots, code, caches).
+    bare_ns(&b, INPUT, 1000);
+    bare_ns(&bt, INPUT, 1000);
+    executor_ns(&rt, &with_fuel, &bin_fuel, INPUT, 1000);
+    executor_ns(&rt, &without_fuel, &bin_nofuel, INPUT, 1000);
+
+    let (mut bare_r, mut tuned_r, mut fuel_r, mut nofuel_r) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        bare_r.push(bare_ns(&b, INPUT, iters));
+        tuned_r.push(bare_ns(&bt, INPUT, iters));
+        fuel_r.push(executor_ns(&rt, &with_fuel, &bin_fuel, INPUT, iters));
+        nofuel_r.push(executor_ns(&rt, &without_fuel, &bin_nofuel, INPUT, iters));
+    }
+    let (bare_m, tuned_m) = (median(bare_r), median(tuned_r));
+    let (fuel_m, nofuel_m) = (median(fuel_r), median(nofuel_r));
+    println!(
+        "per-execution cost, uppercase, 11-byte input ({ROUNDS} rounds x {iters}, median round)"
+    );
+    println!(
+        "  bare wasmtime, default pooling       {:>8.2} us",
+        bare_m / 1000.0
+    );
+    println!(
+        "  bare wasmtime, daemon's pool tuning  {:>8.2} us   (baseline)",
+        tuned_m / 1000.0
+    );
+    let row = |what: &str, v: f64| {
+        println!(
+            "  {what:<36} {:>8.2} us   {:.2}x baseline",
+            v / 1000.0,
+            v / tuned_m
+        )
+    };
+    row("executor, fuel metering on", fuel_m);
+    row("executor, fuel metering off", nofuel_m);
+
+    // Fuel on a CPU-bound guest: a countdown loop of 20 million iterations.
+    let spin = wat::parse_file(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/spin.wat"),
+    )
+    .expect("spin.wat");
+    let spin_fuel = load(&with_fuel, &spin);
+    let spin_nofuel = load(&without_fuel, &spin);
+    let n = 20_000_000u32.to_le_bytes();
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        on.push(executor_ns(&rt, &with_fuel, &spin_fuel, &n, 3));
+        off.push(executor_ns(&rt, &without_fuel, &spin_nofuel, &n, 3));
+    }
+    let (on_m, off_m) = (median(on), median(off));
+    println!("CPU-bound guest (20M-iteration loop), median of 5");
+    println!(
+        "  fuel metering off                    {:>8.2} ms",
+        off_m / 1e6
+    );
+    println!(
+        "  fuel metering on                     {:>8.2} ms   {:.2}x",
+        on_m / 1e6,
+        on_m / off_m
+    );
+
+    // A real plugin doing real work: SHA-256 of 1 MiB.
+    let hash = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist/hash.wasm");
+    let hash = std::fs::read(&hash).expect("hash.wasm");
+    let (h_fuel, h_nofuel) = (load(&with_fuel, &hash), load(&without_fuel, &hash));
+    let mib = vec![0x5au8; 1 << 20];
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        on.push(executor_ns(&rt, &with_fuel, &h_fuel, &mib, 10));
+        off.push(executor_ns(&rt, &without_fuel, &h_nofuel, &mib, 10));
+    }
+    let (on_m, off_m) = (median(on), median(off));
+    println!("hash plugin, SHA-256 of 1 MiB, median of 5");
+    println!(
+        "  fuel metering off                    {:>8.2} ms",
+        off_m / 1e6
+    );
+    println!(
+        "  fuel metering on                     {:>8.2} ms   {:.2}x",
+        on_m / 1e6,
+        on_m / off_m
+    );
+}
