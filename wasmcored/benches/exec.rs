@@ -33,15 +33,9 @@ fn daemonless(fuel: bool) -> Daemonless {
     c.engine.fuel_metering = fuel;
     let engine = WasmEngine::new(&c.engine, &c.limits).expect("engine");
     let state: Arc<dyn StateStore> = Arc::new(MemoryStateStore::default());
-    let registry =
-        Registry::new(engine.clone(), c.registry.clone(), state.clone()).expect("registry");
-    let exec = Executor::new(
-        engine,
-        state,
-        c.limits.clone(),
-        c.registry.max_state_bytes,
-        c.registry.max_state_key_bytes,
-    );
+    let live = wasmcored::config::live(c.clone());
+    let registry = Registry::new(engine.clone(), live.clone(), state.clone()).expect("registry");
+    let exec = Executor::new(engine, state, live);
     Daemonless { registry, exec }
 }
 

@@ -1,10 +1,23 @@
-//! Validated daemon settings.
+//! Settings: the TOML file (`/etc/wasm-core/config.toml`, see wasm-core.toml(5)) → validated
+//! [`Config`].
 //!
-//! [`Config`] holds every tunable with the seed's defaults; [`Config::check`] rejects
-//! inconsistent values with a message naming the key. Flags in `main.rs` override it.
+//! The file is parsed into raw structs that refuse unknown keys, then converted: user and
+//! group names are resolved to ids, sizes and durations get their units, and
+//! [`Config::check`] rejects inconsistent values naming the key. Flags in `main.rs` override
+//! the file. On SIGHUP, [`Config::reload_from`] keeps the keys that need a restart and names
+//! them.
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The default path of the config file.
+pub const DEFAULT_PATH: &str = "/etc/wasm-core/config.toml";
+
+/// The admin group used when the file names none.
+pub const DEFAULT_ADMIN_GROUP: &str = "wasm-core-admin";
 
 /// Execution limits: defaults applied when a request names none, and maxima a request may
 /// not exceed.
@@ -13,6 +26,7 @@ pub struct LimitsConfig {
     pub default_timeout_ms: u64,
     pub max_timeout_ms: u64,
     pub default_memory_mb: u64,
+    /// Also sizes the instance pool: a change needs a restart.
     pub max_memory_mb: u64,
     /// Fuel given to an execution that asks for none (`None`: unlimited).
     pub default_fuel: Option<u64>,
@@ -26,7 +40,7 @@ pub struct LimitsConfig {
     pub max_log_bytes: usize,
     /// Most stages in one chain.
     pub max_chain_len: usize,
-    /// Most table elements an instance may have.
+    /// Most table elements an instance may have (sizes the pool: restart).
     pub max_table_elements: usize,
 }
 
@@ -80,15 +94,11 @@ impl Default for EngineConfig {
     }
 }
 
-/// Registry and tenant settings.
+/// Registry settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegistryConfig {
     /// Largest module accepted by `load`.
     pub max_module_bytes: usize,
-    /// Most binaries one owner may hold.
-    pub max_binaries_per_owner: usize,
-    /// Bytes of plugin state (keys + values) per (owner, binary).
-    pub max_state_bytes: u64,
     /// Longest state key.
     pub max_state_key_bytes: usize,
     /// Compilation time bound; a module that takes longer is refused.
@@ -99,12 +109,59 @@ impl Default for RegistryConfig {
     fn default() -> Self {
         RegistryConfig {
             max_module_bytes: 16 << 20,
-            max_binaries_per_owner: 256,
-            max_state_bytes: 1 << 20,
             max_state_key_bytes: 1024,
             max_compile: Duration::from_secs(30),
         }
     }
+}
+
+/// What one tenant may hold and run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// Binaries loaded at once.
+    pub binaries: usize,
+    /// Total size of those binaries' modules.
+    pub module_bytes: u64,
+    /// Executions running at once; beyond it, `busy`.
+    pub concurrent_executions: usize,
+    /// Plugin state (keys + values) per binary.
+    pub state_bytes: u64,
+}
+
+impl Default for Quota {
+    fn default() -> Self {
+        Quota {
+            binaries: 256,
+            module_bytes: 256 << 20,
+            concurrent_executions: 16,
+            state_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Quotas: the default and per-user overrides.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QuotaConfig {
+    pub default: Quota,
+    pub users: HashMap<u32, Quota>,
+}
+
+impl QuotaConfig {
+    /// The quota of `uid`.
+    pub fn for_uid(&self, uid: u32) -> Quota {
+        self.users.get(&uid).copied().unwrap_or(self.default)
+    }
+}
+
+/// Who may connect, and who is an admin.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccessConfig {
+    /// Groups whose members are admins (root always is).
+    pub admin_gids: Vec<u32>,
+    /// `Some`: only these users (and admins, and members of `allow_gids`) may connect.
+    pub allow_uids: Option<Vec<u32>>,
+    /// `Some`: only members of these groups (and admins, and `allow_uids`) may connect.
+    pub allow_gids: Option<Vec<u32>>,
 }
 
 /// Server settings.
@@ -118,10 +175,11 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// A connection with no request for this long is closed.
     pub idle_timeout: Duration,
-    /// Groups whose members are admins (root always is).
-    pub admin_gids: Vec<u32>,
     /// How long in-flight requests may run after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Exit after this long with no connection (socket activation starts us again).
+    pub exit_idle_after: Option<Duration>,
+    pub log_level: log::LevelFilter,
 }
 
 impl Default for ServerConfig {
@@ -131,23 +189,83 @@ impl Default for ServerConfig {
             max_request_bytes: wasmcore_proto::DEFAULT_MAX_LINE,
             max_connections: 1024,
             idle_timeout: Duration::from_secs(300),
-            admin_gids: Vec::new(),
             shutdown_grace: Duration::from_secs(10),
+            exit_idle_after: None,
+            log_level: log::LevelFilter::Info,
         }
     }
 }
 
+/// The running configuration, swapped whole on reload; readers take a snapshot per use.
+pub type Live = std::sync::Arc<arc_swap::ArcSwap<Config>>;
+
+/// A [`Live`] handle holding `c`.
+pub fn live(c: Config) -> Live {
+    std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(c))
+}
+
 /// All settings of a daemon.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub state_dir: PathBuf,
     pub limits: LimitsConfig,
     pub engine: EngineConfig,
     pub registry: RegistryConfig,
+    pub quotas: QuotaConfig,
+    pub access: AccessConfig,
     pub server: ServerConfig,
 }
 
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            state_dir: default_state_dir(),
+            limits: LimitsConfig::default(),
+            engine: EngineConfig::default(),
+            registry: RegistryConfig::default(),
+            quotas: QuotaConfig::default(),
+            access: AccessConfig {
+                admin_gids: group_ids(&[NameOrId::Name(DEFAULT_ADMIN_GROUP.into())], true)
+                    .unwrap_or_default(),
+                ..AccessConfig::default()
+            },
+            server: ServerConfig::default(),
+        }
+    }
+}
+
+/// `$STATE_DIRECTORY` when systemd sets it, else /var/lib/wasm-core.
+fn default_state_dir() -> PathBuf {
+    std::env::var_os("STATE_DIRECTORY")
+        .map(|v| {
+            // systemd may pass several, colon-separated: ours is the first.
+            let s = v.to_string_lossy().into_owned();
+            PathBuf::from(s.split(':').next().unwrap_or_default())
+        })
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| PathBuf::from("/var/lib/wasm-core"))
+}
+
 impl Config {
+    /// Read `path`. A missing file is an error unless `missing_ok` (the default path).
+    pub fn load(path: &Path, missing_ok: bool) -> Result<Config, String> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::from_toml(&text).map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && missing_ok => {
+                Ok(Config::default())
+            }
+            Err(e) => Err(format!("reading {}: {e}", path.display())),
+        }
+    }
+
+    /// Parse and validate a config file's text.
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        let c = raw.into_config()?;
+        c.check()?;
+        Ok(c)
+    }
+
     /// Reject inconsistent settings, naming the offending key.
     pub fn check(&self) -> Result<(), String> {
         let l = &self.limits;
@@ -169,11 +287,23 @@ impl Config {
                 self.server.max_request_bytes as u64,
             ),
             ("server.max_connections", self.server.max_connections as u64),
+            (
+                "quotas.concurrent_executions",
+                self.quotas.default.concurrent_executions as u64,
+            ),
         ];
         for (key, v) in nonzero {
             if v == 0 {
                 return Err(format!("{key} must be greater than 0"));
             }
+        }
+        if self
+            .quotas
+            .users
+            .values()
+            .any(|q| q.concurrent_executions == 0)
+        {
+            return Err("quotas.users.*.concurrent_executions must be greater than 0".into());
         }
         if l.default_timeout_ms > l.max_timeout_ms {
             return Err("limits.default_timeout_ms exceeds limits.max_timeout_ms".into());
@@ -208,6 +338,290 @@ impl Config {
         }
         Ok(())
     }
+
+    /// The config to run after a reload to `new`: keys that cannot change while running keep
+    /// their current value. Returns it with the names of the keys that need a restart.
+    pub fn reload_from(&self, mut new: Config) -> (Config, Vec<&'static str>) {
+        let mut restart = Vec::new();
+        macro_rules! keep {
+            ($($field:ident).+, $name:literal) => {
+                if new.$($field).+ != self.$($field).+ {
+                    restart.push($name);
+                    new.$($field).+ = self.$($field).+.clone();
+                }
+            };
+        }
+        keep!(state_dir, "server.state_dir");
+        keep!(server.listen, "server.listen");
+        keep!(server.max_connections, "server.max_connections");
+        keep!(engine, "engine.*");
+        keep!(limits.max_memory_mb, "limits.max_memory_mb");
+        keep!(limits.max_table_elements, "limits.max_table_elements");
+        // Keep the defaults consistent with a kept maximum.
+        if new.limits.default_memory_mb > new.limits.max_memory_mb {
+            new.limits.default_memory_mb = new.limits.max_memory_mb;
+        }
+        (new, restart)
+    }
+}
+
+/// A user or group given by name or by numeric id.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+enum NameOrId {
+    Id(u32),
+    Name(String),
+}
+
+fn group_ids(names: &[NameOrId], quiet: bool) -> Result<Vec<u32>, String> {
+    let mut out = Vec::new();
+    for n in names {
+        match n {
+            NameOrId::Id(id) => out.push(*id),
+            NameOrId::Name(name) => match nix::unistd::Group::from_name(name) {
+                Ok(Some(g)) => out.push(g.gid.as_raw()),
+                // A group that does not exist yet has no members: nobody gains anything.
+                Ok(None) if quiet => {}
+                Ok(None) => log::warn!("config: group {name:?} does not exist; ignored"),
+                Err(e) => return Err(format!("looking up group {name:?}: {e}")),
+            },
+        }
+    }
+    Ok(out)
+}
+
+fn user_id(n: &str) -> Result<Option<u32>, String> {
+    if let Ok(id) = n.parse::<u32>() {
+        return Ok(Some(id));
+    }
+    match nix::unistd::User::from_name(n) {
+        Ok(Some(u)) => Ok(Some(u.uid.as_raw())),
+        Ok(None) => {
+            log::warn!("config: user {n:?} does not exist; ignored");
+            Ok(None)
+        }
+        Err(e) => Err(format!("looking up user {n:?}: {e}")),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    access: RawAccess,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    engine: RawEngine,
+    #[serde(default)]
+    registry: RawRegistry,
+    #[serde(default)]
+    quotas: RawQuotas,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<Vec<PathBuf>>,
+    state_dir: Option<PathBuf>,
+    max_connections: Option<usize>,
+    max_request_bytes: Option<usize>,
+    idle_timeout_s: Option<u64>,
+    shutdown_grace_s: Option<u64>,
+    exit_idle_after_s: Option<u64>,
+    log_level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccess {
+    admin_groups: Option<Vec<NameOrId>>,
+    allow_users: Option<Vec<NameOrId>>,
+    allow_groups: Option<Vec<NameOrId>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    default_timeout_ms: Option<u64>,
+    max_timeout_ms: Option<u64>,
+    default_memory_mb: Option<u64>,
+    max_memory_mb: Option<u64>,
+    default_fuel: Option<u64>,
+    max_fuel: Option<u64>,
+    max_output_bytes: Option<usize>,
+    max_input_bytes: Option<usize>,
+    max_log_bytes: Option<usize>,
+    max_chain_len: Option<usize>,
+    max_table_elements: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEngine {
+    fuel_metering: Option<bool>,
+    pool_instances: Option<u32>,
+    memory_keep_resident: Option<usize>,
+    max_unused_warm_slots: Option<u32>,
+    max_wasm_stack: Option<usize>,
+    epoch_tick_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    max_module_bytes: Option<usize>,
+    max_state_key_bytes: Option<usize>,
+    max_compile_s: Option<u64>,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuota {
+    binaries: Option<usize>,
+    module_bytes: Option<u64>,
+    concurrent_executions: Option<usize>,
+    state_bytes: Option<u64>,
+}
+
+impl RawQuota {
+    fn over(self, base: Quota) -> Quota {
+        Quota {
+            binaries: self.binaries.unwrap_or(base.binaries),
+            module_bytes: self.module_bytes.unwrap_or(base.module_bytes),
+            concurrent_executions: self
+                .concurrent_executions
+                .unwrap_or(base.concurrent_executions),
+            state_bytes: self.state_bytes.unwrap_or(base.state_bytes),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuotas {
+    binaries: Option<usize>,
+    module_bytes: Option<u64>,
+    concurrent_executions: Option<usize>,
+    state_bytes: Option<u64>,
+    #[serde(default)]
+    users: HashMap<String, RawQuota>,
+}
+
+impl RawConfig {
+    fn into_config(self) -> Result<Config, String> {
+        let d = Config::default();
+        let s = self.server;
+        let log_level = match s.log_level {
+            None => d.server.log_level,
+            Some(l) => l.parse().map_err(|_| {
+                format!(
+                    "server.log_level: {l:?} is not one of off, error, warn, info, debug, trace"
+                )
+            })?,
+        };
+        let server = ServerConfig {
+            listen: s.listen.unwrap_or(d.server.listen),
+            max_request_bytes: s.max_request_bytes.unwrap_or(d.server.max_request_bytes),
+            max_connections: s.max_connections.unwrap_or(d.server.max_connections),
+            idle_timeout: s
+                .idle_timeout_s
+                .map_or(d.server.idle_timeout, Duration::from_secs),
+            shutdown_grace: s
+                .shutdown_grace_s
+                .map_or(d.server.shutdown_grace, Duration::from_secs),
+            exit_idle_after: s
+                .exit_idle_after_s
+                .filter(|v| *v > 0)
+                .map(Duration::from_secs),
+            log_level,
+        };
+        let a = self.access;
+        let access = AccessConfig {
+            admin_gids: match a.admin_groups {
+                Some(g) => group_ids(&g, false)?,
+                None => d.access.admin_gids,
+            },
+            allow_uids: match a.allow_users {
+                None => None,
+                Some(list) => {
+                    let mut ids = Vec::new();
+                    for n in list {
+                        let id = match n {
+                            NameOrId::Id(id) => Some(id),
+                            NameOrId::Name(name) => user_id(&name)?,
+                        };
+                        ids.extend(id);
+                    }
+                    Some(ids)
+                }
+            },
+            allow_gids: a.allow_groups.map(|g| group_ids(&g, false)).transpose()?,
+        };
+        let l = self.limits;
+        let dl = d.limits;
+        let limits = LimitsConfig {
+            default_timeout_ms: l.default_timeout_ms.unwrap_or(dl.default_timeout_ms),
+            max_timeout_ms: l.max_timeout_ms.unwrap_or(dl.max_timeout_ms),
+            default_memory_mb: l.default_memory_mb.unwrap_or(dl.default_memory_mb),
+            max_memory_mb: l.max_memory_mb.unwrap_or(dl.max_memory_mb),
+            default_fuel: l.default_fuel.or(dl.default_fuel),
+            max_fuel: l.max_fuel.or(dl.max_fuel),
+            max_output_bytes: l.max_output_bytes.unwrap_or(dl.max_output_bytes),
+            max_input_bytes: l.max_input_bytes.unwrap_or(dl.max_input_bytes),
+            max_log_bytes: l.max_log_bytes.unwrap_or(dl.max_log_bytes),
+            max_chain_len: l.max_chain_len.unwrap_or(dl.max_chain_len),
+            max_table_elements: l.max_table_elements.unwrap_or(dl.max_table_elements),
+        };
+        let e = self.engine;
+        let de = d.engine;
+        let engine = EngineConfig {
+            fuel_metering: e.fuel_metering.unwrap_or(de.fuel_metering),
+            pool_instances: e.pool_instances.unwrap_or(de.pool_instances),
+            memory_keep_resident: e.memory_keep_resident.unwrap_or(de.memory_keep_resident),
+            max_unused_warm_slots: e.max_unused_warm_slots.unwrap_or(de.max_unused_warm_slots),
+            max_wasm_stack: e.max_wasm_stack.unwrap_or(de.max_wasm_stack),
+            epoch_tick: e.epoch_tick_ms.map_or(de.epoch_tick, Duration::from_millis),
+        };
+        let r = self.registry;
+        let registry = RegistryConfig {
+            max_module_bytes: r.max_module_bytes.unwrap_or(d.registry.max_module_bytes),
+            max_state_key_bytes: r
+                .max_state_key_bytes
+                .unwrap_or(d.registry.max_state_key_bytes),
+            max_compile: r
+                .max_compile_s
+                .map_or(d.registry.max_compile, Duration::from_secs),
+        };
+        let q = &self.quotas;
+        let default_quota = RawQuota {
+            binaries: q.binaries,
+            module_bytes: q.module_bytes,
+            concurrent_executions: q.concurrent_executions,
+            state_bytes: q.state_bytes,
+        }
+        .over(d.quotas.default);
+        let mut users = HashMap::new();
+        for (name, q) in self.quotas.users {
+            if let Some(uid) = user_id(&name)? {
+                users.insert(uid, q.over(default_quota));
+            }
+        }
+        Ok(Config {
+            state_dir: s.state_dir.unwrap_or(d.state_dir),
+            limits,
+            engine,
+            registry,
+            quotas: QuotaConfig {
+                default: default_quota,
+                users,
+            },
+            access,
+            server,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -220,6 +634,7 @@ mod tests {
         c.check().unwrap();
         assert_eq!(c.limits.default_timeout_ms, 5000);
         assert_eq!(c.limits.default_memory_mb, 64);
+        assert_eq!(Config::from_toml("").unwrap(), c);
     }
 
     #[test]
@@ -234,5 +649,87 @@ mod tests {
         c.engine.fuel_metering = false;
         c.limits.max_fuel = Some(5);
         assert!(c.check().unwrap_err().contains("fuel_metering"));
+    }
+
+    #[test]
+    fn every_section_parses_and_unknown_keys_are_errors() {
+        let c = Config::from_toml(
+            r#"
+            [server]
+            listen = ["/run/x.sock"]
+            state_dir = "/tmp/s"
+            idle_timeout_s = 7
+            exit_idle_after_s = 30
+            log_level = "debug"
+            [access]
+            admin_groups = [0]
+            allow_users = ["root", 4242]
+            [limits]
+            default_timeout_ms = 100
+            max_fuel = 1000
+            [engine]
+            pool_instances = 8
+            [registry]
+            max_module_bytes = 1000
+            [quotas]
+            binaries = 3
+            [quotas.users.root]
+            concurrent_executions = 99
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.server.listen, vec![PathBuf::from("/run/x.sock")]);
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(7));
+        assert_eq!(c.server.exit_idle_after, Some(Duration::from_secs(30)));
+        assert_eq!(c.server.log_level, log::LevelFilter::Debug);
+        assert_eq!(c.access.admin_gids, vec![0]);
+        assert_eq!(c.access.allow_uids, Some(vec![0, 4242]));
+        assert_eq!(c.limits.default_timeout_ms, 100);
+        assert_eq!(c.limits.max_fuel, Some(1000));
+        assert_eq!(c.engine.pool_instances, 8);
+        assert_eq!(c.registry.max_module_bytes, 1000);
+        assert_eq!(c.quotas.for_uid(0).concurrent_executions, 99);
+        assert_eq!(
+            c.quotas.for_uid(0).binaries,
+            3,
+            "overrides inherit the default quota"
+        );
+        assert_eq!(c.quotas.for_uid(1).binaries, 3);
+
+        let e = Config::from_toml("[limits]\ndefault_timout_ms = 5\n").unwrap_err();
+        assert!(e.contains("default_timout_ms"), "{e}");
+        let e = Config::from_toml("[limts]\n").unwrap_err();
+        assert!(e.contains("limts"), "{e}");
+        let e = Config::from_toml("[quotas]\nbinaries = 1\nbogus = 2\n").unwrap_err();
+        assert!(e.contains("bogus"), "{e}");
+        let e = Config::from_toml("[quotas.users.root]\nbogus = 2\n").unwrap_err();
+        assert!(e.contains("bogus"), "{e}");
+        let e = Config::from_toml("[server]\nlog_level = \"loud\"\n").unwrap_err();
+        assert!(e.contains("log_level"), "{e}");
+        let e = Config::from_toml("[limits]\ndefault_memory_mb = 300\n").unwrap_err();
+        assert!(e.contains("default_memory_mb"), "{e}");
+    }
+
+    #[test]
+    fn reload_keeps_restart_only_keys_and_names_them() {
+        let old = Config::default();
+        let mut new = Config::from_toml("[limits]\ndefault_timeout_ms = 100\nmax_memory_mb = 512\n[engine]\npool_instances = 8\n").unwrap();
+        new.server.listen = vec![PathBuf::from("/elsewhere.sock")];
+        let (applied, restart) = old.reload_from(new);
+        assert_eq!(applied.limits.default_timeout_ms, 100);
+        assert_eq!(applied.limits.max_memory_mb, old.limits.max_memory_mb);
+        assert_eq!(applied.engine, old.engine);
+        assert_eq!(applied.server.listen, old.server.listen);
+        assert_eq!(
+            restart,
+            vec!["server.listen", "engine.*", "limits.max_memory_mb"]
+        );
+    }
+
+    #[test]
+    fn a_missing_default_file_means_defaults_but_a_named_one_is_required() {
+        let p = Path::new("/nonexistent/wasm-core.toml");
+        assert_eq!(Config::load(p, true).unwrap(), Config::default());
+        assert!(Config::load(p, false).unwrap_err().contains("/nonexistent"));
     }
 }

@@ -38,13 +38,15 @@ pub async fn serve(
     tenant: Tenant,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let cfg = daemon.config();
     let mut conn = Connection {
-        lines: LineBuffer::new(daemon.config.server.max_request_bytes),
+        lines: LineBuffer::new(cfg.server.max_request_bytes),
         out: Vec::with_capacity(4096),
         passed: VecDeque::new(),
         stream,
     };
-    let idle = daemon.config.server.idle_timeout;
+    let idle = cfg.server.idle_timeout;
+    drop(cfg);
     loop {
         // Answer every complete request already buffered.
         loop {

@@ -20,7 +20,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 
 use crate::abi::{HostTrap, guest_range};
-use crate::config::LimitsConfig;
+use crate::config::{LimitsConfig, Live};
 use crate::engine::WasmEngine;
 use crate::error::{Error, ExecFailure, Result};
 use crate::registry::Binary;
@@ -228,30 +228,21 @@ struct WasiPipes {
 pub struct Executor {
     engine: Arc<WasmEngine>,
     state: Arc<dyn StateStore>,
-    limits: LimitsConfig,
-    max_state_bytes: u64,
-    max_key: usize,
+    live: Live,
 }
 
 impl Executor {
-    pub fn new(
-        engine: Arc<WasmEngine>,
-        state: Arc<dyn StateStore>,
-        limits: LimitsConfig,
-        max_state_bytes: u64,
-        max_key: usize,
-    ) -> Self {
+    pub fn new(engine: Arc<WasmEngine>, state: Arc<dyn StateStore>, live: Live) -> Self {
         Executor {
             engine,
             state,
-            limits,
-            max_state_bytes,
-            max_key,
+            live,
         }
     }
 
-    pub fn limits_config(&self) -> &LimitsConfig {
-        &self.limits
+    /// The limits in force now.
+    pub fn limits_config(&self) -> LimitsConfig {
+        self.live.load().limits.clone()
     }
 
     pub fn engine(&self) -> &Arc<WasmEngine> {
@@ -260,16 +251,16 @@ impl Executor {
 
     /// Resolve a request's limits against this executor's configuration.
     pub fn resolve_limits(&self, req: &LimitsRequest) -> Result<ExecLimits> {
-        ExecLimits::resolve(req, &self.limits, self.engine.fuel_metering())
+        ExecLimits::resolve(req, &self.live.load().limits, self.engine.fuel_metering())
     }
 
     /// Check an input against the input cap.
     pub fn check_input(&self, input: &[u8]) -> Result<()> {
-        if input.len() > self.limits.max_input_bytes {
+        let max = self.live.load().limits.max_input_bytes;
+        if input.len() > max {
             return Err(Error::TooLarge(format!(
-                "input of {} bytes exceeds the limit of {}",
-                input.len(),
-                self.limits.max_input_bytes
+                "input of {} bytes exceeds the limit of {max}",
+                input.len()
             )));
         }
         Ok(())
@@ -343,26 +334,33 @@ impl Executor {
             owner: tenant_uid,
             binary: bin.id,
         };
+        // A snapshot for the whole run: a reload mid-execution does not change its limits.
+        let cfg = self.live.load_full();
+        let lim = &cfg.limits;
         let mut ctx = ExecCtx {
             limiter: Limiter {
                 max_memory: limits.memory_bytes,
-                max_table: self.limits.max_table_elements,
+                max_table: lim.max_table_elements,
                 peak: 0,
                 memory_refused: false,
             },
             memory: None,
             alloc: None,
             output: Vec::new(),
-            output_cap: self.limits.max_output_bytes,
-            logs: Logs::new(self.limits.max_log_bytes),
-            state: StateTxn::new(self.state.clone(), ns, self.max_state_bytes),
-            max_key: self.max_key,
+            output_cap: lim.max_output_bytes,
+            logs: Logs::new(lim.max_log_bytes),
+            state: StateTxn::new(
+                self.state.clone(),
+                ns,
+                cfg.quotas.for_uid(tenant_uid).state_bytes,
+            ),
+            max_key: cfg.registry.max_state_key_bytes,
             deadline,
             wasi: None,
         };
         let (input, pipes) = if bin.needs_wasi {
-            let stdout = MemoryOutputPipe::new(self.limits.max_output_bytes + 1);
-            let stderr = MemoryOutputPipe::new(self.limits.max_log_bytes);
+            let stdout = MemoryOutputPipe::new(lim.max_output_bytes + 1);
+            let stderr = MemoryOutputPipe::new(lim.max_log_bytes);
             let mut b = wasmtime_wasi::WasiCtxBuilder::new();
             // A WASI command reads its input from stdin; a process-mode module that happens
             // to import WASI gets its input through `alloc` and an empty stdin.
@@ -440,9 +438,9 @@ impl Executor {
         let output = match &pipes {
             Some(p) if bin.kind == ModuleKind::Wasi => {
                 let out = p.stdout.contents();
-                if out.len() > self.limits.max_output_bytes {
+                if out.len() > lim.max_output_bytes {
                     let failure = ExecFailure::OutputTooLarge {
-                        cap: self.limits.max_output_bytes,
+                        cap: lim.max_output_bytes,
                     };
                     return Err(Error::exec(failure, ctx.logs.finish()));
                 }

@@ -15,6 +15,7 @@
 //! - [`systemd`]: listeners and readiness notification.
 
 pub mod abi;
+pub mod cli;
 pub mod cmd;
 pub mod config;
 pub mod connection;
@@ -31,5 +32,5 @@ pub mod tenant;
 
 pub use config::Config;
 pub use error::{Error, Result};
-pub use server::{Daemon, run};
+pub use server::{Daemon, Stopped, run};
 pub use tenant::Tenant;

@@ -16,7 +16,7 @@ use uuid::Uuid;
 use wasmcore_proto::{BinaryInfo, ExternInfo, ModuleKind};
 use wasmtime::{ExternType, InstancePre, Linker, Module, ModuleExport};
 
-use crate::config::RegistryConfig;
+use crate::config::Live;
 use crate::engine::WasmEngine;
 use crate::error::{Error, Result};
 use crate::executor::ExecCtx;
@@ -169,7 +169,7 @@ pub enum Access {
 pub struct Registry {
     engine: Arc<WasmEngine>,
     linker: Linker<ExecCtx>,
-    cfg: RegistryConfig,
+    live: Live,
     state: Arc<dyn StateStore>,
     /// Lock-free reads on the execute path; an entry is never held across `.await`.
     binaries: DashMap<Uuid, Arc<Binary>>,
@@ -177,8 +177,9 @@ pub struct Registry {
     names: DashMap<(u32, String), Uuid>,
     /// Public binaries by name, so tenants can run an admin's public binary by name.
     public_names: DashMap<String, Uuid>,
-    /// Binaries per owner; updated under the entry lock so the cap cannot be raced.
-    per_owner: DashMap<u32, usize>,
+    /// (binaries, module bytes) per owner; updated under the entry lock so the quota cannot
+    /// be raced.
+    per_owner: DashMap<u32, (usize, u64)>,
     seq: AtomicU64,
 }
 
@@ -193,7 +194,7 @@ impl std::fmt::Debug for Registry {
 impl Registry {
     pub fn new(
         engine: Arc<WasmEngine>,
-        cfg: RegistryConfig,
+        live: Live,
         state: Arc<dyn StateStore>,
     ) -> anyhow::Result<Self> {
         let mut linker = Linker::new(engine.engine());
@@ -208,7 +209,7 @@ impl Registry {
         Ok(Registry {
             engine,
             linker,
-            cfg,
+            live,
             state,
             binaries: DashMap::new(),
             names: DashMap::new(),
@@ -216,10 +217,6 @@ impl Registry {
             per_owner: DashMap::new(),
             seq: AtomicU64::new(0),
         })
-    }
-
-    pub fn config(&self) -> &RegistryConfig {
-        &self.cfg
     }
 
     pub fn len(&self) -> usize {
@@ -236,10 +233,10 @@ impl Registry {
 
     /// Check the module size cap before any work is done.
     pub fn check_size(&self, size: usize) -> Result<()> {
-        if size > self.cfg.max_module_bytes {
+        let max = self.live.load().registry.max_module_bytes;
+        if size > max {
             return Err(Error::TooLarge(format!(
-                "module of {size} bytes exceeds the limit of {} bytes",
-                self.cfg.max_module_bytes
+                "module of {size} bytes exceeds the limit of {max} bytes"
             )));
         }
         Ok(())
@@ -291,11 +288,30 @@ impl Registry {
         if let Some(name) = &opts.name {
             validate_name(name)?;
         }
-        let id = Uuid::new_v4();
-        let bin = Arc::new(Binary {
-            id,
-            name: opts.name.clone(),
-            owner: owner.uid,
+        let bin = Arc::new(self.make_binary(owner.uid, compiled, opts));
+        self.reserve_slot(owner.uid, bin.size)?;
+        if let Err(e) = self.reserve_names(&bin) {
+            self.release_slot(owner.uid, bin.size);
+            return Err(e);
+        }
+        self.binaries.insert(bin.id, bin.clone());
+        Ok(bin)
+    }
+
+    /// A binary that is not registered: nobody can look it up (the watchdog's probe).
+    pub fn detached(&self, owner: u32, compiled: Compiled) -> Result<Arc<Binary>> {
+        Ok(Arc::new(self.make_binary(
+            owner,
+            compiled,
+            LoadOptions::default(),
+        )))
+    }
+
+    fn make_binary(&self, owner: u32, compiled: Compiled, opts: LoadOptions) -> Binary {
+        Binary {
+            id: Uuid::new_v4(),
+            name: opts.name,
+            owner,
             sha256: compiled.sha256,
             size: compiled.size,
             kind: compiled.kind,
@@ -309,33 +325,37 @@ impl Registry {
             module: compiled.module,
             pre: compiled.pre,
             exports: compiled.exports,
-        });
-        self.reserve_slot(owner.uid)?;
-        if let Err(e) = self.reserve_names(&bin) {
-            self.release_slot(owner.uid);
-            return Err(e);
         }
-        self.binaries.insert(id, bin.clone());
-        Ok(bin)
     }
 
-    fn reserve_slot(&self, uid: u32) -> Result<()> {
-        let mut n = self.per_owner.entry(uid).or_insert(0);
-        if *n >= self.cfg.max_binaries_per_owner {
+    fn reserve_slot(&self, uid: u32, size: u64) -> Result<()> {
+        let quota = self.live.load().quotas.for_uid(uid);
+        let mut held = self.per_owner.entry(uid).or_insert((0, 0));
+        let (n, bytes) = *held;
+        if n >= quota.binaries {
             return Err(Error::QuotaExceeded(format!(
-                "you already have {} binaries loaded, the limit is {}; unload one first",
-                *n, self.cfg.max_binaries_per_owner
+                "you already have {n} binaries loaded, your quota is {}; unload one first",
+                quota.binaries
             )));
         }
-        *n += 1;
+        if bytes + size > quota.module_bytes {
+            return Err(Error::QuotaExceeded(format!(
+                "your binaries would use {} bytes of modules, your quota is {}; unload one first",
+                bytes + size,
+                quota.module_bytes
+            )));
+        }
+        *held = (n + 1, bytes + size);
         Ok(())
     }
 
-    fn release_slot(&self, uid: u32) {
+    fn release_slot(&self, uid: u32, size: u64) {
         if let Entry::Occupied(mut e) = self.per_owner.entry(uid) {
-            *e.get_mut() -= 1;
-            if *e.get() == 0 {
+            let (n, bytes) = *e.get();
+            if n <= 1 {
                 e.remove();
+            } else {
+                *e.get_mut() = (n - 1, bytes.saturating_sub(size));
             }
         }
     }
@@ -436,7 +456,7 @@ impl Registry {
                 self.public_names.remove(name);
             }
         }
-        self.release_slot(bin.owner);
+        self.release_slot(bin.owner, bin.size);
         // State belongs to the binary: every tenant's namespace for it goes.
         self.state.remove_binary(bin.id);
         Ok(bin)

@@ -1,72 +1,213 @@
-//! The service: shared daemon state, the accept loops, and the shutdown sequence.
+//! The service: shared daemon state, the accept loops, and the life cycle (ready, status,
+//! watchdog, reload, idle exit, shutdown).
 //!
 //! One shutdown mechanism: a `watch` channel raced in every accept loop and every idle
 //! connection. On SIGTERM/SIGINT the daemon tells systemd STOPPING=1, stops accepting, lets
 //! in-flight requests finish within `shutdown_grace`, and returns; a second signal exits at
-//! once.
+//! once. SIGHUP reloads the config file: what can change live changes, the rest is named in
+//! the log, and an invalid file keeps the running config.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
 use tokio::net::UnixListener;
 use tokio::sync::{Semaphore, watch};
-use wasmcore_proto::{ErrorBody, ErrorCode, Response, encode_line};
+use wasmcore_proto::{ErrorBody, ErrorCode, LimitsRequest, Response, encode_line};
 
 use crate::cmd::Reply;
-use crate::config::Config;
+use crate::config::{self, Config, Live};
 use crate::engine::WasmEngine;
 use crate::error::Error;
 use crate::executor::Executor;
-use crate::registry::Registry;
+use crate::registry::{Binary, Registry};
 use crate::state::{MemoryStateStore, StateStore};
 use crate::systemd::{self, Listener};
 use crate::tenant::Tenant;
 
+/// Re-reads the config (file plus command-line overrides) on SIGHUP.
+pub type ConfigLoader = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
+
 /// Shared state of a running daemon.
-#[derive(Debug)]
 pub struct Daemon {
-    pub config: Config,
+    live: Live,
     pub registry: Registry,
     pub executor: Executor,
     pub started: Instant,
     /// Connections open now.
     pub connections: AtomicU64,
-    /// Executions finished or failed since start.
+    /// Executions started since start.
     pub executions: AtomicU64,
+    /// Executions running per tenant (the concurrency quota); entry-locked updates.
+    running: DashMap<u32, usize>,
+    /// Milliseconds since start of the last connection opened or closed (idle exit).
+    last_activity_ms: AtomicU64,
     /// Execution failures logged in the current rate-limit window, and the window's start.
     failure_log: std::sync::Mutex<(Instant, u32)>,
+    /// A minimal module run by the watchdog to prove the executor works.
+    probe: Arc<Binary>,
+    loader: Option<ConfigLoader>,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Failure lines logged per window; the rest are counted and summarised.
 const FAILURE_LOG_BURST: u32 = 20;
 const FAILURE_LOG_WINDOW: Duration = Duration::from_secs(60);
 
+const PROBE_WAT: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "alloc") (param i32) (result i32) (i32.const 0))
+  (func (export "process") (param i32 i32) (result i32) (i32.const 0)))"#;
+
+/// A running execution of one tenant; frees its slot on drop.
+#[derive(Debug)]
+pub struct ExecSlot<'a> {
+    daemon: &'a Daemon,
+    uid: u32,
+}
+
+impl Drop for ExecSlot<'_> {
+    fn drop(&mut self) {
+        if let Entry::Occupied(mut e) = self.daemon.running.entry(self.uid) {
+            if *e.get() <= 1 {
+                e.remove();
+            } else {
+                *e.get_mut() -= 1;
+            }
+        }
+    }
+}
+
 impl Daemon {
-    /// Build the engine, registry and executor for `config`.
-    pub fn new(config: Config) -> anyhow::Result<Arc<Daemon>> {
+    /// Build the engine, registry and executor for `config`. `loader` re-reads the config
+    /// on SIGHUP (`None`: reload keeps the running config).
+    pub fn new(config: Config, loader: Option<ConfigLoader>) -> anyhow::Result<Arc<Daemon>> {
         config
             .check()
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         let engine = WasmEngine::new(&config.engine, &config.limits)?;
+        let live = config::live(config);
         let state: Arc<dyn StateStore> = Arc::new(MemoryStateStore::default());
-        let registry = Registry::new(engine.clone(), config.registry.clone(), state.clone())?;
-        let executor = Executor::new(
-            engine,
-            state,
-            config.limits.clone(),
-            config.registry.max_state_bytes,
-            config.registry.max_state_key_bytes,
-        );
+        let registry = Registry::new(engine.clone(), live.clone(), state.clone())?;
+        let executor = Executor::new(engine, state, live.clone());
+        let probe_bytes =
+            wat::parse_str(PROBE_WAT).map_err(|e| anyhow::anyhow!("watchdog probe: {e}"))?;
+        let probe = registry
+            .compile(&probe_bytes)
+            .and_then(|c| registry.detached(0, c))
+            .map_err(|e| anyhow::anyhow!("compiling the watchdog probe: {e}"))?;
         Ok(Arc::new(Daemon {
-            config,
+            live,
             registry,
             executor,
             started: Instant::now(),
             connections: AtomicU64::new(0),
             executions: AtomicU64::new(0),
+            running: DashMap::new(),
+            last_activity_ms: AtomicU64::new(0),
             failure_log: std::sync::Mutex::new((Instant::now(), 0)),
+            probe,
+            loader,
         }))
+    }
+
+    /// The configuration in force now.
+    pub fn config(&self) -> Arc<Config> {
+        self.live.load_full()
+    }
+
+    /// Take one of `tenant`'s execution slots, or `busy` at once when all are in use.
+    pub fn admit(&self, tenant: &Tenant) -> Result<ExecSlot<'_>, Error> {
+        let cap = self
+            .live
+            .load()
+            .quotas
+            .for_uid(tenant.uid)
+            .concurrent_executions;
+        let mut n = self.running.entry(tenant.uid).or_insert(0);
+        if *n >= cap {
+            return Err(Error::Busy(format!(
+                "you already have {} executions running, your limit is {cap}; retry when one finishes",
+                *n
+            )));
+        }
+        *n += 1;
+        Ok(ExecSlot {
+            daemon: self,
+            uid: tenant.uid,
+        })
+    }
+
+    /// Whether `tenant` may use the daemon at all.
+    pub fn may_connect(&self, tenant: &Tenant) -> bool {
+        let access = &self.live.load().access;
+        if tenant.is_admin() || (access.allow_uids.is_none() && access.allow_gids.is_none()) {
+            return true;
+        }
+        let by_user = access
+            .allow_uids
+            .as_ref()
+            .is_some_and(|u| u.contains(&tenant.uid));
+        let by_group = access.allow_gids.as_ref().is_some_and(|g| {
+            g.iter()
+                .any(|g| *g == tenant.gid || tenant.groups.contains(g))
+        });
+        by_user || by_group
+    }
+
+    /// Apply a new config; returns the keys that need a restart to change.
+    pub fn apply(&self, new: Config) -> Vec<&'static str> {
+        let (applied, restart) = self.config().reload_from(new);
+        log::set_max_level(applied.server.log_level);
+        self.live.store(Arc::new(applied));
+        restart
+    }
+
+    /// Re-read the config and apply it; an invalid file keeps the running config.
+    pub fn reload(&self) {
+        let Some(loader) = &self.loader else {
+            log::info!("reload: no config file in use; nothing to do");
+            return;
+        };
+        match loader() {
+            Ok(new) => {
+                let restart = self.apply(new);
+                if restart.is_empty() {
+                    log::info!("reload: configuration applied");
+                } else {
+                    log::warn!(
+                        "reload: applied; these keys changed but need a restart: {}",
+                        restart.join(", ")
+                    );
+                }
+            }
+            Err(e) => log::error!("reload: keeping the running configuration: {e}"),
+        }
+    }
+
+    /// Run the probe module: proves the engine, pool and executor still work.
+    pub async fn probe(&self) -> bool {
+        let req = LimitsRequest {
+            timeout_ms: Some(1000),
+            ..LimitsRequest::default()
+        };
+        let Ok(limits) = self.executor.resolve_limits(&req) else {
+            return false;
+        };
+        self.executor
+            .execute(&self.probe, 0, Vec::new(), &limits)
+            .await
+            .is_ok()
     }
 
     /// Log an execution failure, at most FAILURE_LOG_BURST lines a minute.
@@ -91,6 +232,16 @@ impl Daemon {
         }
     }
 
+    fn touch(&self) {
+        self.last_activity_ms
+            .store(self.started.elapsed().as_millis() as u64, Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_activity_ms.load(Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+
     fn status_line(&self) -> String {
         format!(
             "{} binaries, {} executions, {} connections",
@@ -101,16 +252,30 @@ impl Daemon {
     }
 }
 
-/// Serve `listeners` until SIGTERM/SIGINT or until `stop` turns true.
+/// Why `run` returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    Signal,
+    Idle,
+    Requested,
+}
+
+/// Serve `listeners` until SIGTERM/SIGINT, idle exit, or until `stop` turns true.
 pub async fn run(
     daemon: Arc<Daemon>,
     listeners: Vec<Listener>,
     mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Stopped> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let conn_limit = Arc::new(Semaphore::new(daemon.config.server.max_connections));
+    let max_conn = daemon.config().server.max_connections;
+    let conn_limit = Arc::new(Semaphore::new(max_conn));
     let mut accept_tasks = Vec::new();
-    let mut bound = Vec::new();
+    let mut bound: Vec<PathBuf> = Vec::new();
     for l in listeners {
         l.listener.set_nonblocking(true)?;
         let listener = UnixListener::from_std(l.listener)?;
@@ -123,37 +288,52 @@ pub async fn run(
             shutdown_rx.clone(),
         )));
     }
+    daemon.touch();
     systemd::notify_ready(&daemon.status_line());
     log::info!("ready: {}", daemon.status_line());
 
-    let status_daemon = daemon.clone();
-    let mut status_rx = shutdown_rx.clone();
-    let status_task = tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(5)) => systemd::notify_status(&status_daemon.status_line()),
-                _ = status_rx.changed() => return,
+    let background = tokio::spawn(background(daemon.clone(), shutdown_rx.clone()));
+    let mut idle_check = tokio::time::interval(Duration::from_secs(1));
+    let reason = loop {
+        tokio::select! {
+            _ = term.recv() => { log::info!("SIGTERM received"); break Stopped::Signal; }
+            _ = int.recv() => { log::info!("SIGINT received"); break Stopped::Signal; }
+            _ = hup.recv() => {
+                log::info!("SIGHUP received: reloading the configuration");
+                systemd::notify_reloading();
+                daemon.reload();
+                systemd::notify_ready(&daemon.status_line());
+            }
+            r = stop.changed() => {
+                if r.is_err() || *stop.borrow() { break Stopped::Requested; }
+            }
+            _ = idle_check.tick() => {
+                if let Some(after) = daemon.config().server.exit_idle_after
+                    && daemon.connections.load(Relaxed) == 0
+                    && daemon.executor.engine().running_count() == 0
+                    && daemon.idle_for() >= after
+                {
+                    log::info!("no connection for {after:?}: exiting (socket activation starts the daemon again)");
+                    break Stopped::Idle;
+                }
             }
         }
-    });
+    };
 
-    wait_for_stop(&mut stop).await;
-    log::info!(
-        "shutting down: no new connections; in-flight requests get {:?}",
-        daemon.config.server.shutdown_grace
-    );
+    let grace = daemon.config().server.shutdown_grace;
+    log::info!("shutting down: no new connections; in-flight requests get {grace:?}");
     systemd::notify_stopping();
     let _ = shutdown_tx.send(true);
     for t in accept_tasks {
         let _ = t.await;
     }
-    status_task.abort();
+    background.abort();
     // Every connection holds a permit: all permits back means all connections are done.
-    let all = daemon.config.server.max_connections as u32;
     let drained = tokio::select! {
-        r = conn_limit.acquire_many(all) => r.is_ok(),
-        _ = tokio::time::sleep(daemon.config.server.shutdown_grace) => false,
-        _ = second_signal() => { log::warn!("second signal: exiting at once"); false }
+        r = conn_limit.acquire_many(max_conn as u32) => r.is_ok(),
+        _ = tokio::time::sleep(grace) => false,
+        _ = term.recv() => { log::warn!("second signal: exiting at once"); false }
+        _ = int.recv() => { log::warn!("second signal: exiting at once"); false }
     };
     if !drained {
         log::warn!(
@@ -161,31 +341,37 @@ pub async fn run(
             daemon.connections.load(Relaxed)
         );
     }
+    // Only sockets this process bound; never one systemd handed over.
     for p in bound {
         let _ = std::fs::remove_file(&p);
     }
     log::info!("stopped");
-    Ok(())
+    Ok(reason)
 }
 
-async fn wait_for_stop(stop: &mut watch::Receiver<bool>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => log::info!("SIGTERM received"),
-        _ = int.recv() => log::info!("SIGINT received"),
-        _ = async { while !*stop.borrow() { if stop.changed().await.is_err() { std::future::pending::<()>().await } } } => {},
+/// Periodic STATUS= and, when systemd asks for it, WATCHDOG=1 after a successful probe.
+async fn background(daemon: Arc<Daemon>, mut shutdown: watch::Receiver<bool>) {
+    let watchdog = systemd::watchdog_interval().map(|d| d / 2);
+    if let Some(every) = watchdog {
+        log::info!("watchdog enabled: probing the executor every {every:?}");
     }
-}
-
-async fn second_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+    let every = watchdog
+        .unwrap_or(Duration::from_secs(5))
+        .min(Duration::from_secs(5));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if watchdog.is_some() {
+            if daemon.probe().await {
+                systemd::notify_watchdog();
+            } else {
+                log::error!("watchdog probe failed: not petting the watchdog");
+            }
+        }
+        systemd::notify_status(&daemon.status_line());
     }
 }
 
@@ -229,35 +415,52 @@ async fn accept_loop(
                 continue;
             }
         };
-        let tenant = match Tenant::from_peer(&stream, &daemon.config.server.admin_gids) {
+        let tenant = match Tenant::from_peer(&stream, &daemon.config().access.admin_gids) {
             Ok(t) => t,
             Err(e) => {
                 log::warn!("could not read peer credentials, closing connection: {e}");
                 continue;
             }
         };
+        if !daemon.may_connect(&tenant) {
+            log::info!(
+                "refused a connection from uid {}: not in access.allow_users/allow_groups",
+                tenant.uid
+            );
+            let msg = format!(
+                "uid {} is not allowed to use this daemon (access.allow_users / allow_groups)",
+                tenant.uid
+            );
+            tokio::spawn(refuse(stream, ErrorCode::Forbidden, msg));
+            continue;
+        }
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             // At the limit: refuse cleanly rather than queue.
-            tokio::spawn(refuse(stream, daemon.config.server.max_connections));
+            let msg = format!(
+                "the daemon is serving its maximum of {} connections; retry later",
+                daemon.config().server.max_connections
+            );
+            tokio::spawn(refuse(stream, ErrorCode::Busy, msg));
             continue;
         };
         let d = daemon.clone();
         let rx = shutdown.clone();
         tokio::spawn(async move {
             d.connections.fetch_add(1, Relaxed);
+            d.touch();
             crate::connection::serve(d.clone(), stream, tenant, rx).await;
             d.connections.fetch_sub(1, Relaxed);
+            d.touch();
             drop(permit);
         });
     }
 }
 
-async fn refuse(mut stream: tokio::net::UnixStream, max: usize) {
+async fn refuse(mut stream: tokio::net::UnixStream, code: ErrorCode, message: String) {
     use tokio::io::AsyncWriteExt;
-    let body = ErrorBody::new(
-        ErrorCode::Busy,
-        format!("the daemon is serving its maximum of {max} connections; retry later"),
-    );
-    let line = encode_line(&Response::<Reply>::failure(None, body));
+    let line = encode_line(&Response::<Reply>::failure(
+        None,
+        ErrorBody::new(code, message),
+    ));
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&line)).await;
 }

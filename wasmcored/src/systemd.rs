@@ -115,3 +115,25 @@ pub fn notify_stopping() {
         ],
     );
 }
+
+/// Tell systemd a reload started (READY=1 follows when it is done).
+pub fn notify_reloading() {
+    let _ = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Reloading,
+            sd_notify::NotifyState::Status("reloading"),
+        ],
+    );
+}
+
+/// Pet the watchdog.
+pub fn notify_watchdog() {
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+}
+
+/// The watchdog interval systemd asked for (WATCHDOG_USEC), if any.
+pub fn watchdog_interval() -> Option<std::time::Duration> {
+    let mut usec = 0u64;
+    sd_notify::watchdog_enabled(false, &mut usec).then(|| std::time::Duration::from_micros(usec))
+}

@@ -291,7 +291,7 @@ async fn module_size_is_capped() {
 #[tokio::test]
 async fn state_writes_are_kept_on_success_only_and_quota_is_enforced() {
     let mut c = config();
-    c.registry.max_state_bytes = 100;
+    c.quotas.default.state_bytes = 100;
     let e = env_with(c);
     let set = e.load(&fixture("state_set.wat"));
     let get = e.load(&fixture("state_get.wat"));
@@ -607,7 +607,7 @@ async fn binaries_are_scoped_to_their_owner() {
 #[tokio::test]
 async fn binaries_per_owner_are_capped() {
     let mut c = config();
-    c.registry.max_binaries_per_owner = 2;
+    c.quotas.default.binaries = 2;
     let e = env_with(c);
     let a = e.load(&fixture("upper.wat"));
     e.load(&fixture("upper.wat"));

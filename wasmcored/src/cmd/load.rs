@@ -67,7 +67,7 @@ pub async fn apply(
     };
 
     let registry_daemon = daemon.clone();
-    let max_compile = daemon.registry.config().max_compile;
+    let max_compile = daemon.config().registry.max_compile;
     // Reading a file and compiling are blocking, CPU-heavy work: keep them off the workers.
     let job = tokio::task::spawn_blocking(move || {
         let bytes = match source {
@@ -125,7 +125,7 @@ fn read_module(daemon: &Arc<Daemon>, mut f: File, what: &str) -> Result<Vec<u8>>
         return Err(Error::bad_request(format!("{what} is not a regular file")));
     }
     daemon.registry.check_size(meta.len() as usize)?;
-    let cap = daemon.registry.config().max_module_bytes as u64;
+    let cap = daemon.config().registry.max_module_bytes as u64;
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     // Read one byte past the cap: a file that grew after fstat is still refused.
     (&mut f)

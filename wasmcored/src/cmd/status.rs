@@ -8,7 +8,7 @@ use crate::server::Daemon;
 use crate::tenant::Tenant;
 
 pub fn apply(daemon: &Daemon, tenant: &Tenant, _req: StatusRequest) -> StatusResponse {
-    let c = &daemon.config;
+    let c = daemon.config();
     let l = &c.limits;
     StatusResponse {
         version: env!("CARGO_PKG_VERSION").to_string(),

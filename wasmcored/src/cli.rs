@@ -1,0 +1,120 @@
+//! The daemon's command line: one clap definition (also the source of wasmcored(8)) and how
+//! flags combine with the config file.
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+
+use crate::config::{self, Config};
+
+/// The wasm-core daemon: keeps compiled WebAssembly modules in memory and runs them for
+/// tenants connecting to its Unix socket.
+///
+/// Under systemd it takes its listening sockets from socket activation; without it, it binds
+/// the `--listen` paths itself (dev mode). Flags override the config file.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "wasmcored", version, about, long_about)]
+pub struct Args {
+    /// Config file [default: /etc/wasm-core/config.toml, used only if it exists].
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Validate the config file and exit.
+    #[arg(long)]
+    pub check_config: bool,
+    /// Socket path to bind when systemd passes no listener (repeatable) [default: /tmp/wasm-core.sock].
+    #[arg(long = "listen", value_name = "PATH")]
+    pub listen: Vec<PathBuf>,
+    /// Directory for persistent state [default: $STATE_DIRECTORY, else /var/lib/wasm-core].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Log level: off, error, warn, info, debug, trace [default: info].
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<log::LevelFilter>,
+    /// Most concurrent connections.
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Concurrent instances in the pool (the cap on concurrent executions).
+    #[arg(long, value_name = "N")]
+    pub pool_instances: Option<u32>,
+    /// Disable fuel metering (faster loop-heavy guests; `fuel` requests are then refused).
+    #[arg(long)]
+    pub no_fuel: bool,
+    /// Exit after this many seconds without connections (for socket activation).
+    #[arg(long, value_name = "SECONDS")]
+    pub exit_idle_after: Option<u64>,
+}
+
+impl Args {
+    /// The config file in use.
+    pub fn config_path(&self) -> &Path {
+        self.config
+            .as_deref()
+            .unwrap_or(Path::new(config::DEFAULT_PATH))
+    }
+
+    /// The file (a missing default file means defaults) with the flags applied on top.
+    pub fn load_config(&self) -> Result<Config, String> {
+        let mut c = Config::load(self.config_path(), self.config.is_none())?;
+        if !self.listen.is_empty() {
+            c.server.listen = self.listen.clone();
+        }
+        if let Some(d) = &self.state_dir {
+            c.state_dir = d.clone();
+        }
+        if let Some(l) = self.log_level {
+            c.server.log_level = l;
+        }
+        if let Some(n) = self.max_connections {
+            c.server.max_connections = n;
+        }
+        if let Some(n) = self.pool_instances {
+            c.engine.pool_instances = n;
+        }
+        if self.no_fuel {
+            c.engine.fuel_metering = false;
+        }
+        if let Some(s) = self.exit_idle_after {
+            c.server.exit_idle_after = (s > 0).then(|| std::time::Duration::from_secs(s));
+        }
+        c.check()
+            .map_err(|e| format!("{}: {e}", self.config_path().display()))?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = std::env::temp_dir().join(format!("wasmcored-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.toml");
+        std::fs::write(
+            &f,
+            "[server]\nmax_connections = 5\n[engine]\nfuel_metering = true\n",
+        )
+        .unwrap();
+        let a = Args::parse_from([
+            "wasmcored",
+            "--config",
+            f.to_str().unwrap(),
+            "--max-connections",
+            "9",
+            "--no-fuel",
+        ]);
+        let c = a.load_config().unwrap();
+        assert_eq!(c.server.max_connections, 9);
+        assert!(!c.engine.fuel_metering);
+        let a = Args::parse_from(["wasmcored", "--config", "/nonexistent.toml"]);
+        assert!(a.load_config().unwrap_err().contains("/nonexistent.toml"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
