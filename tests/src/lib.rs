@@ -104,8 +104,22 @@ impl Daemon {
     }
 
     pub fn start_with(extra: &[&str]) -> Daemon {
+        Daemon::start_in(TempDir::new("daemon"), extra)
+    }
+
+    /// Start with `config` as its config file (`--config DIR/config.toml`).
+    pub fn start_config(config: &str, extra: &[&str]) -> Daemon {
         let dir = TempDir::new("daemon");
+        let path = dir.write("config.toml", config.as_bytes());
+        let mut args = vec!["--config", path.to_str().expect("utf-8 path")];
+        args.extend_from_slice(extra);
+        Daemon::start_in(dir, &args)
+    }
+
+    fn start_in(dir: TempDir, extra: &[&str]) -> Daemon {
         let socket = dir.path().join("wasm-core.sock");
+        // The log goes to a file: a pipe nobody reads would block the daemon when full.
+        let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log file");
         let child = Command::new(wasmcored())
             .arg("--listen")
             .arg(&socket)
@@ -114,8 +128,10 @@ impl Daemon {
             .args(extra)
             .env_remove("LISTEN_FDS")
             .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("JOURNAL_STREAM")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(log)
             .spawn()
             .unwrap_or_else(|e| {
                 panic!(
@@ -128,6 +144,28 @@ impl Daemon {
         d
     }
 
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Send a signal.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), sig).expect("kill");
+    }
+
+    /// Wait for the daemon to exit by itself, at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     fn wait_ready(&mut self) {
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(20) {
@@ -135,23 +173,11 @@ impl Daemon {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "wasmcored exited early with {status}: {}",
-                    self.stderr_now()
-                );
+                panic!("wasmcored exited early with {status}: {}", self.log());
             }
             std::thread::sleep(Duration::from_millis(10));
         }
         panic!("wasmcored did not come up on {}", self.socket.display());
-    }
-
-    fn stderr_now(&mut self) -> String {
-        use std::io::Read;
-        let mut s = String::new();
-        if let Some(e) = self.child.stderr.as_mut() {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
     }
 
     pub fn pid(&self) -> u32 {
@@ -167,38 +193,13 @@ impl Daemon {
         self.ctl_with(args, None, None)
     }
 
-    /// Run `wasmcorectl` with optional stdin bytes, optionally as another user (uid, gid).
-    pub fn ctl_with(
-        &self,
-        args: &[&str],
-        stdin: Option<&[u8]>,
-        user: Option<(u32, u32)>,
-    ) -> Output {
-        let mut cmd = match user {
-            None => Command::new(wasmcorectl()),
-            Some((uid, gid)) => {
-                let mut c = Command::new("setpriv");
-                c.arg(format!("--reuid={uid}"))
-                    .arg(format!("--regid={gid}"))
-                    .arg("--clear-groups")
-                    .arg(wasmcorectl());
-                c
-            }
-        };
-        cmd.arg("--socket").arg(&self.socket).args(args);
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn wasmcorectl");
-        {
-            let mut input = child.stdin.take().expect("stdin");
-            if let Some(bytes) = stdin {
-                input.write_all(bytes).expect("write stdin");
-            }
-        }
-        child.wait_with_output().expect("wait wasmcorectl")
+    /// Run `wasmcorectl` with optional stdin bytes, optionally as another user.
+    pub fn ctl_with(&self, args: &[&str], stdin: Option<&[u8]>, user: Option<&RunAs>) -> Output {
+        ctl_at(&self.socket, args, stdin, user)
     }
+}
 
+impl Daemon {
     /// Open file descriptors of the daemon process.
     pub fn open_fds(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
@@ -234,6 +235,30 @@ impl Drop for Daemon {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Run `wasmcorectl --socket SOCKET args…`, optionally as `user`.
+pub fn ctl_at(socket: &Path, args: &[&str], stdin: Option<&[u8]>, user: Option<&RunAs>) -> Output {
+    let mut cmd = match user {
+        None => Command::new(wasmcorectl()),
+        Some(u) => {
+            let mut c = u.command();
+            c.arg(wasmcorectl());
+            c
+        }
+    };
+    cmd.arg("--socket").arg(socket).args(args);
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn wasmcorectl");
+    {
+        let mut input = child.stdin.take().expect("stdin");
+        if let Some(bytes) = stdin {
+            input.write_all(bytes).expect("write stdin");
+        }
+    }
+    child.wait_with_output().expect("wait wasmcorectl")
 }
 
 /// A raw protocol client.
@@ -286,12 +311,48 @@ impl Client {
     }
 }
 
-/// A system user created for a test and deleted on drop.
+/// An identity to run a client as: uid, primary gid and exactly these supplementary groups.
+#[derive(Debug, Clone)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+impl RunAs {
+    /// `setpriv` prepared to run a program as this identity.
+    pub fn command(&self) -> Command {
+        let mut c = Command::new("setpriv");
+        c.arg(format!("--reuid={}", self.uid))
+            .arg(format!("--regid={}", self.gid));
+        if self.groups.is_empty() {
+            c.arg("--clear-groups");
+        } else {
+            let g: Vec<String> = self.groups.iter().map(u32::to_string).collect();
+            c.arg(format!("--groups={}", g.join(",")));
+        }
+        c
+    }
+}
+
+/// A system user created for a test and deleted on drop; derefs to its [`RunAs`].
 #[derive(Debug)]
 pub struct TestUser {
     pub name: String,
-    pub uid: u32,
-    pub gid: u32,
+    who: RunAs,
+}
+
+impl std::ops::Deref for TestUser {
+    type Target = RunAs;
+    fn deref(&self) -> &RunAs {
+        &self.who
+    }
+}
+
+impl std::ops::DerefMut for TestUser {
+    fn deref_mut(&mut self) -> &mut RunAs {
+        &mut self.who
+    }
 }
 
 impl TestUser {
@@ -323,13 +384,12 @@ impl TestUser {
             .expect("user exists");
         TestUser {
             name: name.to_string(),
-            uid: u.uid.as_raw(),
-            gid: u.gid.as_raw(),
+            who: RunAs {
+                uid: u.uid.as_raw(),
+                gid: u.gid.as_raw(),
+                groups: Vec::new(),
+            },
         }
-    }
-
-    pub fn ids(&self) -> (u32, u32) {
-        (self.uid, self.gid)
     }
 }
 
@@ -337,6 +397,60 @@ impl Drop for TestUser {
     fn drop(&mut self) {
         let _ = Command::new("userdel").arg(&self.name).output();
     }
+}
+
+/// A system group created for a test and deleted on drop.
+#[derive(Debug)]
+pub struct TestGroup {
+    pub name: String,
+    pub gid: u32,
+}
+
+impl TestGroup {
+    pub fn create(name: &str) -> TestGroup {
+        assert!(
+            nix::unistd::getuid().is_root(),
+            "creating groups needs root"
+        );
+        let _ = Command::new("groupdel").arg(name).output();
+        let out = Command::new("groupadd")
+            .args(["--system", name])
+            .output()
+            .expect("run groupadd");
+        assert!(
+            out.status.success(),
+            "groupadd {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let g = nix::unistd::Group::from_name(name)
+            .expect("lookup")
+            .expect("group exists");
+        TestGroup {
+            name: name.to_string(),
+            gid: g.gid.as_raw(),
+        }
+    }
+}
+
+impl Drop for TestGroup {
+    fn drop(&mut self) {
+        let _ = Command::new("groupdel").arg(&self.name).output();
+    }
+}
+
+/// One request over a raw socket from a process running as `user` (Debian's python3, so
+/// the client is not this test process).
+pub fn raw_as(socket: &Path, user: &RunAs, req: &Value) -> Value {
+    let script = "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\ns.sendall(sys.argv[2].encode()+b'\\n')\nsys.stdout.write(s.makefile().readline())";
+    let o = user
+        .command()
+        .args(["/usr/bin/python3", "-c", script])
+        .arg(socket)
+        .arg(req.to_string())
+        .output()
+        .expect("run python3 as the test user");
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stderr)))
 }
 
 /// stdout of a command as text.

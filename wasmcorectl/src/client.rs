@@ -112,8 +112,12 @@ impl Client {
         request: &Value,
         fd: Option<BorrowedFd<'_>>,
     ) -> Result<Value, ClientError> {
-        self.send(request, fd)?;
-        self.recv()
+        match self.send(request, fd) {
+            Ok(()) => self.recv(),
+            // The daemon may have refused the connection (not allowed, too many connections)
+            // and closed it before our request arrived: its explanation is still readable.
+            Err(e) => self.recv().map_err(|_| e),
+        }
     }
 }
 

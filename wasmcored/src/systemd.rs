@@ -132,8 +132,45 @@ pub fn notify_watchdog() {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
 }
 
-/// The watchdog interval systemd asked for (WATCHDOG_USEC), if any.
+/// The watchdog interval systemd asked for, with the semantics of sd_watchdog_enabled(3):
+/// WATCHDOG_USEC gives the interval; WATCHDOG_PID, when set, must be this process.
+/// (sd-notify's own helper insists on WATCHDOG_PID being present.)
 pub fn watchdog_interval() -> Option<std::time::Duration> {
-    let mut usec = 0u64;
-    sd_notify::watchdog_enabled(false, &mut usec).then(|| std::time::Duration::from_micros(usec))
+    watchdog_from(
+        std::env::var("WATCHDOG_USEC").ok().as_deref(),
+        std::env::var("WATCHDOG_PID").ok().as_deref(),
+        std::process::id(),
+    )
+}
+
+fn watchdog_from(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<std::time::Duration> {
+    let usec: u64 = usec?.parse().ok().filter(|u| *u > 0)?;
+    if let Some(pid) = pid
+        && pid.parse::<u32>().ok() != Some(me)
+    {
+        return None;
+    }
+    Some(std::time::Duration::from_micros(usec))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::watchdog_from;
+    use std::time::Duration;
+
+    #[test]
+    fn watchdog_follows_sd_watchdog_enabled() {
+        assert_eq!(
+            watchdog_from(Some("400000"), None, 7),
+            Some(Duration::from_millis(400))
+        );
+        assert_eq!(
+            watchdog_from(Some("400000"), Some("7"), 7),
+            Some(Duration::from_millis(400))
+        );
+        assert_eq!(watchdog_from(Some("400000"), Some("8"), 7), None);
+        assert_eq!(watchdog_from(Some("0"), None, 7), None);
+        assert_eq!(watchdog_from(Some("x"), None, 7), None);
+        assert_eq!(watchdog_from(None, Some("7"), 7), None);
+    }
 }

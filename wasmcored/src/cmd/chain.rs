@@ -28,6 +28,8 @@ pub async fn apply(daemon: &Daemon, tenant: &Tenant, req: ChainRequest) -> Resul
         .iter()
         .map(|r| daemon.registry.resolve(tenant, r, Access::Use))
         .collect::<Result<Vec<_>>>()?;
+    // Taken before the execution starts and released when it ends, whatever the outcome.
+    let _slot = daemon.admit(tenant)?;
     daemon
         .executions
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

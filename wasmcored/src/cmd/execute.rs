@@ -15,6 +15,8 @@ pub async fn apply(
     let limits = daemon.executor.resolve_limits(&req.limits)?;
     let input = super::input_bytes(daemon, req.input, req.input_base64)?;
     let bin = daemon.registry.resolve(tenant, &req.binary, Access::Use)?;
+    // Taken before the execution starts and released when it ends, whatever the outcome.
+    let _slot = daemon.admit(tenant)?;
     daemon
         .executions
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -1,5 +1,5 @@
-//! End to end: the real `wasmcored` on a temporary socket, driven by a raw socket client and
-//! by the real `wasmcorectl`, including a second real UID.
+//! The socket service in dev mode: every op through a raw socket and through `wasmcorectl`,
+//! pipelining, byte round-trips, bad input, fd passing, a second real UID.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -9,15 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use wasmcore_tests::*;
 
-fn ok(v: &Value) -> &Value {
-    assert_eq!(v["ok"], json!(true), "expected success: {v}");
-    v
-}
-
-fn err_code(v: &Value) -> &str {
-    assert_eq!(v["ok"], json!(false), "expected an error: {v}");
-    v["error"]["code"].as_str().expect("error code")
-}
+use crate::{err_code, ok};
 
 fn load_inline(c: &mut Client, bytes: &[u8], name: Option<&str>) -> String {
     let mut req = json!({"op": "load", "wasm_base64": b64(bytes)});
@@ -79,6 +71,11 @@ fn every_op_over_a_raw_socket() {
     ok(&r);
     assert_eq!(r["protocol"], json!(1));
     assert_eq!(r["binaries"], json!(1));
+    assert_eq!(
+        r["executions"],
+        json!(2),
+        "one execute and one chain so far"
+    );
     assert_eq!(r["tenant"]["uid"], json!(nix::unistd::getuid().as_raw()));
 
     ok(&c.call(&json!({"op": "unload", "binary": "up"})));
@@ -418,21 +415,6 @@ fn load_by_path_is_for_admins() {
     assert_eq!(err_code(&r), "not_found");
 }
 
-/// One request over a raw socket from a process running as `user`.
-fn raw_as(d: &Daemon, user: &TestUser, req: &Value) -> Value {
-    let script = "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\ns.sendall(sys.argv[2].encode()+b'\\n')\nsys.stdout.write(s.makefile().readline())";
-    let o = std::process::Command::new("setpriv")
-        .arg(format!("--reuid={}", user.uid))
-        .arg(format!("--regid={}", user.gid))
-        .arg("--clear-groups")
-        .args(["/usr/bin/python3", "-c", script])
-        .arg(&d.socket)
-        .arg(req.to_string())
-        .output()
-        .expect("run python3 as the test user");
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stderr(&o)))
-}
-
 #[test]
 fn a_second_uid_cannot_touch_the_first_ones_binaries() {
     let d = Daemon::start();
@@ -443,7 +425,7 @@ fn a_second_uid_cannot_touch_the_first_ones_binaries() {
     // Root's binary.
     let o = d.ctl(&["load", m, "--name", "rootbin"]);
     let root_id = stdout(&o).trim().to_string();
-    let as_b = |args: &[&str]| d.ctl_with(args, None, Some(user.ids()));
+    let as_b = |args: &[&str]| d.ctl_with(args, None, Some(&user));
     // The other UID sees nothing of it, cannot run or unload it.
     let o = as_b(&["--json", "list"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -467,10 +449,10 @@ fn a_second_uid_cannot_touch_the_first_ones_binaries() {
     let o = as_b(&["execute", "rootbin", "--input", "mine"]);
     assert_eq!(o.stdout, b"MINE");
     // Loading by path is refused for a non-admin, and so is loading a public binary.
-    let r = raw_as(&d, &user, &json!({"op": "load", "path": m}));
+    let r = raw_as(&d.socket, &user, &json!({"op": "load", "path": m}));
     assert_eq!(err_code(&r), "forbidden", "{r}");
     let r = raw_as(
-        &d,
+        &d.socket,
         &user,
         &json!({"op": "load", "wasm_base64": b64(&std::fs::read(&module).unwrap()), "public": true}),
     );
