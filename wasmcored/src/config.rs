@@ -726,6 +726,32 @@ mod tests {
         );
     }
 
+    const SHIPPED: &str = include_str!("../../systemd/config.toml");
+
+    #[test]
+    fn the_shipped_file_is_valid_and_holds_the_defaults() {
+        let c = Config::from_toml(SHIPPED).unwrap();
+        let d = Config::default();
+        assert_eq!((c.limits, c.engine, c.registry, c.quotas), (d.limits, d.engine, d.registry, d.quotas));
+        assert_eq!(c.server.max_request_bytes, d.server.max_request_bytes);
+    }
+
+    #[test]
+    fn the_shipped_files_commented_examples_are_real_keys() {
+        // Uncomment `# key = value` lines (and `# [table]` headers): the result must parse.
+        let uncommented: String = SHIPPED
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if rest.contains(" = ") || rest.starts_with('[') => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = Config::from_toml(&uncommented).unwrap();
+        assert_eq!(c.limits.max_fuel, Some(10_000_000_000));
+        assert_eq!(c.quotas.for_uid(1001).binaries, 1000);
+    }
+
     #[test]
     fn a_missing_default_file_means_defaults_but_a_named_one_is_required() {
         let p = Path::new("/nonexistent/wasm-core.toml");
