@@ -531,10 +531,14 @@ pub enum LineError {
 /// as soon as the cap is passed, so a peer cannot make the buffer grow past `max` + one read.
 #[derive(Debug)]
 pub struct LineBuffer {
+    /// Initialised storage; only `buf[..end]` holds received bytes. The tail stays
+    /// initialised so handing out spare room never writes zeros on the hot path.
     buf: Vec<u8>,
+    /// End of the received bytes.
+    end: usize,
     /// Start of the unconsumed bytes.
     start: usize,
-    /// How far `buf[start..]` has been searched for a newline.
+    /// How far `buf[start..end]` has been searched for a newline.
     scanned: usize,
     max: usize,
     /// Stream offset of `buf[0]`.
@@ -545,7 +549,8 @@ pub struct LineBuffer {
 impl LineBuffer {
     pub fn new(max: usize) -> Self {
         LineBuffer {
-            buf: Vec::with_capacity(8192),
+            buf: Vec::new(),
+            end: 0,
             start: 0,
             scanned: 0,
             max,
@@ -561,13 +566,13 @@ impl LineBuffer {
 
     /// Bytes received and not yet taken as lines.
     pub fn pending(&self) -> &[u8] {
-        &self.buf[self.start..]
+        &self.buf[self.start..self.end]
     }
 
     /// Total bytes received so far on the stream. With [`LineBuffer::last_line_span`] it ties
     /// ancillary data (passed fds) to the line it arrived with.
     pub fn received_total(&self) -> u64 {
-        self.base + self.buf.len() as u64
+        self.base + self.end as u64
     }
 
     /// Stream offsets `[first, last]` of the line last returned by `next_line`, newline
@@ -576,39 +581,45 @@ impl LineBuffer {
         self.last_span
     }
 
+    /// Move unconsumed bytes to the front once the consumed prefix is worth reclaiming.
     fn compact(&mut self) {
-        if self.start > 0 && (self.start == self.buf.len() || self.start >= 64 * 1024) {
-            self.buf.drain(..self.start);
+        if self.start > 0 && (self.start == self.end || self.start >= 64 * 1024) {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
             self.base += self.start as u64;
             self.start = 0;
+        }
+        // A connection that once sent a large module should not keep its buffer.
+        if self.end == 0 && self.buf.len() > SHRINK_ABOVE {
+            self.buf = Vec::new();
         }
     }
 
     /// Append received bytes.
     pub fn extend(&mut self, data: &[u8]) {
-        self.compact();
-        self.buf.extend_from_slice(data);
+        self.spare(data.len())[..data.len()].copy_from_slice(data);
+        self.end += data.len();
     }
 
-    /// A writable area of at least `want` bytes at the end of the buffer; call
+    /// A writable area of at least `want` bytes after the received bytes; call
     /// [`LineBuffer::commit`] with how many bytes were written into it.
     pub fn spare(&mut self, want: usize) -> &mut [u8] {
         self.compact();
-        let len = self.buf.len();
-        self.buf.resize(len + want, 0);
-        &mut self.buf[len..]
+        if self.buf.len() < self.end + want {
+            self.buf.resize(self.end + want, 0);
+        }
+        &mut self.buf[self.end..]
     }
 
-    /// Keep `n` bytes of the area returned by [`LineBuffer::spare`] and drop the rest.
-    pub fn commit(&mut self, spare_len: usize, n: usize) {
-        let len = self.buf.len() - spare_len + n;
-        self.buf.truncate(len);
+    /// Count `n` bytes written into the area returned by [`LineBuffer::spare`].
+    pub fn commit(&mut self, n: usize) {
+        self.end = (self.end + n).min(self.buf.len());
     }
 
     /// Take the next complete line (without its `\n`, and without a `\r` before it).
     /// `Ok(None)`: no complete line yet.
     pub fn next_line(&mut self) -> Result<Option<&[u8]>, LineError> {
-        let pending = &self.buf[self.start..];
+        let pending = &self.buf[self.start..self.end];
         match memchr_newline(&pending[self.scanned..]) {
             Some(i) => {
                 let end = self.scanned + i;
@@ -641,9 +652,12 @@ impl LineBuffer {
 
     /// Whether a complete line is already buffered (used to decide when to flush replies).
     pub fn has_line(&self) -> bool {
-        memchr_newline(&self.buf[self.start + self.scanned..]).is_some()
+        memchr_newline(&self.buf[self.start + self.scanned..self.end]).is_some()
     }
 }
+
+/// An empty [`LineBuffer`] larger than this gives its memory back.
+const SHRINK_ABOVE: usize = 1 << 20;
 
 fn memchr_newline(hay: &[u8]) -> Option<usize> {
     hay.iter().position(|&b| b == b'\n')
@@ -778,9 +792,18 @@ mod tests {
     fn line_buffer_spare_and_commit() {
         let mut lb = LineBuffer::new(100);
         let spare = lb.spare(16);
+        assert!(spare.len() >= 16);
         spare[..3].copy_from_slice(b"x\ny");
-        lb.commit(16, 3);
+        lb.commit(3);
         assert_eq!(lb.next_line().unwrap(), Some(&b"x"[..]));
         assert_eq!(lb.pending(), b"y");
+        assert_eq!(lb.received_total(), 3);
+        lb.extend(b"z\n");
+        assert_eq!(lb.next_line().unwrap(), Some(&b"yz"[..]));
+        assert_eq!(lb.last_line_span(), (2, 4));
+        // Consumed bytes are reclaimed; offsets keep counting.
+        lb.extend(b"w\n");
+        assert_eq!(lb.next_line().unwrap(), Some(&b"w"[..]));
+        assert_eq!(lb.last_line_span(), (5, 6));
     }
 }

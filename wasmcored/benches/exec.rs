@@ -205,6 +205,78 @@ fn main() {
     row("executor, fuel metering on", fuel_m);
     row("executor, fuel metering off", nofuel_m);
 
+    // Inline on a runtime worker (what the daemon does) vs a hop to the blocking pool per
+    // execution, on a 2-worker multi-threaded runtime like the daemon's.
+    let mt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let shared = Arc::new(daemonless(true));
+    let sbin = load(&shared, &bytes);
+    let (mut inline_r, mut hop_r) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let (d, b) = (shared.clone(), sbin.clone());
+        inline_r.push(mt.block_on(async move {
+            tokio::spawn(async move {
+                let limits = d
+                    .exec
+                    .resolve_limits(&LimitsRequest::default())
+                    .expect("limits");
+                let t = Instant::now();
+                for _ in 0..iters {
+                    std::hint::black_box(
+                        d.exec
+                            .execute(&b, 1000, INPUT.to_vec(), &limits)
+                            .await
+                            .expect("execute"),
+                    );
+                }
+                t.elapsed().as_nanos() as f64 / iters as f64
+            })
+            .await
+            .expect("task")
+        }));
+        let (d, b) = (shared.clone(), sbin.clone());
+        hop_r.push(mt.block_on(async move {
+            tokio::spawn(async move {
+                let t = Instant::now();
+                for _ in 0..iters {
+                    let (d, b) = (d.clone(), b.clone());
+                    let out = tokio::task::spawn_blocking(move || {
+                        let limits = d
+                            .exec
+                            .resolve_limits(&LimitsRequest::default())
+                            .expect("limits");
+                        tokio::runtime::Handle::current().block_on(d.exec.execute(
+                            &b,
+                            1000,
+                            INPUT.to_vec(),
+                            &limits,
+                        ))
+                    })
+                    .await
+                    .expect("blocking task");
+                    std::hint::black_box(out.expect("execute"));
+                }
+                t.elapsed().as_nanos() as f64 / iters as f64
+            })
+            .await
+            .expect("task")
+        }));
+    }
+    let (inline_m, hop_m) = (median(inline_r), median(hop_r));
+    println!("the same on a 2-worker multi-threaded runtime");
+    println!(
+        "  inline on a worker (the daemon)      {:>8.2} us",
+        inline_m / 1000.0
+    );
+    println!(
+        "  spawn_blocking hop per execution     {:>8.2} us   +{:.2} us per hop",
+        hop_m / 1000.0,
+        (hop_m - inline_m) / 1000.0
+    );
+
     // Fuel on a CPU-bound guest: a countdown loop of 20 million iterations.
     let spin = wat::parse_file(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/spin.wat"),

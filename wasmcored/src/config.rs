@@ -732,7 +732,10 @@ mod tests {
     fn the_shipped_file_is_valid_and_holds_the_defaults() {
         let c = Config::from_toml(SHIPPED).unwrap();
         let d = Config::default();
-        assert_eq!((c.limits, c.engine, c.registry, c.quotas), (d.limits, d.engine, d.registry, d.quotas));
+        assert_eq!(
+            (c.limits, c.engine, c.registry, c.quotas),
+            (d.limits, d.engine, d.registry, d.quotas)
+        );
         assert_eq!(c.server.max_request_bytes, d.server.max_request_bytes);
     }
 

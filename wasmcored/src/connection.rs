@@ -168,7 +168,7 @@ impl Connection {
                 .try_io(Interest::READABLE, || sys::recv_with_fds(fd, spare));
             match res {
                 Ok(r) => {
-                    self.lines.commit(READ_CHUNK, r.bytes);
+                    self.lines.commit(r.bytes);
                     if !r.fds.is_empty() || r.truncated {
                         // Ancillary data rides on the last segment received with it: tie it
                         // to the line holding the last byte of this read.
@@ -182,11 +182,9 @@ impl Connection {
                     return Ok(r.bytes);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    self.lines.commit(READ_CHUNK, 0);
                     continue;
                 }
                 Err(e) => {
-                    self.lines.commit(READ_CHUNK, 0);
                     return Err(e);
                 }
             }
