@@ -425,8 +425,10 @@ pub struct InfoResponse {
     pub imports: Vec<ExternInfo>,
     pub exports: Vec<ExternInfo>,
     pub limits: Limits,
-    /// Bytes of plugin state the owner holds for this binary.
+    /// Bytes of plugin state the caller holds for this binary.
     pub state_bytes: u64,
+    /// Bytes the binary takes in the state directory (original module + precompiled code).
+    pub stored_bytes: u64,
 }
 
 /// Response to `status`.
@@ -444,6 +446,10 @@ pub struct StatusResponse {
     pub max_limits: Limits,
     pub max_module_bytes: u64,
     pub max_request_bytes: u64,
+    /// Bytes of binaries in the state directory (original modules + precompiled code).
+    pub stored_bytes: u64,
+    /// Bytes of plugin state held by all tenants.
+    pub state_bytes: u64,
     /// The caller as the daemon sees it.
     pub tenant: TenantInfo,
 }

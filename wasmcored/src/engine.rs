@@ -51,6 +51,18 @@ impl WasmEngine {
         &self.engine
     }
 
+    /// A stable name for this engine's compatibility: precompiled artifacts are stored under
+    /// it, so a Wasmtime upgrade or a changed engine setting recompiles from the original
+    /// bytes instead of loading incompatible code.
+    pub fn compat_hash(&self) -> String {
+        use std::hash::{Hash, Hasher};
+        // SipHash with fixed keys: the same engine gives the same name in every process.
+        #[allow(deprecated)]
+        let mut h = std::hash::SipHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut h);
+        format!("{:016x}", h.finish())
+    }
+
     pub fn fuel_metering(&self) -> bool {
         self.fuel_metering
     }

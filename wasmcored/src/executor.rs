@@ -24,7 +24,7 @@ use crate::config::{LimitsConfig, Live};
 use crate::engine::WasmEngine;
 use crate::error::{Error, ExecFailure, Result};
 use crate::registry::Binary;
-use crate::state::{Namespace, StateStore, StateTxn};
+use crate::state::{CommitError, Namespace, StateStore, StateTxn};
 use wasmcore_proto::ModuleKind;
 
 /// Backtrace frames kept in a trap error.
@@ -461,12 +461,28 @@ impl Executor {
             };
             return Err(Error::exec(failure, ctx.logs.finish()));
         }
-        ctx.state
-            .commit()
-            .map_err(|m| Error::exec(ExecFailure::StateQuota(m), Vec::new()))?;
+        let logs = ctx.logs.finish();
+        if !ctx.state.is_empty() {
+            let txn = ctx.state;
+            // A durable store writes a file: keep that off the async workers.
+            let committed = if txn.blocks() {
+                tokio::task::spawn_blocking(move || txn.commit())
+                    .await
+                    .unwrap_or_else(|e| Err(CommitError::Io(format!("commit task failed: {e}"))))
+            } else {
+                txn.commit()
+            };
+            match committed {
+                Ok(()) => {}
+                Err(CommitError::Quota(m)) => {
+                    return Err(Error::exec(ExecFailure::StateQuota(m), logs));
+                }
+                Err(e @ CommitError::Io(_)) => return Err(Error::internal(e.to_string())),
+            }
+        }
         Ok(RunOutput {
             output,
-            logs: ctx.logs.finish(),
+            logs,
             stats,
         })
     }

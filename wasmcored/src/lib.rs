@@ -11,6 +11,7 @@
 //! - [`executor`]: one execution or a chain, with limits and accounting.
 //! - [`abi`]: the `host` functions of the plugin ABI.
 //! - [`state`]: plugin state behind `get_state` / `set_state`.
+//! - [`store`]: persistence under the state directory.
 //! - [`server`], [`connection`], [`cmd`]: the socket service.
 //! - [`systemd`]: listeners and readiness notification.
 
@@ -26,6 +27,7 @@ pub mod logging;
 pub mod registry;
 pub mod server;
 pub mod state;
+pub mod store;
 mod sys;
 pub mod systemd;
 pub mod tenant;

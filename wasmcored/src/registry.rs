@@ -141,6 +141,19 @@ pub struct Compiled {
     pub compile_ms: f64,
 }
 
+impl Compiled {
+    pub fn kind(&self) -> ModuleKind {
+        self.kind
+    }
+
+    /// The precompiled artifact to store next to the original bytes.
+    pub fn serialize(&self) -> Result<Vec<u8>> {
+        self.module
+            .serialize()
+            .map_err(|e| Error::internal(format!("serializing the compiled module: {e:#}")))
+    }
+}
+
 impl std::fmt::Debug for Compiled {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Compiled")
@@ -231,6 +244,11 @@ impl Registry {
         &self.state
     }
 
+    /// A registered binary by UUID, with no access check (daemon-internal use).
+    pub fn get(&self, id: Uuid) -> Option<Arc<Binary>> {
+        self.binaries.get(&id).map(|b| b.clone())
+    }
+
     /// Check the module size cap before any work is done.
     pub fn check_size(&self, size: usize) -> Result<()> {
         let max = self.live.load().registry.max_module_bytes;
@@ -254,6 +272,17 @@ impl Registry {
         let module = Module::from_binary(self.engine.engine(), bytes)
             .map_err(|e| Error::InvalidModule(format!("invalid module: {e:#}")))?;
         let compile_ms = start.elapsed().as_secs_f64() * 1000.0;
+        let mut c = self.prepare(
+            module,
+            hex::encode(Sha256::digest(bytes)),
+            bytes.len() as u64,
+        )?;
+        c.compile_ms = compile_ms;
+        Ok(c)
+    }
+
+    /// Check the ABI of a compiled (or deserialized) module and build its `InstancePre`.
+    pub fn prepare(&self, module: Module, sha256: String, size: u64) -> Result<Compiled> {
         let (kind, exports) = check_abi(&module)?;
         let needs_wasi = module.imports().any(|i| i.module() == WASI_MODULE);
         let pre = self.linker.instantiate_pre(&module).map_err(|e| {
@@ -267,18 +296,36 @@ impl Registry {
             exports,
             kind,
             needs_wasi,
-            sha256: hex::encode(Sha256::digest(bytes)),
-            size: bytes.len() as u64,
-            compile_ms,
+            sha256,
+            size,
+            compile_ms: 0.0,
         })
     }
 
-    /// Register a compiled module for `owner`.
+    /// The engine this registry compiles with.
+    pub fn engine(&self) -> &Arc<WasmEngine> {
+        &self.engine
+    }
+
+    /// Register a compiled module for `owner` (memory only).
     pub fn insert(
         &self,
         owner: &Tenant,
         compiled: Compiled,
         opts: LoadOptions,
+    ) -> Result<Arc<Binary>> {
+        self.insert_with(owner, compiled, opts, |_| Ok(()))
+    }
+
+    /// Register a compiled module for `owner`: check quotas and reserve the name, then run
+    /// `persist` (store it durably), and only then make it visible. If `persist` fails
+    /// nothing is registered.
+    pub fn insert_with(
+        &self,
+        owner: &Tenant,
+        compiled: Compiled,
+        opts: LoadOptions,
+        persist: impl FnOnce(&Binary) -> Result<()>,
     ) -> Result<Arc<Binary>> {
         if opts.public && !owner.is_admin() {
             return Err(Error::Forbidden(
@@ -290,12 +337,56 @@ impl Registry {
         }
         let bin = Arc::new(self.make_binary(owner.uid, compiled, opts));
         self.reserve_slot(owner.uid, bin.size)?;
-        if let Err(e) = self.reserve_names(&bin) {
+        if let Err(e) = self.reserve_names(&bin).and_then(|()| persist(&bin)) {
+            self.release_names(&bin);
             self.release_slot(owner.uid, bin.size);
             return Err(e);
         }
         self.binaries.insert(bin.id, bin.clone());
         Ok(bin)
+    }
+
+    /// Register a binary restored from the state directory, with its stored identity.
+    /// Quotas are not checked (it was admitted when loaded); a name clash is an error.
+    pub fn restore(
+        &self,
+        meta: &crate::store::BinaryMeta,
+        compiled: Compiled,
+    ) -> Result<Arc<Binary>> {
+        let mut bin = self.make_binary(
+            meta.owner,
+            compiled,
+            LoadOptions {
+                name: meta.name.clone(),
+                public: meta.public,
+            },
+        );
+        bin.id = meta.id;
+        bin.loaded_at = meta.loaded_at;
+        if self.binaries.contains_key(&bin.id) {
+            return Err(Error::AlreadyExists(format!(
+                "binary {} is already registered",
+                bin.id
+            )));
+        }
+        self.reserve_names(&bin)?;
+        let mut held = self.per_owner.entry(bin.owner).or_insert((0, 0));
+        held.0 += 1;
+        held.1 += bin.size;
+        drop(held);
+        let bin = Arc::new(bin);
+        self.binaries.insert(bin.id, bin.clone());
+        Ok(bin)
+    }
+
+    fn release_names(&self, bin: &Binary) {
+        if let Some(name) = &bin.name {
+            self.names
+                .remove_if(&(bin.owner, name.clone()), |_, id| *id == bin.id);
+            if bin.public {
+                self.public_names.remove_if(name, |_, id| *id == bin.id);
+            }
+        }
     }
 
     /// A binary that is not registered: nobody can look it up (the watchdog's probe).
@@ -450,12 +541,7 @@ impl Registry {
                 "binary {reference:?} was already unloaded"
             )));
         };
-        if let Some(name) = &bin.name {
-            self.names.remove(&(bin.owner, name.clone()));
-            if bin.public {
-                self.public_names.remove(name);
-            }
-        }
+        self.release_names(&bin);
         self.release_slot(bin.owner, bin.size);
         // State belongs to the binary: every tenant's namespace for it goes.
         self.state.remove_binary(bin.id);

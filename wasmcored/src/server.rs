@@ -24,7 +24,8 @@ use crate::engine::WasmEngine;
 use crate::error::Error;
 use crate::executor::Executor;
 use crate::registry::{Binary, Registry};
-use crate::state::{MemoryStateStore, StateStore};
+use crate::state::{MapStateStore, StateStore};
+use crate::store::{self, RestoreReport, StateDir};
 use crate::systemd::{self, Listener};
 use crate::tenant::Tenant;
 
@@ -34,6 +35,10 @@ pub type ConfigLoader = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
 /// Shared state of a running daemon.
 pub struct Daemon {
     live: Live,
+    /// The state directory: binaries and plugin state persist here.
+    pub store: Arc<StateDir>,
+    /// What start-up restored.
+    pub restore_report: RestoreReport,
     pub registry: Registry,
     pub executor: Executor,
     pub started: Instant,
@@ -95,10 +100,36 @@ impl Daemon {
         config
             .check()
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        let start = Instant::now();
+        let store = Arc::new(
+            StateDir::open(&config.state_dir)
+                .map_err(|e| anyhow::anyhow!("state directory: {e}"))?,
+        );
         let engine = WasmEngine::new(&config.engine, &config.limits)?;
         let live = config::live(config);
-        let state: Arc<dyn StateStore> = Arc::new(MemoryStateStore::default());
+        let ids = store::stored_ids(&store)
+            .map_err(|e| anyhow::anyhow!("reading stored binaries: {e}"))?;
+        let file_state = MapStateStore::open(store.clone(), &ids)
+            .map_err(|e| anyhow::anyhow!("reading plugin state: {e}"))?;
+        let state: Arc<dyn StateStore> = Arc::new(file_state);
         let registry = Registry::new(engine.clone(), live.clone(), state.clone())?;
+        let report = store::restore(&store, &registry)
+            .map_err(|e| anyhow::anyhow!("restoring binaries: {e}"))?;
+        // State of an entry that was quarantined has no binary any more.
+        for id in ids {
+            if registry.get(id).is_none() {
+                state.remove_binary(id);
+                let _ = store.remove_binary(id);
+            }
+        }
+        log::info!(
+            "restored {} binaries from {} in {} ms ({} recompiled, {} quarantined)",
+            report.restored,
+            store.root().display(),
+            start.elapsed().as_millis(),
+            report.recompiled,
+            report.quarantined
+        );
         let executor = Executor::new(engine, state, live.clone());
         let probe_bytes =
             wat::parse_str(PROBE_WAT).map_err(|e| anyhow::anyhow!("watchdog probe: {e}"))?;
@@ -108,6 +139,8 @@ impl Daemon {
             .map_err(|e| anyhow::anyhow!("compiling the watchdog probe: {e}"))?;
         Ok(Arc::new(Daemon {
             live,
+            store,
+            restore_report: report,
             registry,
             executor,
             started: Instant::now(),

@@ -102,3 +102,19 @@ pub fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> std::io::Result<Received> {
         truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
     })
 }
+
+/// Load a precompiled module artifact.
+///
+/// Wasmtime cannot check that precompiled machine code is what it claims to be, so this is
+/// `unsafe` in its API. The artifacts come only from this daemon's own state directory
+/// (mode 0700, owned by the service user), were written by `Module::serialize` of an engine
+/// with the same compatibility hash (their file name), and are checked against a SHA-256
+/// written alongside them before this is called.
+pub fn deserialize_module(
+    engine: &wasmtime::Engine,
+    path: &std::path::Path,
+) -> wasmtime::Result<wasmtime::Module> {
+    // SAFETY: see above: the file is our own serialize() output, checksum-verified, in a
+    // directory no one else can write.
+    unsafe { wasmtime::Module::deserialize_file(engine, path) }
+}

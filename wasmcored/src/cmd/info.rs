@@ -24,5 +24,6 @@ pub fn apply(daemon: &Daemon, tenant: &Tenant, req: BinaryRequest) -> Result<Inf
             owner: tenant.uid,
             binary: bin.id,
         }),
+        stored_bytes: daemon.store.stored_bytes(bin.id),
     })
 }

@@ -1,19 +1,22 @@
-//! `load`: compile a module and register it for the caller.
+//! `load`: compile a module, store it durably and register it for the caller.
 //!
 //! The module arrives as inline base64, as a file descriptor the client opened itself and
 //! passed with SCM_RIGHTS (so the daemon never opens tenants' paths for them), or, for
-//! admins only, as a path the daemon opens.
+//! admins only, as a path the daemon opens. The reply is sent only once the binary is on
+//! disk (fsynced); if storing fails, nothing is registered.
 
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
+use std::time::Instant;
 
 use wasmcore_proto::{LoadRequest, LoadResponse};
 
 use crate::error::{Error, Result};
 use crate::registry::LoadOptions;
 use crate::server::Daemon;
+use crate::store::BinaryMeta;
 use crate::tenant::Tenant;
 
 enum Source {
@@ -66,35 +69,40 @@ pub async fn apply(
         Source::File(f, path)
     };
 
-    let registry_daemon = daemon.clone();
     let max_compile = daemon.config().registry.max_compile;
-    // Reading a file and compiling are blocking, CPU-heavy work: keep them off the workers.
-    let job = tokio::task::spawn_blocking(move || {
+    let deadline = Instant::now() + max_compile;
+    let (d, who) = (daemon.clone(), tenant.clone());
+    let opts = LoadOptions {
+        name: req.name,
+        public: req.public,
+    };
+    // Reading, compiling and writing to disk block: keep them off the async workers.
+    let job = tokio::task::spawn_blocking(move || -> Result<_> {
         let bytes = match source {
             Source::Bytes(b) => b,
-            Source::File(f, what) => read_module(&registry_daemon, f, &what)?,
+            Source::File(f, what) => read_module(&d, f, &what)?,
         };
-        registry_daemon.registry.compile(&bytes)
-    });
-    let compiled = match tokio::time::timeout(max_compile, job).await {
-        Ok(Ok(r)) => r?,
-        Ok(Err(e)) => return Err(Error::internal(format!("compilation task failed: {e}"))),
-        Err(_) => {
-            return Err(Error::InvalidModule(format!(
-                "compilation took longer than {} s; the module is refused",
-                max_compile.as_secs()
-            )));
+        let compiled = d.registry.compile(&bytes)?;
+        // The caller was told at the deadline; a late compile must not register anything.
+        if Instant::now() > deadline {
+            return Err(too_slow(max_compile));
         }
+        let compile_ms = compiled.compile_ms;
+        let artifact = compiled.serialize()?;
+        let hash = d.registry.engine().compat_hash();
+        let bin = d.registry.insert_with(&who, compiled, opts, |bin| {
+            d.store
+                .save_binary(&BinaryMeta::of(bin), &bytes, &hash, &artifact)
+                .map(drop)
+                .map_err(|e| Error::internal(format!("storing binary {}: {e}", bin.id)))
+        })?;
+        Ok((bin, compile_ms))
+    });
+    let (bin, compile_ms) = match tokio::time::timeout(max_compile, job).await {
+        Ok(Ok(r)) => r?,
+        Ok(Err(e)) => return Err(Error::internal(format!("load task failed: {e}"))),
+        Err(_) => return Err(too_slow(max_compile)),
     };
-    let compile_ms = compiled.compile_ms;
-    let bin = daemon.registry.insert(
-        tenant,
-        compiled,
-        LoadOptions {
-            name: req.name,
-            public: req.public,
-        },
-    )?;
     log::info!(
         "loaded binary {} ({}, {}, {} bytes, sha256 {}) for uid {}{}",
         bin.id,
@@ -114,6 +122,13 @@ pub async fn apply(
         public: bin.public,
         compile_ms: (compile_ms * 1000.0).round() / 1000.0,
     })
+}
+
+fn too_slow(limit: std::time::Duration) -> Error {
+    Error::InvalidModule(format!(
+        "compilation took longer than {} s; the module is refused",
+        limit.as_secs()
+    ))
 }
 
 /// Read a module from a file, checking it is a regular file within the size cap.

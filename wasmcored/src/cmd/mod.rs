@@ -53,7 +53,7 @@ pub async fn dispatch(
         Request::Execute(r) => execute::apply(daemon, tenant, r).await.map(Reply::Execute),
         Request::Chain(r) => chain::apply(daemon, tenant, r).await.map(Reply::Execute),
         Request::List(r) => list::apply(daemon, tenant, r).map(Reply::List),
-        Request::Unload(r) => unload::apply(daemon, tenant, r).map(Reply::Empty),
+        Request::Unload(r) => unload::apply(daemon, tenant, r).await.map(Reply::Empty),
         Request::Info(r) => info::apply(daemon, tenant, r).map(|i| Reply::Info(Box::new(i))),
         Request::Status(r) => Ok(Reply::Status(Box::new(status::apply(daemon, tenant, r)))),
     }

@@ -31,6 +31,12 @@ pub fn apply(daemon: &Daemon, tenant: &Tenant, _req: StatusRequest) -> StatusRes
         },
         max_module_bytes: c.registry.max_module_bytes as u64,
         max_request_bytes: c.server.max_request_bytes as u64,
+        stored_bytes: daemon
+            .registry
+            .list(tenant, tenant.is_admin())
+            .map(|bins| bins.iter().map(|b| daemon.store.stored_bytes(b.id)).sum())
+            .unwrap_or(0),
+        state_bytes: daemon.registry.state().total_usage(),
         tenant: TenantInfo {
             uid: tenant.uid,
             gid: tenant.gid,

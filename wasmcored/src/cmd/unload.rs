@@ -1,13 +1,25 @@
-//! `unload`: remove a binary (and its plugin state).
+//! `unload`: remove a binary and its plugin state, from disk first, then from memory.
+
+use std::sync::Arc;
 
 use wasmcore_proto::{BinaryRequest, Empty};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::registry::Access;
 use crate::server::Daemon;
 use crate::tenant::Tenant;
 
-pub fn apply(daemon: &Daemon, tenant: &Tenant, req: BinaryRequest) -> Result<Empty> {
-    let bin = daemon.registry.unload(tenant, &req.binary)?;
+pub async fn apply(daemon: &Arc<Daemon>, tenant: &Tenant, req: BinaryRequest) -> Result<Empty> {
+    let bin = daemon
+        .registry
+        .resolve(tenant, &req.binary, Access::Manage)?;
+    // Durable removal first: if it fails, the binary stays loaded and the caller is told.
+    let (d, id) = (daemon.clone(), bin.id);
+    tokio::task::spawn_blocking(move || d.store.remove_binary(id))
+        .await
+        .map_err(|e| Error::internal(format!("unload task failed: {e}")))?
+        .map_err(|e| Error::internal(format!("removing binary {id} from disk: {e}")))?;
+    let bin = daemon.registry.unload(tenant, &bin.id.to_string())?;
     log::info!(
         "unloaded binary {} ({}) owned by uid {} at the request of uid {}",
         bin.id,
