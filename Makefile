@@ -43,6 +43,7 @@ check:
 
 bench: build plugins
 	$(CARGO) bench -p wasmcored --bench exec
+	$(CARGO) bench -p wasmcore-tests --bench restart
 	@echo "socket benchmark: start the daemon (make dev) and run"
 	@echo "  $(BIN)/wasmcorectl bench --binary uppercase"
 

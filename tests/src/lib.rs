@@ -96,6 +96,47 @@ pub struct Daemon {
     pub child: Child,
     pub socket: PathBuf,
     pub dir: TempDir,
+    /// Extra arguments, used again by restarts.
+    pub args: Vec<String>,
+}
+
+/// Spawn `wasmcored` on `socket` with state in `dir/state`, logging (appended) to
+/// `dir/daemon.log`: a pipe nobody reads would block the daemon when full.
+fn spawn_daemon(dir: &Path, socket: &Path, args: &[String]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("daemon.log"))
+        .expect("log file");
+    Command::new(wasmcored())
+        .arg("--listen")
+        .arg(socket)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(args)
+        .env_remove("LISTEN_FDS")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("JOURNAL_STREAM")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "starting {}: {e} (build the workspace first)",
+                wasmcored().display()
+            )
+        })
+}
+
+/// Run `wasmcored` with `args` until it exits; for start-up failures.
+pub fn wasmcored_output(args: &[&str]) -> Output {
+    Command::new(wasmcored())
+        .args(args)
+        .env_remove("LISTEN_FDS")
+        .env_remove("NOTIFY_SOCKET")
+        .output()
+        .expect("run wasmcored")
 }
 
 impl Daemon {
@@ -118,30 +159,44 @@ impl Daemon {
 
     fn start_in(dir: TempDir, extra: &[&str]) -> Daemon {
         let socket = dir.path().join("wasm-core.sock");
-        // The log goes to a file: a pipe nobody reads would block the daemon when full.
-        let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log file");
-        let child = Command::new(wasmcored())
-            .arg("--listen")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .args(extra)
-            .env_remove("LISTEN_FDS")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("JOURNAL_STREAM")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "starting {}: {e} (build the workspace first)",
-                    wasmcored().display()
-                )
-            });
-        let mut d = Daemon { child, socket, dir };
+        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let child = spawn_daemon(dir.path(), &socket, &args);
+        let mut d = Daemon {
+            child,
+            socket,
+            dir,
+            args,
+        };
         d.wait_ready();
         d
+    }
+
+    /// The state directory the daemon uses.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Stop (SIGTERM) and start again on the same socket and state directory.
+    pub fn restart(&mut self) {
+        let status = self.terminate();
+        assert!(
+            status.success(),
+            "wasmcored exited with {status}: {}",
+            self.log()
+        );
+        self.start_again();
+    }
+
+    /// `kill -9`: no chance to clean up.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start a new process after the previous one ended.
+    pub fn start_again(&mut self) {
+        self.child = spawn_daemon(self.dir.path(), &self.socket, &self.args);
+        self.wait_ready();
     }
 
     /// The daemon's log so far.

@@ -27,12 +27,6 @@ fn real_main(args: wasmcored::cli::Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     log::set_max_level(config.server.log_level);
-    std::fs::create_dir_all(&config.state_dir).map_err(|e| {
-        anyhow::anyhow!(
-            "creating state directory {}: {e}",
-            config.state_dir.display()
-        )
-    })?;
     let reload_args = args.clone();
     let loader: wasmcored::server::ConfigLoader = Box::new(move || reload_args.load_config());
     let daemon = wasmcored::Daemon::new(config, Some(loader))?;

@@ -56,6 +56,9 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// The keys and values of one namespace.
+pub type Entries = HashMap<Vec<u8>, Vec<u8>>;
+
 /// Where committed namespaces go besides memory.
 pub trait Persist: Send + Sync + std::fmt::Debug {
     fn save(&self, ns: &Namespace, entries: &HashMap<Vec<u8>, Vec<u8>>) -> io::Result<()>;
@@ -224,7 +227,7 @@ fn quarantine(dir: &StateDir, path: &Path, why: &str) {
     }
 }
 
-fn read_state_file(path: &Path) -> Result<(u32, HashMap<Vec<u8>, Vec<u8>>), String> {
+fn read_state_file(path: &Path) -> Result<(u32, Entries), String> {
     let owner = path
         .file_name()
         .and_then(|n| n.to_str())

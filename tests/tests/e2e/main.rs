@@ -1,5 +1,6 @@
 //! End-to-end tests: the real `wasmcored` and `wasmcorectl`, real sockets, real UIDs.
 
+mod persistence;
 mod socket;
 mod systemd;
 mod tenancy;
