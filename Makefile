@@ -28,7 +28,8 @@ dev: build plugins
 	trap 'kill $$pid 2>/dev/null; wait $$pid' INT TERM; \
 	for i in $$(seq 400); do [ -S $(DEV_SOCKET) ] && break; kill -0 $$pid 2>/dev/null || exit 1; sleep 0.05; done; \
 	for p in $(PLUGINS); do \
-	  $(BIN)/wasmcorectl --socket $(DEV_SOCKET) load plugins/dist/$$p.wasm --name $$p >/dev/null || true; \
+	  $(BIN)/wasmcorectl --socket $(DEV_SOCKET) info $$p >/dev/null 2>&1 || \
+	    $(BIN)/wasmcorectl --socket $(DEV_SOCKET) load plugins/dist/$$p.wasm --name $$p >/dev/null; \
 	done; \
 	echo "wasm-core is running on $(DEV_SOCKET) with the example plugins: $(PLUGINS)"; \
 	echo "try: $(BIN)/wasmcorectl execute uppercase --input 'hello world'   (Ctrl-C stops the daemon)"; \
