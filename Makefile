@@ -7,12 +7,16 @@
 #   make bench   the benchmarks (see docs/PERFORMANCE.md)
 
 CARGO      ?= cargo
+PREFIX     ?= /usr
+DESTDIR    ?=
+SYSCONFDIR ?= /etc
+UNITDIR    ?= $(PREFIX)/lib/systemd/system
 PROFILE    := release
 BIN        := target/$(PROFILE)
 DEV_SOCKET ?= /tmp/wasm-core.sock
 PLUGINS    := uppercase transform hash counter wc linenum
 
-.PHONY: all build plugins dev test check bench clean
+.PHONY: all build plugins dev test check bench docs install clean
 
 all: build plugins
 
@@ -47,6 +51,26 @@ bench: build plugins
 	$(CARGO) bench -p wasmcore-tests --bench restart
 	@echo "socket benchmark: start the daemon (make dev) and run"
 	@echo "  $(BIN)/wasmcorectl bench --binary uppercase"
+
+# Installs what `make build plugins` produced; package builds call it with DESTDIR.
+install:
+	install -Dm755 $(BIN)/wasmcored $(DESTDIR)$(PREFIX)/bin/wasmcored
+	install -Dm755 $(BIN)/wasmcorectl $(DESTDIR)$(PREFIX)/bin/wasmcorectl
+	install -Dm644 systemd/wasm-core.service $(DESTDIR)$(UNITDIR)/wasm-core.service
+	install -Dm644 systemd/wasm-core.socket $(DESTDIR)$(UNITDIR)/wasm-core.socket
+	install -Dm644 systemd/wasm-core.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/wasm-core.conf
+	install -Dm644 systemd/config.toml $(DESTDIR)$(SYSCONFDIR)/wasm-core/config.toml
+	install -Dm644 man/wasmcored.8 $(DESTDIR)$(PREFIX)/share/man/man8/wasmcored.8
+	install -Dm644 man/wasm-core.toml.5 $(DESTDIR)$(PREFIX)/share/man/man5/wasm-core.toml.5
+	for f in man/wasmcorectl*.1; do install -Dm644 $$f $(DESTDIR)$(PREFIX)/share/man/man1/$$(basename $$f); done
+	install -Dm644 packaging/completions/wasmcorectl.bash $(DESTDIR)$(PREFIX)/share/bash-completion/completions/wasmcorectl
+	install -Dm644 packaging/completions/_wasmcorectl $(DESTDIR)$(PREFIX)/share/zsh/vendor-completions/_wasmcorectl
+	install -Dm644 packaging/completions/wasmcorectl.fish $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/wasmcorectl.fish
+	for p in $(PLUGINS); do install -Dm644 plugins/dist/$$p.wasm $(DESTDIR)$(PREFIX)/share/wasm-core/plugins/$$p.wasm; done
+	for d in README.md docs/*.md; do install -Dm644 $$d $(DESTDIR)$(PREFIX)/share/doc/wasm-core/$$(basename $$d); done
+
+docs:
+	$(CARGO) run --$(PROFILE) -p wasmcore-tests --bin wasmcore-gen-docs
 
 clean:
 	$(CARGO) clean

@@ -20,6 +20,31 @@ pub mod client;
 
 use client::{Client, ClientError};
 
+const AFTER_HELP: &str = "\
+Exit status:
+  0  success
+  1  the execution failed: timeout, out_of_fuel,
+     memory_limit, trap, plugin_error
+  2  bad command line
+  3  the daemon is unreachable, or its socket is not
+     served by root, the wasm-core user or you
+  4  forbidden
+  5  not found (no such binary visible to you)
+  6  refused: bad_request, invalid_module, too_large,
+     already_exists
+  7  busy or quota_exceeded: retry later, free something
+  8  the daemon failed (internal) or broke the protocol
+  9  a local file could not be read or written
+
+Environment:
+  WASM_CORE_SOCKET  the daemon's socket (as --socket)
+
+Files:
+  /run/wasm-core/wasm-core.sock, /tmp/wasm-core.sock
+      the daemon's sockets, tried in this order
+
+See also: wasmcored(8), wasm-core.toml(5)";
+
 /// Exit codes (documented in wasmcorectl(1) and docs/PROTOCOL.md).
 pub mod exit {
     /// Success.
@@ -45,8 +70,13 @@ pub mod exit {
 }
 
 /// Manage and run WebAssembly binaries on a wasm-core daemon.
+///
+/// Tenants load modules, run them and chain them; admins (root and members of the
+/// wasm-core-admin group) also see, inspect and unload every tenant's binaries. Who you
+/// are is what the kernel says about your process: run wasmcorectl as the user whose
+/// binaries you manage.
 #[derive(Debug, Parser)]
-#[command(name = "wasmcorectl", version, about, long_about = None)]
+#[command(name = "wasmcorectl", version, about, long_about, after_long_help = AFTER_HELP)]
 pub struct Cli {
     /// Daemon socket [default: /run/wasm-core/wasm-core.sock if present, else /tmp/wasm-core.sock]
     #[arg(long, global = true, env = "WASM_CORE_SOCKET", value_name = "PATH")]

@@ -7,13 +7,40 @@ use clap::Parser;
 
 use crate::config::{self, Config};
 
+const AFTER_HELP: &str = "\
+Signals:
+  SIGHUP   reload the config file. Limits, quotas, access
+           and log level change live; keys that need a
+           restart are named in the log; an invalid file
+           is refused and the running config kept.
+  SIGTERM  stop accepting, let in-flight requests finish
+  SIGINT   (server.shutdown_grace_s), exit 0. A second
+           signal exits at once.
+
+systemd:
+  Sockets come from socket activation (wasm-core.socket)
+  and are never unlinked. READY=1 after the registry is
+  restored; STATUS= with counts; WATCHDOG=1 after a probe
+  execution when WatchdogSec= is set; RELOADING=1 and
+  STOPPING=1. Under the journal, lines carry priorities.
+
+Files:
+  /etc/wasm-core/config.toml
+      the config file, see wasm-core.toml(5)
+  /var/lib/wasm-core
+      the state directory: FORMAT, binaries/<uuid>/
+      (meta.json, module.wasm, <hash>.cwasm),
+      state/<uuid>/<uid>.state, tmp/, quarantine/
+
+See also: wasmcorectl(1), wasm-core.toml(5)";
+
 /// The wasm-core daemon: keeps compiled WebAssembly modules in memory and runs them for
 /// tenants connecting to its Unix socket.
 ///
 /// Under systemd it takes its listening sockets from socket activation; without it, it binds
 /// the `--listen` paths itself (dev mode). Flags override the config file.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "wasmcored", version, about, long_about)]
+#[command(name = "wasmcored", version, about, long_about, after_long_help = AFTER_HELP)]
 pub struct Args {
     /// Config file [default: /etc/wasm-core/config.toml, used only if it exists].
     #[arg(long, value_name = "PATH")]

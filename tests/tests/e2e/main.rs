@@ -1,9 +1,11 @@
 //! End-to-end tests: the real `wasmcored` and `wasmcorectl`, real sockets, real UIDs.
 
+mod docs;
 mod persistence;
 mod socket;
 mod systemd;
 mod tenancy;
+mod units;
 
 use serde_json::{Value, json};
 

@@ -1,0 +1,92 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_wasmcorectl_global_optspecs
+    string join \n socket= json h/help V/version
+end
+
+function __fish_wasmcorectl_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_wasmcorectl_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_wasmcorectl_using_subcommand
+    set -l cmd (__fish_wasmcorectl_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -l socket -d 'Daemon socket [default: /run/wasm-core/wasm-core.sock if present, else /tmp/wasm-core.sock]' -r -F
+complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -l json -d 'Print the daemon\'s full JSON response instead of human output'
+complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -s V -l version -d 'Print version'
+complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "load" -d 'Load a module (.wasm, or .wat text) and print its UUID'
+complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "execute" -d 'Run a binary; its output goes to stdout as raw bytes'
+complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "chain" -d 'Run binaries in order, each one\'s output the next one\'s input'
+complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "list" -d 'List your binaries and public ones'
+complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "unload" -d 'Remove a binary and its plugin state'
+complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "info" -d 'Show a binary\'s metadata, imports, exports and limits'
+complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "status" -d 'Show the daemon\'s version, counts and limits, and who it thinks you are'
+complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "bench" -d 'Measure execute and chain throughput and latency against a raw socket echo'
+complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand load" -l name -d 'A name to refer to the binary by (unique among your binaries)' -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand load" -l socket -d 'Daemon socket [default: /run/wasm-core/wasm-core.sock if present, else /tmp/wasm-core.sock]' -r -F
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand load" -l public -d 'Let every tenant run it (admins only)'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand load" -l inline -d 'Send the bytes inline (base64) instead of passing the open file'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand load" -l json -d 'Print the daemon\'s full JSON response instead of human output'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand load" -s h -l help -d 'Print help'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand execute" -l input -d 'The input as a string' -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand execute" -l input-file -d 'Read the input from a file' -r -F
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand execute" -l timeout-ms -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand execute" -l memory-limit-mb -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand execute" -l fuel -d 'Fuel budget (deterministic CPU limit)' -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand execute" -l socket -d 'Daemon socket [default: /run/wasm-core/wasm-core.sock if present, else /tmp/wasm-core.sock]' -r -F
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand execute" -l json -d 'Print the daemon\'s full JSON response instead of human output'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand execute" -s h -l help -d 'Print help'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand chain" -l input -d 'The input as a string' -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand chain" -l input-file -d 'Read the input from a file' -r -F
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand chain" -l timeout-ms -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand chain" -l memory-limit-mb -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand chain" -l fuel -d 'Fuel budget (deterministic CPU limit)' -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand chain" -l socket -d 'Daemon socket [default: /run/wasm-core/wasm-core.sock if present, else /tmp/wasm-core.sock]' -r -F
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand chain" -l json -d 'Print the daemon\'s full JSON response instead of human output'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand chain" -s h -l help -d 'Print help'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand list" -l socket -d 'Daemon socket [default: /run/wasm-core/wasm-core.sock if present, else /tmp/wasm-core.sock]' -r -F
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand list" -l all -d 'Every tenant\'s binaries (admins only)'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand list" -l json -d 'Print the daemon\'s full JSON response instead of human output'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand list" -s h -l help -d 'Print help'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand unload" -l socket -d 'Daemon socket [default: /run/wasm-core/wasm-core.sock if present, else /tmp/wasm-core.sock]' -r -F
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand unload" -l json -d 'Print the daemon\'s full JSON response instead of human output'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand unload" -s h -l help -d 'Print help'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand info" -l socket -d 'Daemon socket [default: /run/wasm-core/wasm-core.sock if present, else /tmp/wasm-core.sock]' -r -F
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand info" -l json -d 'Print the daemon\'s full JSON response instead of human output'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand info" -s h -l help -d 'Print help'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand status" -l socket -d 'Daemon socket [default: /run/wasm-core/wasm-core.sock if present, else /tmp/wasm-core.sock]' -r -F
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand status" -l json -d 'Print the daemon\'s full JSON response instead of human output'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand status" -s h -l help -d 'Print help'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l binary -d 'Binary to run (UUID or name)' -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l load -d 'Load this module for the run and unload it after' -r -F
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l input -d 'Input of every execution' -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l duration-ms -d 'How long each measurement runs' -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l pipeline -d 'Requests in flight per connection in the pipelined runs' -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l chain -d 'Stages of the chain measurement (the same binary repeated)' -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l socket -d 'Daemon socket [default: /run/wasm-core/wasm-core.sock if present, else /tmp/wasm-core.sock]' -r -F
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l json -d 'Print the daemon\'s full JSON response instead of human output'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -s h -l help -d 'Print help'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info status bench help" -f -a "load" -d 'Load a module (.wasm, or .wat text) and print its UUID'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info status bench help" -f -a "execute" -d 'Run a binary; its output goes to stdout as raw bytes'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info status bench help" -f -a "chain" -d 'Run binaries in order, each one\'s output the next one\'s input'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info status bench help" -f -a "list" -d 'List your binaries and public ones'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info status bench help" -f -a "unload" -d 'Remove a binary and its plugin state'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info status bench help" -f -a "info" -d 'Show a binary\'s metadata, imports, exports and limits'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info status bench help" -f -a "status" -d 'Show the daemon\'s version, counts and limits, and who it thinks you are'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info status bench help" -f -a "bench" -d 'Measure execute and chain throughput and latency against a raw socket echo'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info status bench help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

@@ -1,0 +1,40 @@
+//! The committed man pages and completions are what the clap definitions generate
+//! (regenerate with `make docs`).
+
+#[test]
+fn generated_docs_are_up_to_date() {
+    let root = wasmcore_tests::repo();
+    let mut stale = Vec::new();
+    for (path, bytes) in wasmcore_tests::docs::generated() {
+        if std::fs::read(root.join(&path)).ok().as_deref() != Some(&bytes[..]) {
+            stale.push(path.display().to_string());
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "out of date (run `make docs` and commit): {stale:?}"
+    );
+}
+
+#[test]
+fn the_config_man_page_covers_every_key_of_the_shipped_file() {
+    let root = wasmcore_tests::repo();
+    let shipped = std::fs::read_to_string(root.join("systemd/config.toml")).unwrap();
+    let page = std::fs::read_to_string(root.join("man/wasm-core.toml.5")).unwrap();
+    let mut missing = Vec::new();
+    for line in shipped.lines() {
+        let line = line.trim_start_matches("# ").trim();
+        let Some((key, _)) = line.split_once(" = ") else {
+            continue;
+        };
+        if key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            && !page.contains(&format!(".B {key}\n"))
+        {
+            missing.push(key.to_string());
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "keys missing from wasm-core.toml(5): {missing:?}"
+    );
+}
