@@ -5,6 +5,9 @@
 #   make test    build everything and run every test (as root: the tests create users)
 #   make check   rustfmt and clippy, as CI runs them
 #   make bench   the benchmarks (see docs/PERFORMANCE.md)
+#   make deb     build and check the .deb (dpkg-buildpackage, lintian)
+#   make rpm     build and check the .rpm (rpmbuild, rpmlint)
+#   make install install into DESTDIR/PREFIX (used by both package builds)
 
 CARGO      ?= cargo
 PREFIX     ?= /usr
@@ -16,7 +19,7 @@ BIN        := target/$(PROFILE)
 DEV_SOCKET ?= /tmp/wasm-core.sock
 PLUGINS    := uppercase transform hash counter wc linenum
 
-.PHONY: all build plugins dev test check bench docs install clean
+.PHONY: all build plugins dev test check bench docs install deb rpm clean
 
 all: build plugins
 
@@ -68,6 +71,13 @@ install:
 	install -Dm644 packaging/completions/wasmcorectl.fish $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/wasmcorectl.fish
 	for p in $(PLUGINS); do install -Dm644 plugins/dist/$$p.wasm $(DESTDIR)$(PREFIX)/share/wasm-core/plugins/$$p.wasm; done
 	for d in README.md docs/*.md; do install -Dm644 $$d $(DESTDIR)$(PREFIX)/share/doc/wasm-core/$$(basename $$d); done
+
+# Packages, built and checked (lintian / rpmlint, file lists, scriptlets).
+deb:
+	packaging/check-deb.sh
+
+rpm:
+	packaging/rpm/build.sh
 
 docs:
 	$(CARGO) run --$(PROFILE) -p wasmcore-tests --bin wasmcore-gen-docs

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Build the .deb from this checkout and check it: lintian (no errors, no warnings), the
+# file list, the conffile, and the maintainer scripts. Needs root for apt-get on a fresh
+# machine (debhelper, lintian and the plugin toolchain are installed when missing).
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+
+need=()
+for p in debhelper lintian fakeroot; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+dpkg-buildpackage -us -uc -b >/tmp/wasm-core-deb-build.log 2>&1 || { tail -40 /tmp/wasm-core-deb-build.log; exit 1; }
+version=$(dpkg-parsechangelog -S Version)
+arch=$(dpkg --print-architecture)
+deb="$top/../wasm-core_${version}_${arch}.deb"
+fail() { echo "check-deb: $*" >&2; exit 1; }
+
+# lintian: errors and warnings fail; info-level notes are shown.
+out=$(lintian "$deb" 2>&1 | grep -v 'running with root privileges' || true)
+[ -z "$out" ] || echo "$out"
+if grep -qE '^(E|W):' <<<"$out"; then fail "lintian reports errors or warnings"; fi
+
+files=$(dpkg-deb -c "$deb" | awk '{print $6}')
+for f in ./usr/bin/wasmcored ./usr/bin/wasmcorectl \
+         ./lib/systemd/system/wasm-core.service ./lib/systemd/system/wasm-core.socket \
+         ./usr/lib/sysusers.d/wasm-core.conf ./etc/wasm-core/config.toml \
+         ./usr/share/man/man8/wasmcored.8.gz ./usr/share/man/man1/wasmcorectl.1.gz \
+         ./usr/share/man/man5/wasm-core.toml.5.gz \
+         ./usr/share/bash-completion/completions/wasmcorectl \
+         ./usr/share/zsh/vendor-completions/_wasmcorectl \
+         ./usr/share/fish/vendor_completions.d/wasmcorectl.fish \
+         ./usr/share/wasm-core/plugins/uppercase.wasm ./usr/share/wasm-core/plugins/linenum.wasm; do
+  grep -qx "$f" <<<"$files" || fail "missing $f"
+done
+
+ctl=$(mktemp -d)
+trap 'rm -rf "$ctl"' EXIT
+dpkg-deb -e "$deb" "$ctl"
+grep -qx /etc/wasm-core/config.toml "$ctl/conffiles" || fail "the config is not a conffile"
+grep -q 'systemd-sysusers.*wasm-core.conf' "$ctl/postinst" || fail "postinst does not create the user"
+grep -q "deb-systemd-helper enable 'wasm-core.socket'" "$ctl/postinst" || fail "postinst does not enable the socket"
+if grep -q "deb-systemd-helper enable 'wasm-core.service'" "$ctl/postinst" && \
+   ! grep -q "was-enabled 'wasm-core.service'" "$ctl/postinst"; then
+  fail "the service must be started by its socket, not enabled on its own"
+fi
+grep -q 'rm -rf /var/lib/wasm-core' "$ctl/postrm" || fail "purge does not remove /var/lib/wasm-core"
+echo "check-deb: $deb ok ($(du -h "$deb" | cut -f1))"

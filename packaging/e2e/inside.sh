@@ -1,0 +1,65 @@
+#!/bin/bash
+# Runs inside the booted Debian 12 container as a oneshot unit after multi-user.target:
+# wasm-core installed from the .deb, exercised the way a user meets it. Writes one line per
+# check to stdout and PASS or FAIL to /e2e.result.
+set -u
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+failed=0
+ok() { echo "ok - $*"; }
+bad() { echo "FAIL - $*"; failed=1; }
+check() { local what=$1; shift; if "$@"; then ok "$what"; else bad "$what"; fi; }
+as() { local u=$1; shift; runuser -u "$u" -- "$@"; }
+P=/usr/share/wasm-core/plugins
+uuids() { wasmcorectl --json list --all | grep -o '"binary": "[^"]*"' | sort; }
+
+check "the socket unit is enabled by the package" systemctl is-enabled --quiet wasm-core.socket
+systemctl start wasm-core.socket
+check "wasm-core.socket is active" systemctl is-active --quiet wasm-core.socket
+check "the service user exists" id wasm-core
+useradd --create-home alice
+useradd --create-home bob
+
+for sock in /tmp/wasm-core.sock /run/wasm-core/wasm-core.sock; do
+  c="wasmcorectl --socket $sock"
+  id=$(as alice $c load $P/uppercase.wasm --name up)
+  check "alice loads through $sock" test -n "$id"
+  check "the first connection started the service" systemctl is-active --quiet wasm-core.service
+  check "alice executes through $sock" test "$(as alice $c execute up --input hello)" = HELLO
+  check "alice chains through $sock" test "$(as alice $c chain up up --input abc)" = ABC
+  check "alice lists her binary" sh -c "runuser -u alice -- $c list | grep -q $id"
+  as bob $c execute "$id" --input x >/dev/null 2>&1; check "bob cannot run alice's binary (not found)" test $? -eq 5
+  as bob $c unload "$id" >/dev/null 2>&1; check "bob cannot unload alice's binary" test $? -eq 5
+  check "bob sees none of alice's binaries" test "$(as bob $c --json list | grep -c '"binary"')" = 0
+  check "alice unloads through $sock" as alice $c unload up
+done
+
+# Binaries that must survive reload and restart with their UUIDs.
+as alice wasmcorectl load $P/counter.wasm --name hits >/dev/null
+as bob wasmcorectl load $P/hash.wasm --name h >/dev/null
+as alice wasmcorectl execute hits --input k >/dev/null
+before=$(uuids)
+check "two binaries are registered" test "$(echo "$before" | wc -l)" = 2
+systemctl reload wasm-core.service
+sleep 1
+check "the service is active after reload" systemctl is-active --quiet wasm-core.service
+check "reload keeps every binary and UUID" test "$(uuids)" = "$before"
+systemctl restart wasm-core.service
+sleep 1
+check "restart keeps every binary and UUID" test "$(uuids)" = "$before"
+check "plugin state survives the restart" test "$(as alice wasmcorectl execute hits --input k)" = 2
+check "the state directory is the service's" test "$(stat -c %U:%a /var/lib/wasm-core)" = wasm-core:700
+
+journal=$(journalctl -u wasm-core.service --no-pager -o cat)
+check "the journal holds the daemon's ready line" grep -q '^ready:' <<<"$journal"
+check "the journal holds load lines with the tenant's uid" grep -q "for uid $(id -u alice)" <<<"$journal"
+check "the journal shows the restore" grep -q 'restored 2 binaries' <<<"$journal"
+
+score=$(systemd-analyze security wasm-core.service 2>/dev/null | sed -n 's/.*Overall exposure level for wasm-core.service: \([0-9.]*\).*/\1/p')
+expected=$(cat /e2e-offline-score)
+check "systemd-analyze security in the booted system ($score) agrees with the offline score ($expected)" test "$score" = "$expected"
+
+systemctl stop wasm-core.socket wasm-core.service
+check "stop leaves wasm-core.service not failed" sh -c '! systemctl is-failed --quiet wasm-core.service'
+check "no failed units" test -z "$(systemctl --failed --no-legend --plain | grep wasm-core)"
+
+if [ $failed -eq 0 ]; then echo PASS > /e2e.result; else echo FAIL > /e2e.result; fi
