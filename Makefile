@@ -7,6 +7,7 @@
 #   make bench   the benchmarks (see docs/PERFORMANCE.md)
 #   make deb     build and check the .deb (dpkg-buildpackage, lintian)
 #   make rpm     build and check the .rpm (rpmbuild, rpmlint)
+#   make e2e     the .deb installed and exercised in a booted Debian 12 (systemd-nspawn)
 #   make install install into DESTDIR/PREFIX (used by both package builds)
 
 CARGO      ?= cargo
@@ -19,7 +20,7 @@ BIN        := target/$(PROFILE)
 DEV_SOCKET ?= /tmp/wasm-core.sock
 PLUGINS    := uppercase transform hash counter wc linenum
 
-.PHONY: all build plugins dev test check bench docs install deb rpm clean
+.PHONY: all build plugins dev test check bench docs install deb rpm e2e clean
 
 all: build plugins
 
@@ -78,6 +79,10 @@ deb:
 
 rpm:
 	packaging/rpm/build.sh
+
+# Build the .deb, install it in a Debian 12 root and boot it with systemd-nspawn (root).
+e2e:
+	packaging/e2e/run.sh
 
 docs:
 	$(CARGO) run --$(PROFILE) -p wasmcore-tests --bin wasmcore-gen-docs
