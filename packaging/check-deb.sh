@@ -6,14 +6,7 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 
-need=()
-for p in debhelper lintian fakeroot; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+"$top/packaging/ensure-packages.sh" debhelper lintian fakeroot
 
 dpkg-buildpackage -us -uc -b >/tmp/wasm-core-deb-build.log 2>&1 || { tail -40 /tmp/wasm-core-deb-build.log; exit 1; }
 version=$(dpkg-parsechangelog -S Version)

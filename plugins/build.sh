@@ -13,20 +13,7 @@ if command -v rustup >/dev/null; then
   done
 fi
 
-need=()
-for p in clang lld wasi-libc libclang-rt-dev-wasm32; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
-    echo "plugins: installing ${need[*]}" >&2
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-  else
-    echo "plugins: the C example needs: ${need[*]} (apt-get install them as root)" >&2
-    exit 1
-  fi
-fi
+"$here/../packaging/ensure-packages.sh" clang lld wasi-libc libclang-rt-dev-wasm32
 
 cd "$here"
 cargo build --release --quiet --target wasm32-unknown-unknown \

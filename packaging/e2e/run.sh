@@ -8,14 +8,7 @@ top=$(cd "$(dirname "$0")/../.." && pwd)
 cache=${WASMCORE_E2E_CACHE:-/var/cache/wasm-core-e2e}
 start=$(date +%s)
 
-need=()
-for p in debootstrap systemd-container; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+"$top/packaging/ensure-packages.sh" debootstrap systemd-container
 
 base="$cache/base"
 if [ ! -e "$base/.complete" ]; then

@@ -3,14 +3,7 @@
 # file list and scriptlets. Prints the path of the built package.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/../.." && pwd)
-need=()
-for p in rpm rpmlint; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+"$top/packaging/ensure-packages.sh" rpm rpmlint
 out="$top/packaging/rpm/build"
 rm -rf "$out"
 mkdir -p "$out"

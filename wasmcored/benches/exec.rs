@@ -277,50 +277,59 @@ fn main() {
         (hop_m - inline_m) / 1000.0
     );
 
-    // Fuel on a CPU-bound guest: a countdown loop of 20 million iterations.
+    // What fuel costs on guests that do real work.
     let spin = wat::parse_file(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/spin.wat"),
     )
     .expect("spin.wat");
-    let spin_fuel = load(&with_fuel, &spin);
-    let spin_nofuel = load(&without_fuel, &spin);
-    let n = 20_000_000u32.to_le_bytes();
-    let (mut on, mut off) = (Vec::new(), Vec::new());
-    for _ in 0..5 {
-        on.push(executor_ns(&rt, &with_fuel, &spin_fuel, &n, 3));
-        off.push(executor_ns(&rt, &without_fuel, &spin_nofuel, &n, 3));
-    }
-    let (on_m, off_m) = (median(on), median(off));
-    println!("CPU-bound guest (20M-iteration loop), median of 5");
-    println!(
-        "  fuel metering off                    {:>8.2} ms",
-        off_m / 1e6
+    let hash = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist/hash.wasm"),
+    )
+    .expect("hash.wasm");
+    let fuel_pair = FuelPair {
+        rt: &rt,
+        on: &with_fuel,
+        off: &without_fuel,
+    };
+    fuel_pair.measure(
+        "CPU-bound guest (20M-iteration loop)",
+        &spin,
+        &20_000_000u32.to_le_bytes(),
+        3,
     );
-    println!(
-        "  fuel metering on                     {:>8.2} ms   {:.2}x",
-        on_m / 1e6,
-        on_m / off_m
+    fuel_pair.measure(
+        "hash plugin, SHA-256 of 1 MiB",
+        &hash,
+        &vec![0x5au8; 1 << 20],
+        10,
     );
+}
 
-    // A real plugin doing real work: SHA-256 of 1 MiB.
-    let hash = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist/hash.wasm");
-    let hash = std::fs::read(&hash).expect("hash.wasm");
-    let (h_fuel, h_nofuel) = (load(&with_fuel, &hash), load(&without_fuel, &hash));
-    let mib = vec![0x5au8; 1 << 20];
-    let (mut on, mut off) = (Vec::new(), Vec::new());
-    for _ in 0..5 {
-        on.push(executor_ns(&rt, &with_fuel, &h_fuel, &mib, 10));
-        off.push(executor_ns(&rt, &without_fuel, &h_nofuel, &mib, 10));
+/// The same module run with fuel metering on and off.
+struct FuelPair<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    on: &'a Daemonless,
+    off: &'a Daemonless,
+}
+
+impl FuelPair<'_> {
+    fn measure(&self, label: &str, module: &[u8], input: &[u8], iters: usize) {
+        let (bin_on, bin_off) = (load(self.on, module), load(self.off, module));
+        let (mut on, mut off) = (Vec::new(), Vec::new());
+        for _ in 0..5 {
+            on.push(executor_ns(self.rt, self.on, &bin_on, input, iters));
+            off.push(executor_ns(self.rt, self.off, &bin_off, input, iters));
+        }
+        let (on_m, off_m) = (median(on), median(off));
+        println!("{label}, median of 5");
+        println!(
+            "  fuel metering off                    {:>8.2} ms",
+            off_m / 1e6
+        );
+        println!(
+            "  fuel metering on                     {:>8.2} ms   {:.2}x",
+            on_m / 1e6,
+            on_m / off_m
+        );
     }
-    let (on_m, off_m) = (median(on), median(off));
-    println!("hash plugin, SHA-256 of 1 MiB, median of 5");
-    println!(
-        "  fuel metering off                    {:>8.2} ms",
-        off_m / 1e6
-    );
-    println!(
-        "  fuel metering on                     {:>8.2} ms   {:.2}x",
-        on_m / 1e6,
-        on_m / off_m
-    );
 }
