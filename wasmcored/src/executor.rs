@@ -397,14 +397,21 @@ impl Executor {
             }
         });
 
-        let result = if bin.kind == ModuleKind::Wasi {
-            // A WASI command may block in host calls (sleep), where no epoch check runs.
-            match tokio::time::timeout_at(deadline.into(), self.run_wasi(bin, &mut store)).await {
+        let run = async {
+            match bin.kind {
+                ModuleKind::Wasi => self.run_wasi(bin, &mut store).await,
+                ModuleKind::Process => self.run_process(bin, &mut store, &input).await,
+            }
+        };
+        // A module that imports WASI may block in a host call (poll_oneoff sleeping), where
+        // no epoch check runs: the deadline must also hold outside wasm code.
+        let result = if bin.needs_wasi {
+            match tokio::time::timeout_at(deadline.into(), run).await {
                 Ok(r) => r,
                 Err(_) => Err(wasmtime::Error::new(HostTrap::TimedOut)),
             }
         } else {
-            self.run_process(bin, &mut store, &input).await
+            run.await
         };
 
         let fuel_used = if self.engine.fuel_metering() {

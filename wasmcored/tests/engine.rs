@@ -156,6 +156,22 @@ async fn infinite_loops_time_out_at_their_deadline() {
 }
 
 #[tokio::test]
+async fn guests_blocked_in_wasi_calls_time_out_too() {
+    let e = env();
+    for fixture_name in ["sleep_process.wat", "sleep_command.wat"] {
+        let bin = e.load(&fixture(fixture_name));
+        let t = Instant::now();
+        let (c, msg) = code(e.run_with(&bin, b"", limits(Some(200), None, None)).await);
+        assert_eq!(c, ErrorCode::Timeout, "{fixture_name}: {msg}");
+        let took = t.elapsed();
+        assert!(
+            took >= Duration::from_millis(200) && took < Duration::from_millis(1500),
+            "{fixture_name}: {took:?}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn memory_is_capped() {
     let e = env();
     let bomb = e.load(&fixture("grow_bomb.wat"));
