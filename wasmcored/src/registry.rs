@@ -55,6 +55,9 @@ pub struct Binary {
     /// Load order within this daemon's life (for stable listings).
     seq: u64,
     pub executions: AtomicU64,
+    /// Bytes it takes in the state directory (module + precompiled code), set when stored
+    /// or restored so `info` and `status` need no disk access.
+    pub stored_bytes: AtomicU64,
     pub needs_wasi: bool,
     pub module: Module,
     pub pre: InstancePre<ExecCtx>,
@@ -412,6 +415,7 @@ impl Registry {
                 .map_or(0, |d| d.as_secs()),
             seq: self.seq.fetch_add(1, Relaxed),
             executions: AtomicU64::new(0),
+            stored_bytes: AtomicU64::new(0),
             needs_wasi: compiled.needs_wasi,
             module: compiled.module,
             pre: compiled.pre,

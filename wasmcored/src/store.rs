@@ -144,8 +144,8 @@ impl StateDir {
         self.root.join("binaries").join(id.to_string())
     }
 
-    /// Store a binary durably: metadata, original bytes and artifact. Returns the bytes
-    /// stored.
+    /// Store a binary durably: metadata, original bytes and artifact. Returns the bytes its
+    /// entry takes (as [`StateDir::stored_bytes`] counts them).
     pub fn save_binary(
         &self,
         meta: &BinaryMeta,
@@ -172,7 +172,7 @@ impl StateDir {
         if result.is_err() {
             let _ = fs::remove_dir_all(&staging);
         }
-        result.map(|()| (wasm.len() + artifact.len()) as u64)
+        result.map(|()| self.stored_bytes(meta.id))
     }
 
     /// Replace the artifacts of a stored binary with one for `engine_hash`.
@@ -395,9 +395,11 @@ fn restore_one(
             compiled.kind()
         ));
     }
-    registry
+    let bin = registry
         .restore(&stored.meta, compiled)
         .map_err(|e| e.to_string())?;
+    bin.stored_bytes
+        .store(dir.stored_bytes(stored.meta.id), Relaxed);
     Ok(recompiled)
 }
 
@@ -517,7 +519,8 @@ mod tests {
         let s = StateDir::open(&root).unwrap();
         let id = Uuid::new_v4();
         let stored = s.save_binary(&meta(id), b"abc", "h1", b"artifact").unwrap();
-        assert_eq!(stored, 11);
+        assert_eq!(stored, s.stored_bytes(id));
+        assert!(stored > 11, "module, artifact, checksum and metadata");
         let list = s.list_binaries().unwrap();
         assert_eq!(list.len(), 1);
         let b = list.into_iter().next().unwrap().unwrap();

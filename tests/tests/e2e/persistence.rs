@@ -68,6 +68,9 @@ fn a_restart_keeps_binaries_and_plugin_state_without_recompiling() {
     }
     let before = identities(&d);
     assert_eq!(before.len(), 3);
+    let r = d.client().call(&json!({"op": "info", "binary": counter}));
+    let stored_at_load = ok(&r)["stored_bytes"].as_u64().unwrap();
+    assert!(stored_at_load > 11343, "module + artifact: {r}");
     d.restart();
     assert_eq!(
         identities(&d),
@@ -86,7 +89,11 @@ fn a_restart_keeps_binaries_and_plugin_state_without_recompiling() {
     );
     assert_eq!(execute(&d, "up", "abc")["output"], json!("ABC"));
     let r = d.client().call(&json!({"op": "info", "binary": counter}));
-    assert!(ok(&r)["stored_bytes"].as_u64().unwrap() > 11343, "{r}");
+    assert_eq!(
+        ok(&r)["stored_bytes"].as_u64().unwrap(),
+        stored_at_load,
+        "{r}"
+    );
     assert!(r["state_bytes"].as_u64().unwrap() > 0, "{r}");
     let r = d.client().call(&json!({"op": "status"}));
     assert!(ok(&r)["stored_bytes"].as_u64().unwrap() > 0);

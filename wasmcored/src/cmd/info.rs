@@ -24,6 +24,6 @@ pub fn apply(daemon: &Daemon, tenant: &Tenant, req: BinaryRequest) -> Result<Inf
             owner: tenant.uid,
             binary: bin.id,
         }),
-        stored_bytes: daemon.store.stored_bytes(bin.id),
+        stored_bytes: bin.stored_bytes.load(std::sync::atomic::Ordering::Relaxed),
     })
 }

@@ -91,10 +91,13 @@ pub async fn apply(
         let artifact = compiled.serialize()?;
         let hash = d.registry.engine().compat_hash();
         let bin = d.registry.insert_with(&who, compiled, opts, |bin| {
-            d.store
+            let stored = d
+                .store
                 .save_binary(&BinaryMeta::of(bin), &bytes, &hash, &artifact)
-                .map(drop)
-                .map_err(|e| Error::internal(format!("storing binary {}: {e}", bin.id)))
+                .map_err(|e| Error::internal(format!("storing binary {}: {e}", bin.id)))?;
+            bin.stored_bytes
+                .store(stored, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
         })?;
         Ok((bin, compile_ms))
     });

@@ -34,7 +34,7 @@ pub fn apply(daemon: &Daemon, tenant: &Tenant, _req: StatusRequest) -> StatusRes
         stored_bytes: daemon
             .registry
             .list(tenant, tenant.is_admin())
-            .map(|bins| bins.iter().map(|b| daemon.store.stored_bytes(b.id)).sum())
+            .map(|bins| bins.iter().map(|b| b.stored_bytes.load(Relaxed)).sum())
             .unwrap_or(0),
         state_bytes: daemon.registry.state().total_usage(),
         tenant: TenantInfo {
