@@ -43,7 +43,12 @@ dev: build plugins
 	echo "try: $(BIN)/wasmcorectl execute uppercase --input 'hello world'   (Ctrl-C stops the daemon)"; \
 	wait $$pid
 
+# What the end-to-end tests run besides our binaries: systemd-socket-activate, setpriv,
+# useradd/groupadd, mount, and Debian's python3 as a client under other UIDs.
+TEST_DEBS := systemd util-linux passwd mount python3
+
 test: build plugins
+	packaging/ensure-packages.sh $(TEST_DEBS)
 	$(CARGO) test --$(PROFILE) --workspace
 
 check:
