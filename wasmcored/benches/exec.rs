@@ -29,8 +29,12 @@ struct Daemonless {
 }
 
 fn daemonless(fuel: bool) -> Daemonless {
+    daemonless_with(|c| c.engine.fuel_metering = fuel)
+}
+
+fn daemonless_with(f: impl FnOnce(&mut Config)) -> Daemonless {
     let mut c = Config::default();
-    c.engine.fuel_metering = fuel;
+    f(&mut c);
     let engine = WasmEngine::new(&c.engine, &c.limits).expect("engine");
     let state: Arc<dyn StateStore> = Arc::new(MemoryStateStore::default());
     let live = wasmcored::config::live(c.clone());
@@ -79,16 +83,20 @@ struct Bare {
     pre: wasmtime::InstancePre<Vec<u8>>,
 }
 
-/// `tuned`: the daemon's memory-reset settings (keep resident + PAGEMAP_SCAN), so the
-/// ratio isolates the executor's own work; otherwise Wasmtime's default pooling settings.
+/// `tuned`: the daemon's memory settings (keep resident + PAGEMAP_SCAN, compiled-in bounds
+/// checks), so the ratio isolates the executor's own work; otherwise Wasmtime's defaults.
 fn bare(bytes: &[u8], tuned: bool) -> Bare {
     let mut c = wasmtime::Config::new();
     let mut pool = PoolingAllocationConfig::default();
     if tuned {
-        let d = wasmcored::config::EngineConfig::default();
-        pool.linear_memory_keep_resident(d.memory_keep_resident)
-            .table_keep_resident(d.memory_keep_resident)
-            .pagemap_scan(wasmtime::Enabled::Auto);
+        let d = Config::default();
+        pool.linear_memory_keep_resident(d.engine.memory_keep_resident)
+            .table_keep_resident(d.engine.memory_keep_resident)
+            .pagemap_scan(wasmtime::Enabled::Auto)
+            .max_memory_size((d.limits.max_memory_mb as usize) << 20);
+        c.signals_based_traps(false)
+            .memory_guard_size(0)
+            .memory_reservation((d.limits.max_memory_mb as u64) << 20);
     }
     c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     let engine = Engine::new(&c).expect("engine");
@@ -286,50 +294,98 @@ fn main() {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist/hash.wasm"),
     )
     .expect("hash.wasm");
-    let fuel_pair = FuelPair {
+    let fuel_pair = Pair {
         rt: &rt,
-        on: &with_fuel,
-        off: &without_fuel,
+        a: ("fuel metering off", &without_fuel),
+        b: ("fuel metering on", &with_fuel),
     };
+    let spin_input = 20_000_000u32.to_le_bytes();
+    let hash_input = vec![0x5au8; 1 << 20];
     fuel_pair.measure(
         "CPU-bound guest (20M-iteration loop)",
         &spin,
-        &20_000_000u32.to_le_bytes(),
+        &spin_input,
         3,
     );
-    fuel_pair.measure(
-        "hash plugin, SHA-256 of 1 MiB",
-        &hash,
-        &vec![0x5au8; 1 << 20],
-        10,
+    fuel_pair.measure("hash plugin, SHA-256 of 1 MiB", &hash, &hash_input, 10);
+
+    // Compiled-in bounds checks (the default) against guard pages and signals.
+    let guarded = daemonless_with(|c| c.engine.guard_pages = true);
+    let guard_pair = Pair {
+        rt: &rt,
+        a: ("compiled-in bounds checks", &with_fuel),
+        b: ("guard pages", &guarded),
+    };
+    guard_pair.measure("hash plugin, SHA-256 of 1 MiB", &hash, &hash_input, 10);
+    guard_pair.measure(
+        "CPU-bound guest (20M-iteration loop)",
+        &spin,
+        &spin_input,
+        3,
     );
+    guard_pair.measure("uppercase, one thread", &bytes, INPUT, iters);
+    guard_pair.measure_parallel("uppercase, two threads at once", &bytes, INPUT, iters);
 }
 
-/// The same module run with fuel metering on and off.
-struct FuelPair<'a> {
+/// The same module run by two differently configured executors, rounds alternating.
+struct Pair<'a> {
     rt: &'a tokio::runtime::Runtime,
-    on: &'a Daemonless,
-    off: &'a Daemonless,
+    a: (&'static str, &'a Daemonless),
+    b: (&'static str, &'a Daemonless),
 }
 
-impl FuelPair<'_> {
+impl Pair<'_> {
     fn measure(&self, label: &str, module: &[u8], input: &[u8], iters: usize) {
-        let (bin_on, bin_off) = (load(self.on, module), load(self.off, module));
-        let (mut on, mut off) = (Vec::new(), Vec::new());
+        let (bin_a, bin_b) = (load(self.a.1, module), load(self.b.1, module));
+        let (mut a, mut b) = (Vec::new(), Vec::new());
         for _ in 0..5 {
-            on.push(executor_ns(self.rt, self.on, &bin_on, input, iters));
-            off.push(executor_ns(self.rt, self.off, &bin_off, input, iters));
+            a.push(executor_ns(self.rt, self.a.1, &bin_a, input, iters));
+            b.push(executor_ns(self.rt, self.b.1, &bin_b, input, iters));
         }
-        let (on_m, off_m) = (median(on), median(off));
+        self.report(label, median(a), median(b));
+    }
+
+    /// Two threads executing at once, each on its own single-threaded runtime (as the
+    /// daemon's workers do); the mean time per execution of the two.
+    fn measure_parallel(&self, label: &str, module: &[u8], input: &[u8], iters: usize) {
+        let (bin_a, bin_b) = (load(self.a.1, module), load(self.b.1, module));
+        let run = |d: &Daemonless, bin: &Binary| {
+            std::thread::scope(|s| {
+                let hs: Vec<_> = (0..2)
+                    .map(|_| {
+                        s.spawn(|| {
+                            let rt = tokio::runtime::Builder::new_current_thread()
+                                .enable_all()
+                                .build()
+                                .expect("runtime");
+                            executor_ns(&rt, d, bin, input, iters)
+                        })
+                    })
+                    .collect();
+                hs.into_iter()
+                    .map(|h| h.join().expect("bench thread"))
+                    .sum::<f64>()
+                    / 2.0
+            })
+        };
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..5 {
+            a.push(run(self.a.1, &bin_a));
+            b.push(run(self.b.1, &bin_b));
+        }
+        self.report(label, median(a), median(b));
+    }
+
+    fn report(&self, label: &str, a: f64, b: f64) {
         println!("{label}, median of 5");
-        println!(
-            "  fuel metering off                    {:>8.2} ms",
-            off_m / 1e6
-        );
-        println!(
-            "  fuel metering on                     {:>8.2} ms   {:.2}x",
-            on_m / 1e6,
-            on_m / off_m
-        );
+        let unit = |v: f64| {
+            if a >= 1e6 {
+                format!("{:>8.2} ms", v / 1e6)
+            } else {
+                format!("{:>8.2} us", v / 1e3)
+            }
+        };
+        println!("  {:<36} {}", self.a.0, unit(a));
+        println!("  {:<36} {}   {:.2}x", self.b.0, unit(b), b / a);
     }
 }

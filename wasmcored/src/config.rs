@@ -79,6 +79,10 @@ pub struct EngineConfig {
     pub max_wasm_stack: usize,
     /// Epoch tick: the granularity of timeouts and of time-slicing between guests.
     pub epoch_tick: Duration,
+    /// Bounds-check linear memory with guard pages and signals instead of compiled-in
+    /// checks. Faster memory-heavy guests, but every execution whose memory grew costs two
+    /// `mprotect` calls, which stall every thread of the daemon on a multi-core host.
+    pub guard_pages: bool,
 }
 
 impl Default for EngineConfig {
@@ -90,6 +94,7 @@ impl Default for EngineConfig {
             max_unused_warm_slots: 64,
             max_wasm_stack: 512 << 10,
             epoch_tick: Duration::from_millis(1),
+            guard_pages: false,
         }
     }
 }
@@ -467,6 +472,7 @@ struct RawEngine {
     max_unused_warm_slots: Option<u32>,
     max_wasm_stack: Option<usize>,
     epoch_tick_ms: Option<u64>,
+    guard_pages: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -584,6 +590,7 @@ impl RawConfig {
             max_unused_warm_slots: e.max_unused_warm_slots.unwrap_or(de.max_unused_warm_slots),
             max_wasm_stack: e.max_wasm_stack.unwrap_or(de.max_wasm_stack),
             epoch_tick: e.epoch_tick_ms.map_or(de.epoch_tick, Duration::from_millis),
+            guard_pages: e.guard_pages.unwrap_or(de.guard_pages),
         };
         let r = self.registry;
         let registry = RegistryConfig {

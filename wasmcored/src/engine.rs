@@ -90,6 +90,16 @@ fn wasmtime_config(cfg: &EngineConfig, limits: &LimitsConfig) -> anyhow::Result<
     // Host calls (WASI, state) run on the same fiber stack as the guest: give them room.
     c.async_stack_size(cfg.max_wasm_stack + (1 << 20));
     c.memory_init_cow(true);
+    if !cfg.guard_pages {
+        // Compiled-in bounds checks (and explicit checks for the other traps): a memory's
+        // accessible size then never has to shrink back with `mprotect` when its slot is
+        // reused. That `mprotect` takes the address-space lock for writing and flushes
+        // the TLB of every core running a daemon thread; with two executions in parallel
+        // it made each one 7x slower (docs/PERFORMANCE.md).
+        c.signals_based_traps(false);
+        c.memory_guard_size(0);
+        c.memory_reservation((limits.max_memory_mb as u64) << 20);
+    }
     c.parallel_compilation(true);
     // Only the features plugins need; the rest stay off to shrink the attack surface.
     c.wasm_memory64(false);

@@ -187,6 +187,26 @@ async fn memory_is_capped() {
     assert_eq!(out.stats.memory_peak_bytes, Some(128 << 20));
 }
 
+/// With either bounds-checking mode, a memory's size is enforced exactly even in a pool slot
+/// an earlier execution grew: the bytes it wrote there are neither readable nor kept.
+#[tokio::test]
+async fn reads_past_memory_trap_in_a_slot_grown_before() {
+    for guard_pages in [false, true] {
+        let mut c = config();
+        c.engine.guard_pages = guard_pages;
+        c.engine.pool_instances = 1; // every execution reuses the one slot
+        let e = env_with(c);
+        let bin = e.load(&fixture("grow_and_read.wat"));
+        for _ in 0..3 {
+            let out = e.run(&bin, &[1]).await.unwrap();
+            assert_eq!(out.output, [42], "guard_pages = {guard_pages}");
+            let (c, msg) = code(e.run(&bin, &[0]).await);
+            assert_eq!(c, ErrorCode::Trap, "guard_pages = {guard_pages}: {msg}");
+            assert!(msg.contains("out of bounds"), "{msg}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn deep_recursion_traps_with_a_clear_message() {
     let e = env();
