@@ -96,7 +96,7 @@ fn bare(bytes: &[u8], tuned: bool) -> Bare {
             .max_memory_size((d.limits.max_memory_mb as usize) << 20);
         c.signals_based_traps(false)
             .memory_guard_size(0)
-            .memory_reservation((d.limits.max_memory_mb as u64) << 20);
+            .memory_reservation(d.limits.max_memory_mb << 20);
     }
     c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     let engine = Engine::new(&c).expect("engine");

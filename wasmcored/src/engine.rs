@@ -98,7 +98,7 @@ fn wasmtime_config(cfg: &EngineConfig, limits: &LimitsConfig) -> anyhow::Result<
         // it made each one 7x slower (docs/PERFORMANCE.md).
         c.signals_based_traps(false);
         c.memory_guard_size(0);
-        c.memory_reservation((limits.max_memory_mb as u64) << 20);
+        c.memory_reservation(limits.max_memory_mb << 20);
     }
     c.parallel_compilation(true);
     // Only the features plugins need; the rest stay off to shrink the attack surface.
