@@ -4,7 +4,7 @@
 #                in .dev/, and load the example plugins (Ctrl-C stops it)
 #   make test    build everything and run every test (as root: the tests create users)
 #   make check   rustfmt and clippy, as CI runs them
-#   make bench   the benchmarks (see docs/PERFORMANCE.md)
+#   make bench   the benchmarks (see docs/PERFORMANCE.md); make bench-guard: CI's short run
 #   make deb     build and check the .deb (dpkg-buildpackage, lintian)
 #   make rpm     build and check the .rpm (rpmbuild, rpmlint)
 #   make e2e     the .deb installed and exercised in a booted Debian 12 (systemd-nspawn)
@@ -20,7 +20,7 @@ BIN        := target/$(PROFILE)
 DEV_SOCKET ?= /tmp/wasm-core.sock
 PLUGINS    := uppercase transform hash counter wc linenum
 
-.PHONY: all build plugins dev test check bench docs install deb rpm e2e clean
+.PHONY: all build plugins dev test check bench bench-guard docs install deb rpm e2e clean
 
 all: build plugins
 
@@ -58,8 +58,11 @@ check:
 bench: build plugins
 	$(CARGO) bench -p wasmcored --bench exec
 	$(CARGO) bench -p wasmcore-tests --bench restart
-	@echo "socket benchmark: start the daemon (make dev) and run"
-	@echo "  $(BIN)/wasmcorectl bench --binary uppercase"
+	tests/bench-socket.sh
+
+# A short socket benchmark that fails only on gross regressions of the ratios (CI).
+bench-guard: build plugins
+	tests/bench-socket.sh --duration-ms 300 --executions 0 --copies 0 --check
 
 # Installs what `make build plugins` produced; package builds call it with DESTDIR.
 install:

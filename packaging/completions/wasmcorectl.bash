@@ -95,7 +95,7 @@ _wasmcorectl() {
             return 0
             ;;
         wasmcorectl__subcmd__bench)
-            opts="-h --binary --load --input --duration-ms --pipeline --chain --socket --json --help"
+            opts="-h --binary --load --input --duration-ms --pipeline --chain --plugins --executions --copies --wasi --check --socket --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -122,6 +122,22 @@ _wasmcorectl() {
                     return 0
                     ;;
                 --chain)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --plugins)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --executions)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --copies)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --wasi)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

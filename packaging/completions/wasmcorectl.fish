@@ -75,10 +75,15 @@ complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand status" -s h -l 
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l binary -d 'Binary to run (UUID or name)' -r
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l load -d 'Load this module for the run and unload it after' -r -F
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l input -d 'Input of every execution' -r
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l duration-ms -d 'How long each measurement runs' -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l duration-ms -d 'How long each throughput measurement runs' -r
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l pipeline -d 'Requests in flight per connection in the pipelined runs' -r
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l chain -d 'Stages of the chain measurement (the same binary repeated)' -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l plugins -d 'Load every .wasm file in this directory once and report its compile time' -r -F
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l executions -d 'Executions for the memory-growth measurement (0: skip it)' -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l copies -d 'Copies of the binary loaded to measure memory per cached binary (0: skip it)' -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l wasi -d 'A WASI command module compared against `wasmtime run` (when `wasmtime` is on PATH)' -r -F
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l socket -d 'Daemon socket [default: /run/wasm-core/wasm-core.sock if present, else /tmp/wasm-core.sock]' -r -F
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l check -d 'Fail (exit status 1) on a gross regression of the throughput ratios'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l json -d 'Print the daemon\'s full JSON response instead of human output'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -s h -l help -d 'Print help'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info status bench help" -f -a "load" -d 'Load a module (.wasm, or .wat text) and print its UUID'

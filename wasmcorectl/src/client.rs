@@ -73,6 +73,14 @@ impl Client {
         })
     }
 
+    /// The process id of the server (SO_PEERCRED at connect time).
+    pub fn server_pid(&self) -> Option<i32> {
+        use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+        getsockopt(&self.writer, PeerCredentials)
+            .ok()
+            .map(|c| c.pid())
+    }
+
     /// Send one request line, with `fd` passed alongside when given.
     pub fn send(&mut self, request: &Value, fd: Option<BorrowedFd<'_>>) -> Result<(), ClientError> {
         let mut line =

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The socket benchmark against a daemon of this checkout: starts wasmcored on a temporary
+# socket and state directory, runs `wasmcorectl bench` with every row (uppercase, the
+# example plugins' compile times, memory, and `wasmtime run` when a wasmtime CLI is on
+# PATH), stops the daemon. Extra arguments go to `wasmcorectl bench`.
+#
+#   tests/bench-socket.sh                      the full table (docs/PERFORMANCE.md)
+#   tests/bench-socket.sh --duration-ms 300 --executions 0 --copies 0 --check
+#                                              the CI regression guard (make bench-guard)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=target/release
+dir=$(mktemp -d /tmp/wasmcore-bench.XXXXXX)
+sock=$dir/wasm-core.sock
+mkdir "$dir/state"
+"$bin/wasmcored" --listen "$sock" --state-dir "$dir/state" --log-level warn &
+pid=$!
+cleanup() { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$dir"; }
+trap cleanup EXIT
+for _ in $(seq 200); do [ -S "$sock" ] && break; kill -0 "$pid" || exit 1; sleep 0.05; done
+"$bin/wasmcorectl" --socket "$sock" bench --load plugins/dist/uppercase.wasm \
+    --plugins plugins/dist --wasi plugins/dist/wc.wasm "$@"
