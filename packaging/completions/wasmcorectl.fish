@@ -35,7 +35,7 @@ complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "list" -d 'L
 complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "unload" -d 'Remove a binary and its plugin state'
 complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "info" -d 'Show a binary\'s metadata, imports, exports and limits'
 complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "status" -d 'Show the daemon\'s version, counts and limits, and who it thinks you are'
-complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "bench" -d 'Measure execute and chain throughput and latency against a raw socket echo'
+complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "bench" -d 'Measure every performance target against echo baselines in the same run'
 complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand load" -l name -d 'A name to refer to the binary by (unique among your binaries)' -r
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand load" -l socket -d 'Daemon socket [default: /run/wasm-core/wasm-core.sock if present, else /tmp/wasm-core.sock]' -r -F
@@ -93,5 +93,5 @@ complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info status bench help" -f -a "unload" -d 'Remove a binary and its plugin state'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info status bench help" -f -a "info" -d 'Show a binary\'s metadata, imports, exports and limits'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info status bench help" -f -a "status" -d 'Show the daemon\'s version, counts and limits, and who it thinks you are'
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info status bench help" -f -a "bench" -d 'Measure execute and chain throughput and latency against a raw socket echo'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info status bench help" -f -a "bench" -d 'Measure every performance target against echo baselines in the same run'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info status bench help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

@@ -1,7 +1,8 @@
 //! `wasmcorectl bench`: every performance target of wasm-core measured against baselines in
 //! the same run, so the ratios cancel out the machine's speed and load.
 //!
-//! Baselines, both started inside the bench process:
+//! Baselines, each served by a child process of the bench (a process of its own, as the
+//! daemon is, so that both pay the same cost for switching between client and server):
 //! - the JSON echo: a Tokio server built like the daemon (multi-threaded runtime, one task
 //!   per connection, replies batched the same way) that parses every request line as JSON
 //!   and answers with the exact bytes the daemon answered: a JSON service doing everything
@@ -185,14 +186,12 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
             (&exec_req, &exec_resp)
         };
         let raw = {
-            let echo = RawEcho::start(resp.clone())
-                .map_err(|e| Failure::new(exit::IO, format!("starting the raw echo: {e}")))?;
-            measure(echo.path(), req, s.connections, s.in_flight, duration)?
+            let echo = EchoProcess::start("raw", resp)?;
+            measure(&echo.path, req, s.connections, s.in_flight, duration)?
         };
         let js = {
-            let echo = JsonEcho::start(resp.clone())
-                .map_err(|e| Failure::new(exit::IO, format!("starting the JSON echo: {e}")))?;
-            measure(echo.path(), req, s.connections, s.in_flight, duration)?
+            let echo = EchoProcess::start("json", resp)?;
+            measure(&echo.path, req, s.connections, s.in_flight, duration)?
         };
         let d = measure(socket, req, s.connections, s.in_flight, duration)?;
         let lat = |m: &Measured, v: f64| {
@@ -687,9 +686,7 @@ struct RawEcho {
 }
 
 impl RawEcho {
-    fn start(reply: Vec<u8>) -> std::io::Result<RawEcho> {
-        let dir = std::env::temp_dir();
-        let path = dir.join(format!("wasmcore-bench-raw-{}.sock", std::process::id()));
+    fn start(path: PathBuf, reply: Vec<u8>) -> std::io::Result<RawEcho> {
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -731,10 +728,6 @@ impl RawEcho {
             accept: Some(accept),
         })
     }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 impl Drop for RawEcho {
@@ -757,9 +750,7 @@ struct JsonEcho {
 }
 
 impl JsonEcho {
-    fn start(reply: Vec<u8>) -> std::io::Result<JsonEcho> {
-        let path =
-            std::env::temp_dir().join(format!("wasmcore-bench-json-{}.sock", std::process::id()));
+    fn start(path: PathBuf, reply: Vec<u8>) -> std::io::Result<JsonEcho> {
         let _ = std::fs::remove_file(&path);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -778,10 +769,6 @@ impl JsonEcho {
             path,
             runtime: Some(runtime),
         })
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
     }
 }
 
@@ -822,6 +809,76 @@ impl Drop for JsonEcho {
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Set (to `raw` or `json`) in the environment of an echo baseline's child process, with
+/// the socket path as the first argument and the reply line (base64) as the second.
+pub const ECHO_ENV: &str = "WASMCORECTL_BENCH_ECHO";
+
+/// Serve an echo baseline until killed; prints `ready` once listening.
+pub fn serve_echo(kind: &str) -> Result<(), Failure> {
+    let mut argv = std::env::args_os().skip(1);
+    let (Some(listen), Some(reply)) = (argv.next(), argv.next()) else {
+        return Err(Failure::new(
+            exit::USAGE,
+            "echo baseline: give a socket path and a reply",
+        ));
+    };
+    let reply = wasmcore_proto::decode_base64(&reply.to_string_lossy())
+        .map_err(|e| Failure::new(exit::USAGE, format!("echo baseline reply: {e}")))?;
+    let listen = PathBuf::from(listen);
+    let io = |e: std::io::Error| Failure::new(exit::IO, format!("echo baseline: {e}"));
+    let _echo: Box<dyn std::any::Any> = match kind {
+        "raw" => Box::new(RawEcho::start(listen, reply).map_err(io)?),
+        "json" => Box::new(JsonEcho::start(listen, reply).map_err(io)?),
+        k => return Err(Failure::new(exit::USAGE, format!("unknown echo kind {k}"))),
+    };
+    println!("ready");
+    std::io::stdout().flush().map_err(io)?;
+    loop {
+        std::thread::park();
+    }
+}
+
+/// An echo baseline in a child process, killed on drop.
+struct EchoProcess {
+    child: std::process::Child,
+    path: PathBuf,
+}
+
+impl EchoProcess {
+    fn start(kind: &str, reply: &[u8]) -> Result<EchoProcess, Failure> {
+        let fail = |e: std::io::Error| {
+            Failure::new(exit::IO, format!("starting the {kind} echo baseline: {e}"))
+        };
+        let path =
+            std::env::temp_dir().join(format!("wasmcore-bench-{kind}-{}.sock", std::process::id()));
+        let exe = std::env::current_exe().map_err(fail)?;
+        let mut child = std::process::Command::new(exe)
+            .env(ECHO_ENV, kind)
+            .arg(&path)
+            .arg(wasmcore_proto::encode_base64(reply))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map_err(fail)?;
+        let mut ready = String::new();
+        let stdout = child.stdout.take().expect("piped");
+        BufReader::new(stdout).read_line(&mut ready).map_err(fail)?;
+        if ready.trim() != "ready" {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(fail(std::io::Error::other("it exited before listening")));
+        }
+        Ok(EchoProcess { child, path })
+    }
+}
+
+impl Drop for EchoProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.path);
     }
 }
