@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use wasmcore_proto::{LimitsRequest, Stats};
 use wasmtime::{
-    Extern, Func, Memory, PoolConcurrencyLimitError, ResourceLimiter, Store, Trap, TypedFunc,
+    Extern, Memory, PoolConcurrencyLimitError, ResourceLimiter, Store, Trap, TypedFunc,
     UpdateDeadline, WasmBacktrace,
 };
 use wasmtime_wasi::I32Exit;
@@ -23,7 +23,7 @@ use crate::abi::{HostTrap, guest_range};
 use crate::config::{LimitsConfig, Live};
 use crate::engine::WasmEngine;
 use crate::error::{Error, ExecFailure, Result};
-use crate::registry::Binary;
+use crate::registry::{Binary, CheckedFunc};
 use crate::state::{CommitError, Namespace, StateStore, StateTxn};
 use wasmcore_proto::ModuleKind;
 
@@ -511,9 +511,8 @@ impl Executor {
             Some(Extern::Memory(m)) => m,
             _ => return Err(wasmtime::Error::msg("module has no `memory` export")),
         };
-        let alloc = typed_export::<i32, i32>(store, &instance, exports.alloc.as_ref(), "alloc")?;
-        let process =
-            typed_export::<(i32, i32), i32>(store, &instance, exports.process.as_ref(), "process")?;
+        let alloc = typed_export(store, &instance, exports.alloc.as_ref(), "alloc")?;
+        let process = typed_export(store, &instance, exports.process.as_ref(), "process")?;
         store.data_mut().memory = Some(memory);
         store.data_mut().alloc = Some(alloc.clone());
 
@@ -537,12 +536,10 @@ impl Executor {
         {
             store.data_mut().memory = Some(m);
         }
-        if let Ok(alloc) =
-            typed_export::<i32, i32>(store, &instance, bin.exports.alloc.as_ref(), "alloc")
-        {
+        if let Ok(alloc) = typed_export(store, &instance, bin.exports.alloc.as_ref(), "alloc") {
             store.data_mut().alloc = Some(alloc);
         }
-        let start = typed_export::<(), ()>(store, &instance, bin.exports.start.as_ref(), "_start")?;
+        let start = typed_export(store, &instance, bin.exports.start.as_ref(), "_start")?;
         start.call_async(&mut *store, ()).await?;
         Ok(0)
     }
@@ -557,22 +554,16 @@ impl std::fmt::Debug for ExecCtx {
 fn typed_export<P, R>(
     store: &mut Store<ExecCtx>,
     instance: &wasmtime::Instance,
-    export: Option<&wasmtime::ModuleExport>,
+    export: Option<&CheckedFunc<P, R>>,
     name: &str,
 ) -> wasmtime::Result<TypedFunc<P, R>>
 where
     P: wasmtime::WasmParams,
     R: wasmtime::WasmResults,
 {
-    let func: Func = match export.and_then(|e| instance.get_module_export(&mut *store, e)) {
-        Some(Extern::Func(f)) => f,
-        _ => {
-            return Err(wasmtime::Error::msg(format!(
-                "module has no `{name}` function export"
-            )));
-        }
-    };
-    func.typed::<P, R>(&*store)
+    export
+        .and_then(|e| crate::sys::checked_typed_func(store, instance, e))
+        .ok_or_else(|| wasmtime::Error::msg(format!("module has no `{name}` function export")))
 }
 
 fn with_stage(e: Error, stage: usize, earlier_logs: &mut Vec<String>) -> Error {

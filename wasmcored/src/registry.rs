@@ -30,9 +30,31 @@ const MAX_NAME_LEN: usize = 64;
 #[derive(Default)]
 pub struct Exports {
     pub memory: Option<ModuleExport>,
-    pub alloc: Option<ModuleExport>,
-    pub process: Option<ModuleExport>,
-    pub start: Option<ModuleExport>,
+    pub alloc: Option<CheckedFunc<i32, i32>>,
+    pub process: Option<CheckedFunc<(i32, i32), i32>>,
+    pub start: Option<CheckedFunc<(), ()>>,
+}
+
+/// A function export whose signature was checked to be `P -> R` when its module was
+/// loaded; only [`check_abi`] makes one. Executions then skip the per-call type check,
+/// which takes a lock in the engine's type registry (docs/PERFORMANCE.md).
+pub struct CheckedFunc<P, R> {
+    export: ModuleExport,
+    _sig: std::marker::PhantomData<fn(P) -> R>,
+}
+
+impl<P, R> CheckedFunc<P, R> {
+    fn verified(export: ModuleExport) -> Self {
+        CheckedFunc {
+            export,
+            _sig: std::marker::PhantomData,
+        }
+    }
+
+    /// The export, of the module this was checked on.
+    pub fn export(&self) -> &ModuleExport {
+        &self.export
+    }
 }
 
 impl std::fmt::Debug for Exports {
@@ -563,11 +585,12 @@ fn check_abi(module: &Module) -> Result<(ModuleKind, Exports)> {
         }
     };
     let is_i32 = |v: &[ValType]| v.iter().all(|t| matches!(t, ValType::I32));
+    let is_alloc = |s: &(Vec<ValType>, Vec<ValType>)| {
+        s.0.len() == 1 && s.1.len() == 1 && is_i32(&s.0) && is_i32(&s.1)
+    };
     let mut exports = Exports {
         memory: module.get_export_index("memory"),
-        alloc: module.get_export_index("alloc"),
-        process: module.get_export_index("process"),
-        start: module.get_export_index("_start"),
+        ..Exports::default()
     };
     if !matches!(
         module.get_export("memory"),
@@ -582,13 +605,15 @@ fn check_abi(module: &Module) -> Result<(ModuleKind, Exports)> {
             _ => return bad("`process` must be a function (i32, i32) -> i32"),
         }
         match func_sig("alloc") {
-            Some((p, r)) if p.len() == 1 && r.len() == 1 && is_i32(&p) && is_i32(&r) => {}
+            Some(s) if is_alloc(&s) => {}
             Some(_) => return bad("`alloc` must be a function (i32) -> i32"),
             None => return bad("the module exports `process` but no `alloc` function"),
         }
         if !matches!(module.get_export("memory"), Some(ExternType::Memory(_))) {
             return bad("the module exports no `memory`");
         }
+        exports.process = checked(module, "process");
+        exports.alloc = checked(module, "alloc");
         return Ok((ModuleKind::Process, exports));
     }
     if module.get_export("_start").is_some() {
@@ -600,14 +625,21 @@ fn check_abi(module: &Module) -> Result<(ModuleKind, Exports)> {
                 ));
             }
         }
-        if func_sig("alloc").is_none() {
-            exports.alloc = None;
+        exports.start = checked(module, "_start");
+        // A WASI command may export `alloc` for `get_state`; any other signature is ignored.
+        if func_sig("alloc").is_some_and(|s| is_alloc(&s)) {
+            exports.alloc = checked(module, "alloc");
         }
         return Ok((ModuleKind::Wasi, exports));
     }
     Err(Error::InvalidModule(
         "the module exports neither `process` (process ABI) nor `_start` (WASI command); see docs/PLUGIN_ABI.md".into(),
     ))
+}
+
+/// `name` as a checked function export; call only once its signature is verified.
+fn checked<P, R>(module: &Module, name: &str) -> Option<CheckedFunc<P, R>> {
+    module.get_export_index(name).map(CheckedFunc::verified)
 }
 
 fn validate_name(name: &str) -> Result<()> {

@@ -1,4 +1,5 @@
-//! The daemon's only unsafe code: system calls that `nix` does not wrap.
+//! The daemon's only unsafe code: system calls that `nix` does not wrap, and two Wasmtime
+//! calls whose preconditions the registry establishes when a module is loaded.
 
 #![allow(unsafe_code)]
 
@@ -117,4 +118,26 @@ pub fn deserialize_module(
     // SAFETY: see above: the file is our own serialize() output, checksum-verified, in a
     // directory no one else can write.
     unsafe { wasmtime::Module::deserialize_file(engine, path) }
+}
+
+/// The export `f` of `instance` as a typed function, without Wasmtime's per-call type check.
+pub fn checked_typed_func<P, R>(
+    store: &mut wasmtime::Store<crate::executor::ExecCtx>,
+    instance: &wasmtime::Instance,
+    f: &crate::registry::CheckedFunc<P, R>,
+) -> Option<wasmtime::TypedFunc<P, R>>
+where
+    P: wasmtime::WasmParams,
+    R: wasmtime::WasmResults,
+{
+    // `get_module_export` returns None unless `instance` is of the module `f` was checked on.
+    match instance.get_module_export(&mut *store, f.export())? {
+        // SAFETY: `CheckedFunc<P, R>` is only made for an export whose type the registry
+        // verified to be exactly `P -> R` (check_abi), and `func` is that export of an
+        // instance of that same module, owned by `store`.
+        wasmtime::Extern::Func(func) => {
+            Some(unsafe { wasmtime::TypedFunc::new_unchecked(&*store, func) })
+        }
+        _ => None,
+    }
 }
