@@ -62,7 +62,7 @@ bench: build plugins
 
 # A short socket benchmark that fails only on gross regressions of the ratios (CI).
 bench-guard: build plugins
-	tests/bench-socket.sh --duration-ms 300 --executions 0 --copies 0 --check
+	tests/bench-socket.sh --duration-ms 200 --executions 0 --copies 0 --check
 
 # Installs what `make build plugins` produced; package builds call it with DESTDIR.
 install:

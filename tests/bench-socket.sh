@@ -5,7 +5,7 @@
 # PATH), stops the daemon. Extra arguments go to `wasmcorectl bench`.
 #
 #   tests/bench-socket.sh                      the full table (docs/PERFORMANCE.md)
-#   tests/bench-socket.sh --duration-ms 300 --executions 0 --copies 0 --check
+#   tests/bench-socket.sh --duration-ms 200 --executions 0 --copies 0 --check
 #                                              the CI regression guard (make bench-guard)
 set -euo pipefail
 cd "$(dirname "$0")/.."

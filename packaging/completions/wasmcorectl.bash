@@ -95,7 +95,7 @@ _wasmcorectl() {
             return 0
             ;;
         wasmcorectl__subcmd__bench)
-            opts="-h --binary --load --input --duration-ms --pipeline --chain --plugins --executions --copies --wasi --check --socket --json --help"
+            opts="-h --binary --load --input --duration-ms --rounds --pipeline --chain --plugins --executions --copies --wasi --check --socket --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -114,6 +114,10 @@ _wasmcorectl() {
                     return 0
                     ;;
                 --duration-ms)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --rounds)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

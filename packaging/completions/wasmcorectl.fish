@@ -76,6 +76,7 @@ complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l binary
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l load -d 'Load this module for the run and unload it after' -r -F
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l input -d 'Input of every execution' -r
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l duration-ms -d 'How long each throughput measurement runs' -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l rounds -d 'Rounds per scenario, alternating the baselines and the daemon; medians are reported' -r
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l pipeline -d 'Requests in flight per connection in the pipelined runs' -r
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l chain -d 'Stages of the chain measurement (the same binary repeated)' -r
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l plugins -d 'Load every .wasm file in this directory once and report its compile time' -r -F

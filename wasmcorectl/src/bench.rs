@@ -41,8 +41,11 @@ pub struct BenchArgs {
     #[arg(long, default_value = "hello world")]
     pub input: String,
     /// How long each throughput measurement runs.
-    #[arg(long, default_value_t = 2000, value_name = "MS")]
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
     pub duration_ms: u64,
+    /// Rounds per scenario, alternating the baselines and the daemon; medians are reported.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub rounds: usize,
     /// Requests in flight per connection in the pipelined runs.
     #[arg(long, default_value_t = 32)]
     pub pipeline: usize,
@@ -115,8 +118,9 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
     let chain_resp = sample(&mut c, &chain_req)?;
     let duration = Duration::from_millis(args.duration_ms);
     println!(
-        "wasm-core bench: binary {binary}, input {} bytes, {} ms per measurement",
+        "wasm-core bench: binary {binary}, input {} bytes, median of {} rounds of {} ms",
         args.input.len(),
+        args.rounds.max(1),
         args.duration_ms
     );
     println!();
@@ -185,15 +189,19 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
         } else {
             (&exec_req, &exec_resp)
         };
-        let raw = {
-            let echo = EchoProcess::start("raw", resp)?;
-            measure(&echo.path, req, s.connections, s.in_flight, duration)?
-        };
-        let js = {
-            let echo = EchoProcess::start("json", resp)?;
-            measure(&echo.path, req, s.connections, s.in_flight, duration)?
-        };
-        let d = measure(socket, req, s.connections, s.in_flight, duration)?;
+        // Rounds alternate the three servers so that drift in the machine's load hits all
+        // of them alike; each figure is the median round.
+        let raw_echo = EchoProcess::start("raw", resp)?;
+        let json_echo = EchoProcess::start("json", resp)?;
+        let (mut raw, mut js, mut d) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..args.rounds.max(1) {
+            let m = |path: &Path| measure(path, req, s.connections, s.in_flight, duration);
+            raw.push(m(&raw_echo.path)?);
+            js.push(m(&json_echo.path)?);
+            d.push(m(socket)?);
+        }
+        drop((raw_echo, json_echo));
+        let (raw, js, d) = (median_round(raw), median_round(js), median_round(d));
         let lat = |m: &Measured, v: f64| {
             if m.p50_us > 0.0 {
                 format!("{v:.1}")
@@ -545,6 +553,12 @@ fn run_count(socket: &Path, req: &[u8], n: u64) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// The round with the median throughput.
+fn median_round(mut rounds: Vec<Measured>) -> Measured {
+    rounds.sort_by(|a, b| a.per_sec.total_cmp(&b.per_sec));
+    rounds[rounds.len() / 2]
 }
 
 /// VmRSS of `pid` in KiB.
