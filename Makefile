@@ -60,9 +60,12 @@ bench: build plugins
 	$(CARGO) bench -p wasmcore-tests --bench restart
 	tests/bench-socket.sh
 
-# A short socket benchmark that fails only on gross regressions of the ratios (CI).
+# A short socket benchmark that fails only on gross regressions of the ratios (CI): a ratio
+# below a third of its target in two runs in a row.
 bench-guard: build plugins
-	tests/bench-socket.sh --duration-ms 200 --executions 0 --copies 0 --check
+	tests/bench-socket.sh --duration-ms 200 --executions 0 --copies 0 --check || \
+	  { echo "bench-guard: below a floor; measuring again"; \
+	    tests/bench-socket.sh --duration-ms 200 --executions 0 --copies 0 --check; }
 
 # Installs what `make build plugins` produced; package builds call it with DESTDIR.
 install:
