@@ -108,6 +108,8 @@ pub struct RegistryConfig {
     pub max_state_key_bytes: usize,
     /// Compilation time bound; a module that takes longer is refused.
     pub max_compile: Duration,
+    /// Loads compiling at once, all tenants; beyond it, `busy`. 0: one per CPU.
+    pub max_concurrent_loads: usize,
 }
 
 impl Default for RegistryConfig {
@@ -116,6 +118,7 @@ impl Default for RegistryConfig {
             max_module_bytes: 16 << 20,
             max_state_key_bytes: 1024,
             max_compile: Duration::from_secs(30),
+            max_concurrent_loads: 0,
         }
     }
 }
@@ -131,6 +134,8 @@ pub struct Quota {
     pub concurrent_executions: usize,
     /// Plugin state (keys + values) per binary.
     pub state_bytes: u64,
+    /// Connections open at once; beyond it, `busy` and the connection is closed.
+    pub connections: usize,
 }
 
 impl Default for Quota {
@@ -140,6 +145,7 @@ impl Default for Quota {
             module_bytes: 256 << 20,
             concurrent_executions: 16,
             state_bytes: 1 << 20,
+            connections: 64,
         }
     }
 }
@@ -296,6 +302,7 @@ impl Config {
                 "quotas.concurrent_executions",
                 self.quotas.default.concurrent_executions as u64,
             ),
+            ("quotas.connections", self.quotas.default.connections as u64),
         ];
         for (key, v) in nonzero {
             if v == 0 {
@@ -309,6 +316,9 @@ impl Config {
             .any(|q| q.concurrent_executions == 0)
         {
             return Err("quotas.users.*.concurrent_executions must be greater than 0".into());
+        }
+        if self.quotas.users.values().any(|q| q.connections == 0) {
+            return Err("quotas.users.*.connections must be greater than 0".into());
         }
         if l.default_timeout_ms > l.max_timeout_ms {
             return Err("limits.default_timeout_ms exceeds limits.max_timeout_ms".into());
@@ -362,6 +372,10 @@ impl Config {
         keep!(engine, "engine.*");
         keep!(limits.max_memory_mb, "limits.max_memory_mb");
         keep!(limits.max_table_elements, "limits.max_table_elements");
+        keep!(
+            registry.max_concurrent_loads,
+            "registry.max_concurrent_loads"
+        );
         // Keep the defaults consistent with a kept maximum.
         if new.limits.default_memory_mb > new.limits.max_memory_mb {
             new.limits.default_memory_mb = new.limits.max_memory_mb;
@@ -481,6 +495,7 @@ struct RawRegistry {
     max_module_bytes: Option<usize>,
     max_state_key_bytes: Option<usize>,
     max_compile_s: Option<u64>,
+    max_concurrent_loads: Option<usize>,
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize)]
@@ -490,6 +505,7 @@ struct RawQuota {
     module_bytes: Option<u64>,
     concurrent_executions: Option<usize>,
     state_bytes: Option<u64>,
+    connections: Option<usize>,
 }
 
 impl RawQuota {
@@ -501,6 +517,7 @@ impl RawQuota {
                 .concurrent_executions
                 .unwrap_or(base.concurrent_executions),
             state_bytes: self.state_bytes.unwrap_or(base.state_bytes),
+            connections: self.connections.unwrap_or(base.connections),
         }
     }
 }
@@ -512,6 +529,7 @@ struct RawQuotas {
     module_bytes: Option<u64>,
     concurrent_executions: Option<usize>,
     state_bytes: Option<u64>,
+    connections: Option<usize>,
     #[serde(default)]
     users: HashMap<String, RawQuota>,
 }
@@ -601,6 +619,9 @@ impl RawConfig {
             max_compile: r
                 .max_compile_s
                 .map_or(d.registry.max_compile, Duration::from_secs),
+            max_concurrent_loads: r
+                .max_concurrent_loads
+                .unwrap_or(d.registry.max_concurrent_loads),
         };
         let q = &self.quotas;
         let default_quota = RawQuota {
@@ -608,6 +629,7 @@ impl RawConfig {
             module_bytes: q.module_bytes,
             concurrent_executions: q.concurrent_executions,
             state_bytes: q.state_bytes,
+            connections: q.connections,
         }
         .over(d.quotas.default);
         let mut users = HashMap::new();

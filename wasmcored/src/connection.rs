@@ -2,7 +2,9 @@
 //! dispatch, encode, write. Knows nothing of what a command does.
 //!
 //! Responses go out in request order. Replies are batched: the connection writes when no
-//! further complete request is buffered, so a pipelining client gets one write per batch.
+//! further complete request is buffered (or 256 KiB of replies are waiting), so a
+//! pipelining client gets one write per batch and a slow reader holds up only its own
+//! connection, never the daemon's memory.
 //! A line over the cap gets an error and the connection is closed (the stream cannot be
 //! resynchronised); any other bad request gets an error and the connection goes on.
 
@@ -23,6 +25,10 @@ use crate::sys;
 use crate::tenant::Tenant;
 
 const READ_CHUNK: usize = 64 * 1024;
+/// Replies buffered beyond this are written before the next request is handled, so a client
+/// that pipelines requests with large outputs and reads slowly holds at most about this
+/// much (plus one reply) in the daemon: the socket's backpressure then stops the reading.
+const FLUSH_AT: usize = 256 * 1024;
 
 /// Descriptors that arrived with the stream byte at `offset`.
 struct PassedFds {
@@ -52,7 +58,8 @@ pub async fn serve(
         loop {
             match conn.next_request(&daemon, &tenant).await {
                 Ok(true) => {
-                    if !conn.lines.has_line() && conn.flush().await.is_err() {
+                    let batch_done = !conn.lines.has_line() || conn.out.len() >= FLUSH_AT;
+                    if batch_done && conn.flush().await.is_err() {
                         return;
                     }
                 }

@@ -46,8 +46,12 @@ pub struct Daemon {
     pub connections: AtomicU64,
     /// Executions started since start.
     pub executions: AtomicU64,
-    /// Executions running per tenant (the concurrency quota); entry-locked updates.
-    running: DashMap<u32, usize>,
+    /// Executions running per tenant (the concurrency quota).
+    running: PerTenant,
+    /// Connections open per tenant (the connection quota).
+    open: PerTenant,
+    /// Slots for compilations running at once (`registry.max_concurrent_loads`).
+    pub loads: Arc<Semaphore>,
     /// Milliseconds since start of the last connection opened or closed (idle exit).
     last_activity_ms: AtomicU64,
     /// Execution failures logged in the current rate-limit window, and the window's start.
@@ -74,6 +78,32 @@ const PROBE_WAT: &str = r#"(module
   (func (export "alloc") (param i32) (result i32) (i32.const 0))
   (func (export "process") (param i32 i32) (result i32) (i32.const 0)))"#;
 
+/// Counts per tenant with a cap each; entry-locked updates.
+#[derive(Debug, Default)]
+struct PerTenant(DashMap<u32, usize>);
+
+impl PerTenant {
+    /// Count one more for `uid` unless it already has `cap`; `Err` holds the count.
+    fn take(&self, uid: u32, cap: usize) -> Result<(), usize> {
+        let mut n = self.0.entry(uid).or_insert(0);
+        if *n >= cap {
+            return Err(*n);
+        }
+        *n += 1;
+        Ok(())
+    }
+
+    fn give(&self, uid: u32) {
+        if let Entry::Occupied(mut e) = self.0.entry(uid) {
+            if *e.get() <= 1 {
+                e.remove();
+            } else {
+                *e.get_mut() -= 1;
+            }
+        }
+    }
+}
+
 /// A running execution of one tenant; frees its slot on drop.
 #[derive(Debug)]
 pub struct ExecSlot<'a> {
@@ -83,13 +113,20 @@ pub struct ExecSlot<'a> {
 
 impl Drop for ExecSlot<'_> {
     fn drop(&mut self) {
-        if let Entry::Occupied(mut e) = self.daemon.running.entry(self.uid) {
-            if *e.get() <= 1 {
-                e.remove();
-            } else {
-                *e.get_mut() -= 1;
-            }
-        }
+        self.daemon.running.give(self.uid);
+    }
+}
+
+/// An open connection of one tenant; frees its slot on drop.
+#[derive(Debug)]
+pub struct ConnSlot {
+    daemon: Arc<Daemon>,
+    uid: u32,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.daemon.open.give(self.uid);
     }
 }
 
@@ -137,6 +174,7 @@ impl Daemon {
             .compile(&probe_bytes)
             .and_then(|c| registry.detached(0, c))
             .map_err(|e| anyhow::anyhow!("compiling the watchdog probe: {e}"))?;
+        let config_loads = live.load().registry.max_concurrent_loads;
         Ok(Arc::new(Daemon {
             live,
             store,
@@ -146,7 +184,12 @@ impl Daemon {
             started: Instant::now(),
             connections: AtomicU64::new(0),
             executions: AtomicU64::new(0),
-            running: DashMap::new(),
+            loads: Arc::new(Semaphore::new(match config_loads {
+                0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+                n => n,
+            })),
+            running: PerTenant::default(),
+            open: PerTenant::default(),
             last_activity_ms: AtomicU64::new(0),
             failure_log: std::sync::Mutex::new((Instant::now(), 0)),
             probe,
@@ -167,16 +210,27 @@ impl Daemon {
             .quotas
             .for_uid(tenant.uid)
             .concurrent_executions;
-        let mut n = self.running.entry(tenant.uid).or_insert(0);
-        if *n >= cap {
-            return Err(Error::Busy(format!(
-                "you already have {} executions running, your limit is {cap}; retry when one finishes",
-                *n
-            )));
-        }
-        *n += 1;
+        self.running.take(tenant.uid, cap).map_err(|n| {
+            Error::Busy(format!(
+                "you already have {n} executions running, your limit is {cap}; retry when one finishes"
+            ))
+        })?;
         Ok(ExecSlot {
             daemon: self,
+            uid: tenant.uid,
+        })
+    }
+
+    /// Take one of `tenant`'s connection slots, or `busy` when all are in use.
+    pub fn open_connection(self: &Arc<Self>, tenant: &Tenant) -> Result<ConnSlot, Error> {
+        let cap = self.live.load().quotas.for_uid(tenant.uid).connections;
+        self.open.take(tenant.uid, cap).map_err(|n| {
+            Error::Busy(format!(
+                "you already have {n} connections open, your limit is {cap}; close one and retry"
+            ))
+        })?;
+        Ok(ConnSlot {
+            daemon: self.clone(),
             uid: tenant.uid,
         })
     }
@@ -476,6 +530,14 @@ async fn accept_loop(
             tokio::spawn(refuse(stream, ErrorCode::Busy, msg));
             continue;
         };
+        let slot = match daemon.open_connection(&tenant) {
+            Ok(s) => s,
+            Err(e) => {
+                log::info!("refused a connection from uid {}: {e}", tenant.uid);
+                tokio::spawn(refuse(stream, ErrorCode::Busy, e.to_string()));
+                continue;
+            }
+        };
         let d = daemon.clone();
         let rx = shutdown.clone();
         tokio::spawn(async move {
@@ -484,6 +546,7 @@ async fn accept_loop(
             crate::connection::serve(d.clone(), stream, tenant, rx).await;
             d.connections.fetch_sub(1, Relaxed);
             d.touch();
+            drop(slot);
             drop(permit);
         });
     }

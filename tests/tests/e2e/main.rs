@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `wasmcored` and `wasmcorectl`, real sockets, real UIDs.
 
 mod docs;
+mod hostile;
 mod persistence;
 mod socket;
 mod systemd;

@@ -69,6 +69,13 @@ pub async fn apply(
         Source::File(f, path)
     };
 
+    // A compile slot, held by the compiling thread until it ends: a compilation that outlives
+    // its deadline still occupies a CPU, so it still counts.
+    let slot = daemon.loads.clone().try_acquire_owned().map_err(|_| {
+        Error::Busy(
+            "the daemon is compiling as many modules as it may at once (registry.max_concurrent_loads); retry later".into(),
+        )
+    })?;
     let max_compile = daemon.config().registry.max_compile;
     let deadline = Instant::now() + max_compile;
     let (d, who) = (daemon.clone(), tenant.clone());
@@ -78,6 +85,7 @@ pub async fn apply(
     };
     // Reading, compiling and writing to disk block: keep them off the async workers.
     let job = tokio::task::spawn_blocking(move || -> Result<_> {
+        let _slot = slot;
         let bytes = match source {
             Source::Bytes(b) => b,
             Source::File(f, what) => read_module(&d, f, &what)?,
