@@ -20,8 +20,10 @@ fn module(body: &str) -> Vec<u8> {
 
 /// After each hostile case the same engine still runs a normal plugin correctly.
 async fn still_serving(e: &Env) {
-    let up = e.load(&plugin("uppercase"));
-    assert_eq!(e.run(&up, b"ok").await.unwrap().output, b"OK");
+    for bytes in [plugin("uppercase"), fixture("upper.wat")] {
+        let up = e.load(&bytes);
+        assert_eq!(e.run(&up, b"ok").await.unwrap().output, b"OK");
+    }
 }
 
 #[tokio::test]
