@@ -2,9 +2,11 @@
 #
 #   make dev     build everything, start wasmcored in dev mode on $(DEV_SOCKET) with state
 #                in .dev/, and load the example plugins (Ctrl-C stops it)
-#   make test    build everything and run every test (as root: the tests create users)
+#   make test    build everything and run every test (as root: the tests create users),
+#                then every fuzz target for 10 s
 #   make check   rustfmt and clippy, as CI runs them
 #   make bench   the benchmarks (see docs/PERFORMANCE.md); make bench-guard: CI's short run
+#   make fuzz    every fuzz target for FUZZ_SECONDS (30) each (nightly + cargo-fuzz)
 #   make deb     build and check the .deb (dpkg-buildpackage, lintian)
 #   make rpm     build and check the .rpm (rpmbuild, rpmlint)
 #   make e2e     the .deb installed and exercised in a booted Debian 12 (systemd-nspawn)
@@ -20,7 +22,7 @@ BIN        := target/$(PROFILE)
 DEV_SOCKET ?= /tmp/wasm-core.sock
 PLUGINS    := uppercase transform hash counter wc linenum
 
-.PHONY: all build plugins dev test check bench bench-guard docs install deb rpm e2e clean
+.PHONY: all build plugins dev test check bench bench-guard fuzz docs install deb rpm e2e clean
 
 all: build plugins
 
@@ -50,6 +52,7 @@ TEST_DEBS := systemd util-linux passwd mount python3
 test: build plugins
 	packaging/ensure-packages.sh $(TEST_DEBS)
 	$(CARGO) test --$(PROFILE) --workspace
+	$(MAKE) fuzz FUZZ_SECONDS=10
 
 check:
 	$(CARGO) fmt --all -- --check
@@ -66,6 +69,20 @@ bench-guard: build plugins
 	tests/bench-socket.sh --duration-ms 200 --executions 0 --copies 0 --check || \
 	  { echo "bench-guard: below a floor; measuring again"; \
 	    tests/bench-socket.sh --duration-ms 200 --executions 0 --copies 0 --check; }
+
+# The fuzz targets in tests/fuzz (docs/SECURITY.md). The committed corpus is read; new
+# inputs go to tests/fuzz/target/corpus, crashes to tests/fuzz/artifacts. A longer run:
+# make fuzz FUZZ_SECONDS=3600.
+FUZZ_SECONDS ?= 30
+FUZZ_TARGETS := request_decoder abi_host_calls
+fuzz:
+	rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	$(CARGO) +nightly fuzz --version >/dev/null 2>&1 || $(CARGO) +nightly install cargo-fuzz --version 0.13.2 --locked
+	for t in $(FUZZ_TARGETS); do \
+	  mkdir -p tests/fuzz/target/corpus/$$t && \
+	  $(CARGO) +nightly fuzz run --fuzz-dir tests/fuzz -O $$t tests/fuzz/target/corpus/$$t \
+	    tests/fuzz/corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096 || exit 1; \
+	done
 
 # Installs what `make build plugins` produced; package builds call it with DESTDIR.
 install:

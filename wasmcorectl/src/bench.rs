@@ -96,9 +96,10 @@ struct Scenario {
 }
 
 /// A target and the floor `--check` enforces: a third of the target, so that only a gross
-/// regression fails on a noisy shared machine. Latency ratios have no floor (`None`): a
-/// lone round trip's time depends on whether the CPUs were idle, which the bench does not
-/// control.
+/// regression fails on a noisy shared machine. Only the ten-connection ratios have floors
+/// (`None` otherwise): a single connection's round trip depends on whether the CPUs idle
+/// between requests, which the bench does not control (on a loaded machine the echo's
+/// ping-pong ran 9x faster than on an idle one, the daemon's did not).
 struct Target {
     what: &'static str,
     target: f64,
@@ -249,7 +250,7 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
             Target {
                 what: "execute, 1 connection: daemon / JSON echo throughput",
                 target: 0.60,
-                floor: Some(0.6 / 3.0),
+                floor: None,
             },
             d1.per_sec / js1.per_sec,
         ),
@@ -265,7 +266,7 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
             Target {
                 what: "pipelined, 1 connection: daemon / JSON echo ping-pong",
                 target: 1.2,
-                floor: Some(1.2 / 3.0),
+                floor: None,
             },
             dp1.per_sec / js1.per_sec,
         ),
