@@ -50,6 +50,30 @@ check "restart keeps every binary and UUID" test "$(uuids)" = "$before"
 check "plugin state survives the restart" test "$(as alice wasmcorectl execute hits --input k)" = 2
 check "the state directory is the service's" test "$(stat -c %U:%a /var/lib/wasm-core)" = wasm-core:700
 
+# A wedged daemon (stopped with SIGSTOP) no longer pets the watchdog: systemd kills and
+# restarts it, and nothing stored is lost. A runtime drop-in shortens the watchdog.
+mkdir -p /run/systemd/system/wasm-core.service.d
+printf '[Service]\nWatchdogSec=3s\nTimeoutAbortSec=2s\n' \
+  >/run/systemd/system/wasm-core.service.d/e2e-watchdog.conf
+systemctl daemon-reload
+systemctl restart wasm-core.service
+sleep 1
+wedged=$(systemctl show -p MainPID --value wasm-core.service)
+restarts=$(systemctl show -p NRestarts --value wasm-core.service)
+kill -STOP "$wedged"
+new=$wedged
+for _ in $(seq 60); do
+  new=$(systemctl show -p MainPID --value wasm-core.service)
+  [ "$new" != "$wedged" ] && [ "$new" != 0 ] && break
+  sleep 0.5
+done
+check "the watchdog restarts a wedged daemon (pid $wedged -> $new)" test "$new" != "$wedged" -a "$new" != 0
+check "systemd counted the restart" test "$(systemctl show -p NRestarts --value wasm-core.service)" -gt "$restarts"
+check "the journal names the watchdog" sh -c "journalctl -u wasm-core.service --no-pager | grep -qi watchdog"
+check "the restarted daemon keeps every binary and UUID" test "$(uuids)" = "$before"
+rm -r /run/systemd/system/wasm-core.service.d
+systemctl daemon-reload
+
 journal=$(journalctl -u wasm-core.service --no-pager -o cat)
 check "the journal holds the daemon's ready line" grep -q '^ready:' <<<"$journal"
 check "the journal holds load lines with the tenant's uid" grep -q "for uid $(id -u alice)" <<<"$journal"
