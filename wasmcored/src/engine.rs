@@ -95,7 +95,7 @@ fn wasmtime_config(cfg: &EngineConfig, limits: &LimitsConfig) -> anyhow::Result<
         // accessible size then never has to shrink back with `mprotect` when its slot is
         // reused. That `mprotect` takes the address-space lock for writing and flushes
         // the TLB of every core running a daemon thread; with two executions in parallel
-        // it made each one 7x slower (docs/PERFORMANCE.md).
+        // it made each one about 9x slower (docs/PERFORMANCE.md).
         c.signals_based_traps(false);
         c.memory_guard_size(0);
         c.memory_reservation(limits.max_memory_mb << 20);

@@ -36,11 +36,33 @@ fn rss_kib(d: &Daemon) -> u64 {
     status_kib(d.pid(), "VmRSS:")
 }
 
-fn report_peak(d: &Daemon, what: &str) {
-    eprintln!(
-        "peak RSS of the daemon after {what}: {:.1} MiB",
-        status_kib(d.pid(), "VmHWM:") as f64 / 1024.0
-    );
+/// A binary loaded before an abuse; [`Survivor::check`] proves it is still registered
+/// under its id and still runs correctly afterwards, and reports the daemon's peak RSS.
+struct Survivor(String);
+
+impl Survivor {
+    fn load(d: &Daemon) -> Survivor {
+        let mut c = served_client(d);
+        let up = b64(&std::fs::read(plugin_path("uppercase")).unwrap());
+        let r = c.call(&json!({"op": "load", "wasm_base64": up, "name": "survivor"}));
+        Survivor(ok(&r)["binary"].as_str().unwrap().to_string())
+    }
+
+    fn check(&self, d: &Daemon, what: &str) {
+        let mut c = served_client(d);
+        let listed = ok(&c.call(&json!({"op": "list"})))["binaries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["binary"] == json!(self.0));
+        assert!(listed, "the binary loaded before {what} is gone");
+        let r = c.call(&json!({"op": "execute", "binary": self.0, "input": "still here"}));
+        assert_eq!(ok(&r)["output"], json!("STILL HERE"));
+        eprintln!(
+            "after {what}: binaries lost 0, daemon peak RSS {:.1} MiB",
+            status_kib(d.pid(), "VmHWM:") as f64 / 1024.0
+        );
+    }
 }
 
 /// A deterministic byte stream (xorshift), so a failure can be replayed.
@@ -59,6 +81,7 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
 #[test]
 fn random_bytes_and_deep_nesting_get_errors_and_the_daemon_keeps_serving() {
     let d = Daemon::start();
+    let survivor = Survivor::load(&d);
     let mut lines_tried = 0;
     for seed in 1..=50u64 {
         let mut c = d.client();
@@ -90,7 +113,7 @@ fn random_bytes_and_deep_nesting_get_errors_and_the_daemon_keeps_serving() {
         }
     }
     ok(&c.call(&json!({"op": "status"})));
-    report_peak(&d, "random bytes and nesting");
+    survivor.check(&d, "random bytes and nesting");
 }
 
 /// Requests written without reading any reply: the daemon stops reading once its replies
@@ -98,6 +121,7 @@ fn random_bytes_and_deep_nesting_get_errors_and_the_daemon_keeps_serving() {
 #[test]
 fn pipelining_without_reading_is_bounded_by_backpressure() {
     let d = Daemon::start();
+    let survivor = Survivor::load(&d);
     let mut c = d.client();
     let amp = ok(&c.call(&json!({
         "op": "load", "name": "amp",
@@ -141,7 +165,7 @@ fn pipelining_without_reading_is_bounded_by_backpressure() {
         assert!(writer.join().unwrap(), "every request was written");
     }
     ok(&c.call(&json!({"op": "status"})));
-    report_peak(&d, "pipelining without reading");
+    survivor.check(&d, "pipelining without reading");
 }
 
 /// More connections than the daemon serves: each one is served or gets one `busy` line and
@@ -160,6 +184,7 @@ fn a_thousand_connections_are_served_or_refused_cleanly() {
         "[server]\nmax_connections = 200\n[quotas]\nconnections = 2000\n",
         &[],
     );
+    let survivor = Survivor::load(&d);
     // One connection of our own, kept open, once the start-up check's has closed.
     let mut own = served_client(&d);
     let t = Instant::now();
@@ -198,7 +223,6 @@ fn a_thousand_connections_are_served_or_refused_cleanly() {
     eprintln!("1000 more connections: {served} served, {busy} refused with busy");
     assert_eq!(served, 199);
     assert_eq!(busy, 801);
-    report_peak(&d, "1000 connections");
     drop(conns);
     let t = Instant::now();
     while d.open_fds() > fds_before {
@@ -210,12 +234,13 @@ fn a_thousand_connections_are_served_or_refused_cleanly() {
         std::thread::sleep(Duration::from_millis(50));
     }
     ok(&own.call(&json!({"op": "status"})));
-    served_client(&d);
+    survivor.check(&d, "1000 connections");
 }
 
 #[test]
 fn connections_per_tenant_are_capped() {
     let d = Daemon::start_config("[quotas]\nconnections = 3\n", &[]);
+    let survivor = Survivor::load(&d);
     // The start-up check's own connection may still be closing: retry until served.
     let mut open: Vec<Client> = (0..3).map(|_| served_client(&d)).collect();
     for c in &mut open {
@@ -234,7 +259,8 @@ fn connections_per_tenant_are_capped() {
     assert!(fourth.recv_line().is_none(), "closed after the busy line");
     drop(open.pop());
     // The slot comes back once the daemon has seen the close.
-    served_client(&d);
+    drop(served_client(&d));
+    survivor.check(&d, "connections over the tenant's cap");
 }
 
 /// A connection the daemon serves, retrying for up to 5 s while it answers `busy`.
@@ -257,6 +283,7 @@ fn served_client(d: &Daemon) -> Client {
 #[test]
 fn idle_and_half_closed_connections_end_cleanly() {
     let d = Daemon::start_config("[server]\nidle_timeout_s = 1\n", &[]);
+    let survivor = Survivor::load(&d);
     // Idle: closed after the timeout, without a reply.
     let mut idle = d.client();
     let t = Instant::now();
@@ -278,13 +305,14 @@ fn idle_and_half_closed_connections_end_cleanly() {
     c.send_raw(b"{\"op\":\"status\"");
     c.stream.shutdown(std::net::Shutdown::Write).unwrap();
     assert!(c.recv_line().is_none());
-    ok(&d.client().call(&json!({"op": "status"})));
+    survivor.check(&d, "idle and half-closed connections");
 }
 
 #[test]
 fn a_fifo_passed_as_a_module_is_refused_without_blocking() {
     use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
     let d = Daemon::start();
+    let survivor = Survivor::load(&d);
     let tmp = TempDir::new("fifo");
     let path = tmp.path().join("fifo");
     nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
@@ -315,7 +343,7 @@ fn a_fifo_passed_as_a_module_is_refused_without_blocking() {
             .contains("not a regular file"),
         "{r}"
     );
-    ok(&d.client().call(&json!({"op": "status"})));
+    survivor.check(&d, "a FIFO passed as a module");
 }
 
 /// A module that is valid and small enough but slow to compile (~12 MB of straight-line
@@ -327,6 +355,7 @@ fn compile_bombs_are_bounded_in_time_and_concurrency() {
         "[registry]\nmax_compile_s = 1\nmax_concurrent_loads = 1\n",
         &[],
     );
+    let survivor = Survivor::load(&d);
     let body = "local.get 0 i32.const 7 i32.mul local.get 0 i32.add local.set 0 ".repeat(2000);
     let func = format!("(func (param i32) (result i32) {body} local.get 0)");
     let abi = r#"(memory (export "memory") 1)
@@ -403,6 +432,6 @@ fn compile_bombs_are_bounded_in_time_and_concurrency() {
         .as_array()
         .unwrap()
         .len();
-    assert_eq!(listed, 1);
-    report_peak(&d, "a compile bomb");
+    assert_eq!(listed, 2, "the survivor and the last load");
+    survivor.check(&d, "a compile bomb");
 }
