@@ -1,7 +1,8 @@
 //! Hostile clients: random bytes, deep nesting, pipelining without reading, a thousand
 //! connections, per-tenant connection caps, idle and half-closed connections, FIFOs passed
-//! as modules. Each case ends with the daemon still serving; the daemon's memory is read
-//! from /proc and its peak printed (run with `--nocapture` to see the figures).
+//! as modules, compile bombs. Each case ends with the daemon still serving and a binary
+//! loaded before the abuse still registered and running; the daemon's memory is read from
+//! /proc and its peak printed (run with `--nocapture` to see the figures).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
