@@ -136,6 +136,8 @@ pub struct Quota {
     pub state_bytes: u64,
     /// Connections open at once; beyond it, `busy` and the connection is closed.
     pub connections: usize,
+    /// Loads compiling at once; beyond it, `busy`.
+    pub concurrent_loads: usize,
 }
 
 impl Default for Quota {
@@ -146,6 +148,7 @@ impl Default for Quota {
             concurrent_executions: 16,
             state_bytes: 1 << 20,
             connections: 64,
+            concurrent_loads: 1,
         }
     }
 }
@@ -303,6 +306,10 @@ impl Config {
                 self.quotas.default.concurrent_executions as u64,
             ),
             ("quotas.connections", self.quotas.default.connections as u64),
+            (
+                "quotas.concurrent_loads",
+                self.quotas.default.concurrent_loads as u64,
+            ),
         ];
         for (key, v) in nonzero {
             if v == 0 {
@@ -319,6 +326,9 @@ impl Config {
         }
         if self.quotas.users.values().any(|q| q.connections == 0) {
             return Err("quotas.users.*.connections must be greater than 0".into());
+        }
+        if self.quotas.users.values().any(|q| q.concurrent_loads == 0) {
+            return Err("quotas.users.*.concurrent_loads must be greater than 0".into());
         }
         if l.default_timeout_ms > l.max_timeout_ms {
             return Err("limits.default_timeout_ms exceeds limits.max_timeout_ms".into());
@@ -506,6 +516,7 @@ struct RawQuota {
     concurrent_executions: Option<usize>,
     state_bytes: Option<u64>,
     connections: Option<usize>,
+    concurrent_loads: Option<usize>,
 }
 
 impl RawQuota {
@@ -518,6 +529,7 @@ impl RawQuota {
                 .unwrap_or(base.concurrent_executions),
             state_bytes: self.state_bytes.unwrap_or(base.state_bytes),
             connections: self.connections.unwrap_or(base.connections),
+            concurrent_loads: self.concurrent_loads.unwrap_or(base.concurrent_loads),
         }
     }
 }
@@ -530,6 +542,7 @@ struct RawQuotas {
     concurrent_executions: Option<usize>,
     state_bytes: Option<u64>,
     connections: Option<usize>,
+    concurrent_loads: Option<usize>,
     #[serde(default)]
     users: HashMap<String, RawQuota>,
 }
@@ -630,6 +643,7 @@ impl RawConfig {
             concurrent_executions: q.concurrent_executions,
             state_bytes: q.state_bytes,
             connections: q.connections,
+            concurrent_loads: q.concurrent_loads,
         }
         .over(d.quotas.default);
         let mut users = HashMap::new();

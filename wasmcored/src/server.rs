@@ -50,6 +50,8 @@ pub struct Daemon {
     running: PerTenant,
     /// Connections open per tenant (the connection quota).
     open: PerTenant,
+    /// Loads compiling per tenant (the load quota).
+    loading: PerTenant,
     /// Slots for compilations running at once (`registry.max_concurrent_loads`).
     pub loads: Arc<Semaphore>,
     /// Milliseconds since start of the last connection opened or closed (idle exit).
@@ -130,6 +132,19 @@ impl Drop for ConnSlot {
     }
 }
 
+/// A compiling load of one tenant; frees its slot on drop.
+#[derive(Debug)]
+pub struct LoadSlot {
+    daemon: Arc<Daemon>,
+    uid: u32,
+}
+
+impl Drop for LoadSlot {
+    fn drop(&mut self) {
+        self.daemon.loading.give(self.uid);
+    }
+}
+
 impl Daemon {
     /// Build the engine, registry and executor for `config`. `loader` re-reads the config
     /// on SIGHUP (`None`: reload keeps the running config).
@@ -190,6 +205,7 @@ impl Daemon {
             })),
             running: PerTenant::default(),
             open: PerTenant::default(),
+            loading: PerTenant::default(),
             last_activity_ms: AtomicU64::new(0),
             failure_log: std::sync::Mutex::new((Instant::now(), 0)),
             probe,
@@ -217,6 +233,20 @@ impl Daemon {
         })?;
         Ok(ExecSlot {
             daemon: self,
+            uid: tenant.uid,
+        })
+    }
+
+    /// Take one of `tenant`'s load slots, or `busy` when all are in use.
+    pub fn admit_load(self: &Arc<Self>, tenant: &Tenant) -> Result<LoadSlot, Error> {
+        let cap = self.live.load().quotas.for_uid(tenant.uid).concurrent_loads;
+        self.loading.take(tenant.uid, cap).map_err(|n| {
+            Error::Busy(format!(
+                "you already have {n} loads compiling, your limit is {cap}; retry when one finishes"
+            ))
+        })?;
+        Ok(LoadSlot {
+            daemon: self.clone(),
             uid: tenant.uid,
         })
     }

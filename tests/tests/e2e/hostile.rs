@@ -352,18 +352,13 @@ fn a_fifo_passed_as_a_module_is_refused_without_blocking() {
 /// `busy` while it still compiles, and everything else keeps being served.
 #[test]
 fn compile_bombs_are_bounded_in_time_and_concurrency() {
+    // One compile slot for the whole daemon; the per-tenant cap out of the way.
     let d = Daemon::start_config(
-        "[registry]\nmax_compile_s = 1\nmax_concurrent_loads = 1\n",
+        "[registry]\nmax_compile_s = 1\nmax_concurrent_loads = 1\n[quotas]\nconcurrent_loads = 8\n",
         &[],
     );
     let survivor = Survivor::load(&d);
-    let body = "local.get 0 i32.const 7 i32.mul local.get 0 i32.add local.set 0 ".repeat(2000);
-    let func = format!("(func (param i32) (result i32) {body} local.get 0)");
-    let abi = r#"(memory (export "memory") 1)
-      (func (export "alloc") (param i32) (result i32) (i32.const 0))
-      (func (export "process") (param i32 i32) (result i32) (i32.const 0))"#;
-    let bomb = wat::parse_str(format!("(module {abi} {})", func.repeat(600))).unwrap();
-    assert!(bomb.len() < 16 << 20, "under the module size cap");
+    let bomb = compile_bomb();
     let socket = d.socket.clone();
     let bomb_load = std::thread::spawn(move || {
         let mut c = Client::connect(&socket);
@@ -435,4 +430,65 @@ fn compile_bombs_are_bounded_in_time_and_concurrency() {
         .len();
     assert_eq!(listed, 2, "the survivor and the last load");
     survivor.check(&d, "a compile bomb");
+}
+
+/// ~12 MB of straight-line code: valid, under the module size cap, seconds of Cranelift.
+fn compile_bomb() -> Vec<u8> {
+    let body = "local.get 0 i32.const 7 i32.mul local.get 0 i32.add local.set 0 ".repeat(2000);
+    let func = format!("(func (param i32) (result i32) {body} local.get 0)");
+    let abi = r#"(memory (export "memory") 1)
+      (func (export "alloc") (param i32) (result i32) (i32.const 0))
+      (func (export "process") (param i32 i32) (result i32) (i32.const 0))"#;
+    let bomb = wat::parse_str(format!("(module {abi} {})", func.repeat(600))).unwrap();
+    assert!(bomb.len() < 16 << 20, "under the module size cap");
+    bomb
+}
+
+/// A tenant compiling a bomb has used its own load slot (`quotas.concurrent_loads = 1`):
+/// its next load is `busy`, while another tenant's load is admitted and completes. (The two
+/// compilations share the compiler's worker threads, so the other one is slower meanwhile;
+/// the time bound is generous here so that both finish.)
+#[test]
+fn one_tenant_compiling_does_not_block_another_tenants_loads() {
+    let d = Daemon::start_config(
+        "[registry]\nmax_compile_s = 20\nmax_concurrent_loads = 2\n",
+        &[],
+    );
+    let survivor = Survivor::load(&d);
+    let other = TestUser::create("wasmcore-e2e-loader");
+    let bomb = compile_bomb();
+    let socket = d.socket.clone();
+    let bomb_load = std::thread::spawn(move || {
+        let mut c = Client::connect(&socket);
+        c.call(&json!({"op": "load", "wasm_base64": b64(&bomb)}))
+    });
+    let up = b64(&std::fs::read(plugin_path("uppercase")).unwrap());
+    let mut c = d.client();
+    let t = Instant::now();
+    loop {
+        let r = c.call(&json!({"op": "load", "wasm_base64": up}));
+        if r["ok"] == json!(false) {
+            assert_eq!(err_code(&r), "busy", "{r}");
+            let msg = r["error"]["message"].as_str().unwrap();
+            assert!(msg.contains("loads compiling, your limit is 1"), "{msg}");
+            break;
+        }
+        let id = r["binary"].as_str().unwrap().to_string();
+        ok(&c.call(&json!({"op": "unload", "binary": id})));
+        assert!(
+            !bomb_load.is_finished(),
+            "the bomb ended before a load was refused"
+        );
+        assert!(t.elapsed() < Duration::from_secs(10), "never saw busy");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The other tenant is not held up by the first one's compilation.
+    let r = raw_as(
+        &d.socket,
+        &other,
+        &json!({"op": "load", "wasm_base64": up, "name": "theirs"}),
+    );
+    ok(&r);
+    ok(&bomb_load.join().unwrap());
+    survivor.check(&d, "one tenant's compile bomb");
 }

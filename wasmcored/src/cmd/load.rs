@@ -69,8 +69,9 @@ pub async fn apply(
         Source::File(f, path)
     };
 
-    // A compile slot, held by the compiling thread until it ends: a compilation that outlives
-    // its deadline still occupies a CPU, so it still counts.
+    // Compile slots, the tenant's and the daemon's, held by the compiling thread until it
+    // ends: a compilation that outlives its deadline still occupies a CPU, so it still counts.
+    let own_slot = daemon.admit_load(tenant)?;
     let slot = daemon.loads.clone().try_acquire_owned().map_err(|_| {
         Error::Busy(
             "the daemon is compiling as many modules as it may at once (registry.max_concurrent_loads); retry later".into(),
@@ -85,7 +86,7 @@ pub async fn apply(
     };
     // Reading, compiling and writing to disk block: keep them off the async workers.
     let job = tokio::task::spawn_blocking(move || -> Result<_> {
-        let _slot = slot;
+        let _slots = (own_slot, slot);
         let bytes = match source {
             Source::Bytes(b) => b,
             Source::File(f, what) => read_module(&d, f, &what)?,
