@@ -49,9 +49,9 @@ pub struct Daemon {
     /// Executions running per tenant (the concurrency quota).
     running: PerTenant,
     /// Connections open per tenant (the connection quota).
-    open: PerTenant,
+    open: Arc<PerTenant>,
     /// Loads compiling per tenant (the load quota).
-    loading: PerTenant,
+    loading: Arc<PerTenant>,
     /// Slots for compilations running at once (`registry.max_concurrent_loads`).
     pub loads: Arc<Semaphore>,
     /// Milliseconds since start of the last connection opened or closed (idle exit).
@@ -95,6 +95,15 @@ impl PerTenant {
         Ok(())
     }
 
+    /// [`PerTenant::take`] as a slot that gives itself back on drop.
+    fn take_owned(self: &Arc<Self>, uid: u32, cap: usize) -> Result<TenantSlot, usize> {
+        self.take(uid, cap)?;
+        Ok(TenantSlot {
+            counts: self.clone(),
+            uid,
+        })
+    }
+
     fn give(&self, uid: u32) {
         if let Entry::Occupied(mut e) = self.0.entry(uid) {
             if *e.get() <= 1 {
@@ -119,29 +128,17 @@ impl Drop for ExecSlot<'_> {
     }
 }
 
-/// An open connection of one tenant; frees its slot on drop.
+/// One of a tenant's slots (an open connection, a compiling load) that outlives the
+/// borrow of the daemon; frees itself on drop.
 #[derive(Debug)]
-pub struct ConnSlot {
-    daemon: Arc<Daemon>,
+pub struct TenantSlot {
+    counts: Arc<PerTenant>,
     uid: u32,
 }
 
-impl Drop for ConnSlot {
+impl Drop for TenantSlot {
     fn drop(&mut self) {
-        self.daemon.open.give(self.uid);
-    }
-}
-
-/// A compiling load of one tenant; frees its slot on drop.
-#[derive(Debug)]
-pub struct LoadSlot {
-    daemon: Arc<Daemon>,
-    uid: u32,
-}
-
-impl Drop for LoadSlot {
-    fn drop(&mut self) {
-        self.daemon.loading.give(self.uid);
+        self.counts.give(self.uid);
     }
 }
 
@@ -204,8 +201,8 @@ impl Daemon {
                 n => n,
             })),
             running: PerTenant::default(),
-            open: PerTenant::default(),
-            loading: PerTenant::default(),
+            open: Arc::default(),
+            loading: Arc::default(),
             last_activity_ms: AtomicU64::new(0),
             failure_log: std::sync::Mutex::new((Instant::now(), 0)),
             probe,
@@ -238,30 +235,22 @@ impl Daemon {
     }
 
     /// Take one of `tenant`'s load slots, or `busy` when all are in use.
-    pub fn admit_load(self: &Arc<Self>, tenant: &Tenant) -> Result<LoadSlot, Error> {
+    pub fn admit_load(&self, tenant: &Tenant) -> Result<TenantSlot, Error> {
         let cap = self.live.load().quotas.for_uid(tenant.uid).concurrent_loads;
-        self.loading.take(tenant.uid, cap).map_err(|n| {
+        self.loading.take_owned(tenant.uid, cap).map_err(|n| {
             Error::Busy(format!(
                 "you already have {n} loads compiling, your limit is {cap}; retry when one finishes"
             ))
-        })?;
-        Ok(LoadSlot {
-            daemon: self.clone(),
-            uid: tenant.uid,
         })
     }
 
     /// Take one of `tenant`'s connection slots, or `busy` when all are in use.
-    pub fn open_connection(self: &Arc<Self>, tenant: &Tenant) -> Result<ConnSlot, Error> {
+    pub fn open_connection(&self, tenant: &Tenant) -> Result<TenantSlot, Error> {
         let cap = self.live.load().quotas.for_uid(tenant.uid).connections;
-        self.open.take(tenant.uid, cap).map_err(|n| {
+        self.open.take_owned(tenant.uid, cap).map_err(|n| {
             Error::Busy(format!(
                 "you already have {n} connections open, your limit is {cap}; close one and retry"
             ))
-        })?;
-        Ok(ConnSlot {
-            daemon: self.clone(),
-            uid: tenant.uid,
         })
     }
 

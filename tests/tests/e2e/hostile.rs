@@ -376,28 +376,8 @@ fn compile_bombs_are_bounded_in_time_and_concurrency() {
     // Once the bomb is compiling, another load is refused at once...
     let up = b64(&std::fs::read(plugin_path("uppercase")).unwrap());
     let mut c = d.client();
-    let t = Instant::now();
-    loop {
-        let r = c.call(&json!({"op": "load", "wasm_base64": up}));
-        if r["ok"] == json!(false) {
-            assert_eq!(err_code(&r), "busy", "{r}");
-            assert!(
-                r["error"]["message"]
-                    .as_str()
-                    .unwrap()
-                    .contains("max_concurrent_loads")
-            );
-            break;
-        }
-        // This load got in before the bomb: unload and try again.
-        let id = r["binary"].as_str().unwrap().to_string();
-        ok(&c.call(&json!({"op": "unload", "binary": id})));
-        std::thread::sleep(Duration::from_millis(50));
-        if bomb_load.is_finished() {
-            panic!("the bomb load ended first: {:?}", bomb_load.join().unwrap());
-        }
-        assert!(t.elapsed() < Duration::from_secs(10), "never saw busy");
-    }
+    let msg = first_busy_load(&mut c, &up, &bomb_load);
+    assert!(msg.contains("max_concurrent_loads"), "{msg}");
     // ...while everything else is served promptly.
     let t = Instant::now();
     ok(&c.call(&json!({"op": "status"})));
@@ -432,6 +412,27 @@ fn compile_bombs_are_bounded_in_time_and_concurrency() {
     survivor.check(&d, "a compile bomb");
 }
 
+/// Load `up_b64` until a load is refused with `busy` while `bomb` compiles (a load that got
+/// in before the bomb is unloaded and tried again); the refusal's message.
+fn first_busy_load<T>(c: &mut Client, up_b64: &str, bomb: &std::thread::JoinHandle<T>) -> String {
+    let t = Instant::now();
+    loop {
+        let r = c.call(&json!({"op": "load", "wasm_base64": up_b64}));
+        if r["ok"] == json!(false) {
+            assert_eq!(err_code(&r), "busy", "{r}");
+            return r["error"]["message"].as_str().unwrap().to_string();
+        }
+        let id = r["binary"].as_str().unwrap().to_string();
+        ok(&c.call(&json!({"op": "unload", "binary": id})));
+        assert!(
+            !bomb.is_finished(),
+            "the bomb ended before a load was refused"
+        );
+        assert!(t.elapsed() < Duration::from_secs(10), "never saw busy");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// ~12 MB of straight-line code: valid, under the module size cap, seconds of Cranelift.
 fn compile_bomb() -> Vec<u8> {
     let body = "local.get 0 i32.const 7 i32.mul local.get 0 i32.add local.set 0 ".repeat(2000);
@@ -464,24 +465,8 @@ fn one_tenant_compiling_does_not_block_another_tenants_loads() {
     });
     let up = b64(&std::fs::read(plugin_path("uppercase")).unwrap());
     let mut c = d.client();
-    let t = Instant::now();
-    loop {
-        let r = c.call(&json!({"op": "load", "wasm_base64": up}));
-        if r["ok"] == json!(false) {
-            assert_eq!(err_code(&r), "busy", "{r}");
-            let msg = r["error"]["message"].as_str().unwrap();
-            assert!(msg.contains("loads compiling, your limit is 1"), "{msg}");
-            break;
-        }
-        let id = r["binary"].as_str().unwrap().to_string();
-        ok(&c.call(&json!({"op": "unload", "binary": id})));
-        assert!(
-            !bomb_load.is_finished(),
-            "the bomb ended before a load was refused"
-        );
-        assert!(t.elapsed() < Duration::from_secs(10), "never saw busy");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let msg = first_busy_load(&mut c, &up, &bomb_load);
+    assert!(msg.contains("loads compiling, your limit is 1"), "{msg}");
     // The other tenant is not held up by the first one's compilation.
     let r = raw_as(
         &d.socket,
