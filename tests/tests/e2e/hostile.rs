@@ -358,21 +358,7 @@ fn compile_bombs_are_bounded_in_time_and_concurrency() {
         &[],
     );
     let survivor = Survivor::load(&d);
-    let bomb = compile_bomb();
-    let socket = d.socket.clone();
-    let bomb_load = std::thread::spawn(move || {
-        let mut c = Client::connect(&socket);
-        let req = json!({"op": "load", "wasm_base64": b64(&bomb)});
-        loop {
-            // Until it gets the compile slot (the probing loads below may hold it).
-            let t = Instant::now();
-            let r = c.call(&req);
-            if r["error"]["code"] != json!("busy") {
-                return (r, t.elapsed());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    });
+    let bomb_load = spawn_bomb_load(&d);
     // Once the bomb is compiling, another load is refused at once...
     let up = b64(&std::fs::read(plugin_path("uppercase")).unwrap());
     let mut c = d.client();
@@ -433,6 +419,25 @@ fn first_busy_load<T>(c: &mut Client, up_b64: &str, bomb: &std::thread::JoinHand
     }
 }
 
+/// Load [`compile_bomb`] from a thread, retrying while it gets `busy` (the probing loads of
+/// [`first_busy_load`] may hold a slot); the answer and how long that last load took.
+fn spawn_bomb_load(d: &Daemon) -> std::thread::JoinHandle<(Value, Duration)> {
+    let bomb = compile_bomb();
+    let socket = d.socket.clone();
+    std::thread::spawn(move || {
+        let mut c = Client::connect(&socket);
+        let req = json!({"op": "load", "wasm_base64": b64(&bomb)});
+        loop {
+            let t = Instant::now();
+            let r = c.call(&req);
+            if r["error"]["code"] != json!("busy") {
+                return (r, t.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+}
+
 /// ~12 MB of straight-line code: valid, under the module size cap, seconds of Cranelift.
 fn compile_bomb() -> Vec<u8> {
     let body = "local.get 0 i32.const 7 i32.mul local.get 0 i32.add local.set 0 ".repeat(2000);
@@ -457,12 +462,7 @@ fn one_tenant_compiling_does_not_block_another_tenants_loads() {
     );
     let survivor = Survivor::load(&d);
     let other = TestUser::create("wasmcore-e2e-loader");
-    let bomb = compile_bomb();
-    let socket = d.socket.clone();
-    let bomb_load = std::thread::spawn(move || {
-        let mut c = Client::connect(&socket);
-        c.call(&json!({"op": "load", "wasm_base64": b64(&bomb)}))
-    });
+    let bomb_load = spawn_bomb_load(&d);
     let up = b64(&std::fs::read(plugin_path("uppercase")).unwrap());
     let mut c = d.client();
     let msg = first_busy_load(&mut c, &up, &bomb_load);
@@ -474,6 +474,6 @@ fn one_tenant_compiling_does_not_block_another_tenants_loads() {
         &json!({"op": "load", "wasm_base64": up, "name": "theirs"}),
     );
     ok(&r);
-    ok(&bomb_load.join().unwrap());
+    ok(&bomb_load.join().unwrap().0);
     survivor.check(&d, "one tenant's compile bomb");
 }
