@@ -30,7 +30,8 @@ Files:
   /var/lib/wasm-core
       the state directory: FORMAT, binaries/<uuid>/
       (meta.json, module.wasm, <hash>.cwasm),
-      state/<uuid>/<uid>.state, tmp/, quarantine/
+      state/<uuid>/<uid>.state, tmp/, quarantine/,
+      probe/<hash>.cwasm (the watchdog's probe)
 
 See also: wasmcorectl(1), wasm-core.toml(5)";
 

@@ -58,8 +58,9 @@ pub struct Daemon {
     last_activity_ms: AtomicU64,
     /// Execution failures logged in the current rate-limit window, and the window's start.
     failure_log: std::sync::Mutex<(Instant, u32)>,
-    /// A minimal module run by the watchdog to prove the executor works.
-    probe: Arc<Binary>,
+    /// A minimal module run by the watchdog to prove the executor works; set up at the first
+    /// probe (see [`Daemon::probe`]).
+    probe: tokio::sync::OnceCell<Arc<Binary>>,
     loader: Option<ConfigLoader>,
 }
 
@@ -180,12 +181,6 @@ impl Daemon {
             report.quarantined
         );
         let executor = Executor::new(engine, state, live.clone());
-        let probe_bytes =
-            wat::parse_str(PROBE_WAT).map_err(|e| anyhow::anyhow!("watchdog probe: {e}"))?;
-        let probe = registry
-            .compile(&probe_bytes)
-            .and_then(|c| registry.detached(0, c))
-            .map_err(|e| anyhow::anyhow!("compiling the watchdog probe: {e}"))?;
         let config_loads = live.load().registry.max_concurrent_loads;
         Ok(Arc::new(Daemon {
             live,
@@ -205,7 +200,7 @@ impl Daemon {
             loading: Arc::default(),
             last_activity_ms: AtomicU64::new(0),
             failure_log: std::sync::Mutex::new((Instant::now(), 0)),
-            probe,
+            probe: tokio::sync::OnceCell::new(),
             loader,
         }))
     }
@@ -302,7 +297,25 @@ impl Daemon {
     }
 
     /// Run the probe module: proves the engine, pool and executor still work.
-    pub async fn probe(&self) -> bool {
+    pub async fn probe(self: &Arc<Self>) -> bool {
+        let probe = self
+            .probe
+            .get_or_try_init(|| {
+                let d = Arc::clone(self);
+                async move {
+                    tokio::task::spawn_blocking(move || d.prepare_probe())
+                        .await
+                        .map_err(|e| Error::internal(format!("preparing the probe: {e}")))?
+                }
+            })
+            .await;
+        let probe = match probe {
+            Ok(p) => p,
+            Err(e) => {
+                log::error!("watchdog probe: {e}");
+                return false;
+            }
+        };
         let req = LimitsRequest {
             timeout_ms: Some(1000),
             ..LimitsRequest::default()
@@ -311,9 +324,42 @@ impl Daemon {
             return false;
         };
         self.executor
-            .execute(&self.probe, 0, Vec::new(), &limits)
+            .execute(probe, 0, Vec::new(), &limits)
             .await
             .is_ok()
+    }
+
+    /// The probe module, from its artifact in the state directory when one matches this
+    /// engine, else compiled (and its artifact stored for the next start). Not done at start:
+    /// a daemon that compiles nothing until the first load keeps Cranelift's code (~6 MiB
+    /// of the binary) out of memory (docs/PERFORMANCE.md, "Restart and memory").
+    fn prepare_probe(&self) -> Result<Arc<Binary>, Error> {
+        let engine = self.executor.engine();
+        let hash = engine.compat_hash();
+        let stored = self
+            .store
+            .load_probe(engine.engine(), &hash)
+            .unwrap_or_else(|e| {
+                log::warn!("watchdog probe: stored artifact unusable ({e}); compiling it again");
+                None
+            });
+        let compiled = match stored {
+            Some(module) => self.registry.prepare(module, String::new(), 0)?,
+            None => {
+                let bytes = wat::parse_str(PROBE_WAT)
+                    .map_err(|e| Error::internal(format!("watchdog probe: {e}")))?;
+                let compiled = self.registry.compile(&bytes)?;
+                if let Err(e) = compiled.serialize().and_then(|a| {
+                    self.store
+                        .save_probe(&hash, &a)
+                        .map_err(|e| Error::internal(e.to_string()))
+                }) {
+                    log::warn!("watchdog probe: could not store its artifact: {e}");
+                }
+                compiled
+            }
+        };
+        self.registry.detached(0, compiled)
     }
 
     /// Log an execution failure, at most FAILURE_LOG_BURST lines a minute.

@@ -12,6 +12,7 @@
 //! STATE/state/<uuid>/<uid>.state        plugin state of tenant <uid> for binary <uuid>
 //! STATE/tmp/                            entries being written or removed; emptied at start
 //! STATE/quarantine/                     entries that could not be read, with the reason
+//! STATE/probe/<hash>.cwasm              the watchdog's probe module, precompiled (and .sha256)
 //! ```
 //!
 //! Every write is: temp file, fsync, rename, fsync of the directory. A binary's entry is
@@ -87,7 +88,7 @@ impl StateDir {
         b.recursive(true).mode(0o700);
         b.create(root)
             .map_err(ctx(format!("creating state directory {}", root.display())))?;
-        for sub in ["binaries", "state", "tmp", "quarantine"] {
+        for sub in ["binaries", "state", "tmp", "quarantine", "probe"] {
             b.create(root.join(sub))
                 .map_err(ctx(format!("creating {}", root.join(sub).display())))?;
         }
@@ -173,6 +174,43 @@ impl StateDir {
             let _ = fs::remove_dir_all(&staging);
         }
         result.map(|()| self.stored_bytes(meta.id))
+    }
+
+    fn probe_artifact(&self, engine_hash: &str) -> PathBuf {
+        self.root.join("probe").join(format!("{engine_hash}.cwasm"))
+    }
+
+    /// The watchdog's probe module as stored for the engine whose hash is `engine_hash`;
+    /// `None` when none is stored.
+    pub fn load_probe(
+        &self,
+        engine: &wasmtime::Engine,
+        engine_hash: &str,
+    ) -> Result<Option<wasmtime::Module>, String> {
+        let path = self.probe_artifact(engine_hash);
+        if !path.exists() {
+            return Ok(None);
+        }
+        verify_artifact(&path)?;
+        crate::sys::deserialize_module(engine, &path)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Store the probe's artifact for `engine_hash`, and drop those of other engines.
+    pub fn save_probe(&self, engine_hash: &str, artifact: &[u8]) -> io::Result<()> {
+        let dir = self.root.join("probe");
+        let name = format!("{engine_hash}.cwasm");
+        write_atomic(self, &dir, &name, artifact)?;
+        let sum = hex::encode(Sha256::digest(artifact));
+        write_atomic(self, &dir, &format!("{name}.sha256"), sum.as_bytes())?;
+        for entry in fs::read_dir(&dir).map_err(ctx(format!("reading {}", dir.display())))? {
+            let entry = entry?;
+            if !entry.file_name().to_string_lossy().starts_with(engine_hash) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
     }
 
     /// Replace the artifacts of a stored binary with one for `engine_hash`.
@@ -511,6 +549,37 @@ mod tests {
             public: false,
             loaded_at: 1,
         }
+    }
+
+    #[test]
+    fn probe_artifact_round_trip_checksum_and_other_engines() {
+        let root = tmpdir("probe");
+        let s = StateDir::open(&root).unwrap();
+        let engine = wasmtime::Engine::default();
+        assert!(s.load_probe(&engine, "h1").unwrap().is_none());
+        let module = wasmtime::Module::new(
+            &engine,
+            wat::parse_str("(module (func (export \"f\")))").unwrap(),
+        )
+        .unwrap();
+        let artifact = module.serialize().unwrap();
+        s.save_probe("h0", &artifact).unwrap();
+        s.save_probe("h1", &artifact).unwrap();
+        // The artifact of another engine is gone; this one's loads.
+        assert!(!root.join("probe/h0.cwasm").exists());
+        assert!(!root.join("probe/h0.cwasm.sha256").exists());
+        let m = s.load_probe(&engine, "h1").unwrap().unwrap();
+        assert!(m.get_export("f").is_some());
+        // (The module maps its file: written in place below, it must be gone first.)
+        drop(m);
+        // A torn artifact is refused by its checksum, never handed to Wasmtime.
+        fs::write(root.join("probe/h1.cwasm"), &artifact[..artifact.len() / 2]).unwrap();
+        let e = s.load_probe(&engine, "h1").unwrap_err();
+        assert!(e.contains("checksum mismatch"), "{e}");
+        // Saving again repairs it.
+        s.save_probe("h1", &artifact).unwrap();
+        assert!(s.load_probe(&engine, "h1").unwrap().is_some());
+        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

@@ -89,8 +89,15 @@ fn socket_activation_and_the_notify_protocol() {
     // Both passed listeners serve.
     ok(&c.call(&json!({"op": "status"})));
     ok(&Client::connect(&b).call(&json!({"op": "status"})));
-    // The watchdog is petted after a successful probe.
+    // The watchdog is petted after a successful probe, whose compiled module is kept in
+    // the state directory for the next start.
     notify.wait_for("WATCHDOG=1", Duration::from_secs(5));
+    let probe = std::fs::read_dir(tmp.path().join("state/probe"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect::<Vec<_>>();
+    assert_eq!(probe.len(), 2, "{probe:?}");
+    assert!(probe.iter().any(|n| n.ends_with(".cwasm")), "{probe:?}");
     // Reload: RELOADING=1, then READY=1.
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, Signal::SIGHUP).unwrap();
