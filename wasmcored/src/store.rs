@@ -176,10 +176,6 @@ impl StateDir {
         result.map(|()| self.stored_bytes(meta.id))
     }
 
-    fn probe_artifact(&self, engine_hash: &str) -> PathBuf {
-        self.root.join("probe").join(format!("{engine_hash}.cwasm"))
-    }
-
     /// The watchdog's probe module as stored for the engine whose hash is `engine_hash`;
     /// `None` when none is stored.
     pub fn load_probe(
@@ -187,30 +183,15 @@ impl StateDir {
         engine: &wasmtime::Engine,
         engine_hash: &str,
     ) -> Result<Option<wasmtime::Module>, String> {
-        let path = self.probe_artifact(engine_hash);
-        if !path.exists() {
-            return Ok(None);
-        }
-        verify_artifact(&path)?;
-        crate::sys::deserialize_module(engine, &path)
-            .map(Some)
-            .map_err(|e| e.to_string())
+        open_artifact(
+            engine,
+            &self.root.join("probe").join(format!("{engine_hash}.cwasm")),
+        )
     }
 
     /// Store the probe's artifact for `engine_hash`, and drop those of other engines.
     pub fn save_probe(&self, engine_hash: &str, artifact: &[u8]) -> io::Result<()> {
-        let dir = self.root.join("probe");
-        let name = format!("{engine_hash}.cwasm");
-        write_atomic(self, &dir, &name, artifact)?;
-        let sum = hex::encode(Sha256::digest(artifact));
-        write_atomic(self, &dir, &format!("{name}.sha256"), sum.as_bytes())?;
-        for entry in fs::read_dir(&dir).map_err(ctx(format!("reading {}", dir.display())))? {
-            let entry = entry?;
-            if !entry.file_name().to_string_lossy().starts_with(engine_hash) {
-                let _ = fs::remove_file(entry.path());
-            }
-        }
-        Ok(())
+        self.put_artifact(&self.root.join("probe"), engine_hash, artifact)
     }
 
     /// Replace the artifacts of a stored binary with one for `engine_hash`.
@@ -220,16 +201,25 @@ impl StateDir {
         engine_hash: &str,
         artifact: &[u8],
     ) -> io::Result<()> {
-        write_artifact_files(&stored.dir, engine_hash, artifact)?;
-        for entry in fs::read_dir(&stored.dir)? {
+        self.put_artifact(&stored.dir, engine_hash, artifact)
+    }
+
+    /// Store `artifact` as `dir/<engine_hash>.cwasm` with its checksum file, each replaced
+    /// atomically (so a torn artifact a crash left behind is repaired, not kept), and drop
+    /// the artifacts of other engines.
+    fn put_artifact(&self, dir: &Path, engine_hash: &str, artifact: &[u8]) -> io::Result<()> {
+        let name = format!("{engine_hash}.cwasm");
+        write_atomic(self, dir, &name, artifact)?;
+        write_atomic(self, dir, &format!("{name}.sha256"), &checksum(artifact))?;
+        for entry in fs::read_dir(dir).map_err(ctx(format!("reading {}", dir.display())))? {
             let name = entry?.file_name().to_string_lossy().into_owned();
             if (name.ends_with(".cwasm") || name.ends_with(".cwasm.sha256"))
                 && !name.starts_with(engine_hash)
             {
-                let _ = fs::remove_file(stored.dir.join(&name));
+                let _ = fs::remove_file(dir.join(&name));
             }
         }
-        fsync_dir(&stored.dir)
+        fsync_dir(dir)
     }
 
     /// Remove a binary and its plugin state durably. Absent: nothing to do.
@@ -382,22 +372,13 @@ fn restore_one(
 ) -> Result<bool, String> {
     let engine = registry.engine().engine();
     let artifact = stored.artifact_path(hash);
-    let from_artifact = if artifact.exists() {
-        match verify_artifact(&artifact).and_then(|()| {
-            crate::sys::deserialize_module(engine, &artifact).map_err(|e| e.to_string())
-        }) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                log::warn!(
-                    "binary {}: precompiled artifact unusable ({e}); recompiling",
-                    stored.meta.id
-                );
-                None
-            }
-        }
-    } else {
+    let from_artifact = open_artifact(engine, &artifact).unwrap_or_else(|e| {
+        log::warn!(
+            "binary {}: precompiled artifact unusable ({e}); recompiling",
+            stored.meta.id
+        );
         None
-    };
+    });
     let recompiled = from_artifact.is_none();
     let module = match from_artifact {
         Some(m) => m,
@@ -472,10 +453,27 @@ fn read_entry(dir: &Path) -> Result<StoredBinary, String> {
 fn write_artifact_files(dir: &Path, engine_hash: &str, artifact: &[u8]) -> io::Result<()> {
     let name = format!("{engine_hash}.cwasm");
     write_file_synced(&dir.join(&name), artifact)?;
-    write_file_synced(
-        &dir.join(format!("{name}.sha256")),
-        hex::encode(Sha256::digest(artifact)).as_bytes(),
-    )
+    write_file_synced(&dir.join(format!("{name}.sha256")), &checksum(artifact))
+}
+
+/// The contents of an artifact's checksum file.
+fn checksum(artifact: &[u8]) -> Vec<u8> {
+    hex::encode(Sha256::digest(artifact)).into_bytes()
+}
+
+/// The module in the artifact at `path`, checked against its checksum file before Wasmtime
+/// sees it; `None` when there is no artifact.
+fn open_artifact(
+    engine: &wasmtime::Engine,
+    path: &Path,
+) -> Result<Option<wasmtime::Module>, String> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    verify_artifact(path)?;
+    crate::sys::deserialize_module(engine, path)
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 /// Check an artifact against its checksum file before it is trusted.
@@ -599,6 +597,12 @@ mod tests {
         s.replace_artifact(&b, "h2", b"other").unwrap();
         assert!(!b.artifact_path("h1").exists());
         verify_artifact(&b.artifact_path("h2")).unwrap();
+        // A torn artifact of the same engine (a crash mid-write) is replaced, not kept.
+        fs::write(b.artifact_path("h2"), b"oth").unwrap();
+        assert!(verify_artifact(&b.artifact_path("h2")).is_err());
+        s.replace_artifact(&b, "h2", b"other").unwrap();
+        verify_artifact(&b.artifact_path("h2")).unwrap();
+        assert_eq!(fs::read(b.artifact_path("h2")).unwrap(), b"other");
         s.remove_binary(id).unwrap();
         assert!(s.list_binaries().unwrap().is_empty());
         s.remove_binary(id).unwrap();
