@@ -34,5 +34,5 @@ pub mod tenant;
 
 pub use config::Config;
 pub use error::{Error, Result};
-pub use server::{Daemon, Stopped, run};
+pub use server::{Daemon, Signals, Stopped, run};
 pub use tenant::Tenant;

@@ -27,6 +27,16 @@ fn real_main(args: wasmcored::cli::Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     log::set_max_level(config.server.log_level);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("wasmcored")
+        .build()?;
+    // Before the socket exists: a stop asked for as soon as a client can connect is kept
+    // for `run`, which then shuts down cleanly.
+    let signals = {
+        let _in_runtime = runtime.enter();
+        wasmcored::Signals::install()?
+    };
     let reload_args = args.clone();
     let loader: wasmcored::server::ConfigLoader = Box::new(move || reload_args.load_config());
     let daemon = wasmcored::Daemon::new(config, Some(loader))?;
@@ -35,12 +45,8 @@ fn real_main(args: wasmcored::cli::Args) -> anyhow::Result<ExitCode> {
             listeners.push(wasmcored::systemd::bind(path)?);
         }
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("wasmcored")
-        .build()?;
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    runtime.block_on(wasmcored::run(daemon, listeners, stop_rx))?;
+    runtime.block_on(wasmcored::run(daemon, listeners, signals, stop_rx))?;
     // Guests still running past the grace period are abandoned with the runtime.
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     Ok(ExitCode::SUCCESS)

@@ -412,16 +412,40 @@ pub enum Stopped {
     Requested,
 }
 
+/// The signals the daemon acts on. Installed before the daemon restores its binaries and
+/// binds its socket: a SIGTERM, SIGINT or SIGHUP that arrives as soon as a client can connect
+/// is kept for `run`, never left to the default action (which would kill the daemon and leave
+/// its socket behind).
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Install the handlers; call within the runtime (`Runtime::enter`).
+    pub fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// Serve `listeners` until SIGTERM/SIGINT, idle exit, or until `stop` turns true.
 pub async fn run(
     daemon: Arc<Daemon>,
     listeners: Vec<Listener>,
+    signals: Signals,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Stopped> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
+    let Signals {
+        mut term,
+        mut int,
+        mut hup,
+    } = signals;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let max_conn = daemon.config().server.max_connections;

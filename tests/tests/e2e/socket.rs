@@ -506,6 +506,43 @@ fn sigterm_stops_cleanly_and_removes_the_socket() {
     assert!(!socket.exists());
 }
 
+/// A SIGTERM sent the moment the socket file appears is a clean stop, the socket removed:
+/// the daemon installs its signal handlers before it binds. Twenty rounds, because the
+/// window this guards (bound, handlers not yet installed) was a few hundred microseconds.
+#[test]
+fn sigterm_the_moment_the_socket_appears_is_a_clean_stop() {
+    for round in 0..20 {
+        let tmp = TempDir::new("early-term");
+        let path = tmp.path().join("wasm-core.sock");
+        let mut child = std::process::Command::new(wasmcored())
+            .arg("--listen")
+            .arg(&path)
+            .arg("--state-dir")
+            .arg(tmp.path().join("state"))
+            .env_remove("LISTEN_FDS")
+            .env_remove("NOTIFY_SOCKET")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while std::fs::symlink_metadata(&path).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "round {round}: no socket"
+            );
+            std::thread::yield_now();
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let status = child.wait().unwrap();
+        assert!(status.success(), "round {round}: {status}");
+        assert!(!path.exists(), "round {round}: the socket was left behind");
+    }
+}
+
 #[test]
 fn a_stale_socket_is_replaced() {
     let tmp = TempDir::new("stale");
