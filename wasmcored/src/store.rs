@@ -64,8 +64,13 @@ impl StoredBinary {
     }
 
     pub fn artifact_path(&self, engine_hash: &str) -> PathBuf {
-        self.dir.join(format!("{engine_hash}.cwasm"))
+        self.dir.join(artifact_name(engine_hash))
     }
+}
+
+/// An artifact's file name, `<engine_hash>.cwasm`; its checksum file adds `.sha256`.
+fn artifact_name(engine_hash: &str) -> String {
+    format!("{engine_hash}.cwasm")
 }
 
 /// The state directory.
@@ -185,7 +190,7 @@ impl StateDir {
     ) -> Result<Option<wasmtime::Module>, String> {
         open_artifact(
             engine,
-            &self.root.join("probe").join(format!("{engine_hash}.cwasm")),
+            &self.root.join("probe").join(artifact_name(engine_hash)),
         )
     }
 
@@ -208,7 +213,7 @@ impl StateDir {
     /// atomically (so a torn artifact a crash left behind is repaired, not kept), and drop
     /// the artifacts of other engines.
     fn put_artifact(&self, dir: &Path, engine_hash: &str, artifact: &[u8]) -> io::Result<()> {
-        let name = format!("{engine_hash}.cwasm");
+        let name = artifact_name(engine_hash);
         write_atomic(self, dir, &name, artifact)?;
         write_atomic(self, dir, &format!("{name}.sha256"), &checksum(artifact))?;
         for entry in fs::read_dir(dir).map_err(ctx(format!("reading {}", dir.display())))? {
@@ -451,7 +456,7 @@ fn read_entry(dir: &Path) -> Result<StoredBinary, String> {
 }
 
 fn write_artifact_files(dir: &Path, engine_hash: &str, artifact: &[u8]) -> io::Result<()> {
-    let name = format!("{engine_hash}.cwasm");
+    let name = artifact_name(engine_hash);
     write_file_synced(&dir.join(&name), artifact)?;
     write_file_synced(&dir.join(format!("{name}.sha256")), &checksum(artifact))
 }
