@@ -64,6 +64,26 @@ pub struct BenchArgs {
     /// A WASI command module compared against `wasmtime run` (when `wasmtime` is on PATH).
     #[arg(long, value_name = "FILE")]
     pub wasi: Option<PathBuf>,
+    /// Distinct binaries (copies of `--load`'s module) the rotation scenario cycles
+    /// through (0: skip it).
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    pub rotate: usize,
+    /// Tenants of the multi-tenant scenario: client processes under UIDs `--tenant-uid`,
+    /// `--tenant-uid` + 1, …, each loading its own copy of `--load`'s module (needs root;
+    /// 0: skip it).
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub tenants: usize,
+    /// The first UID of the multi-tenant scenario's clients (they need no account).
+    #[arg(long, default_value_t = 61000, value_name = "UID")]
+    pub tenant_uid: u32,
+    /// The in-process cost of one execution in µs (from `cargo bench -p wasmcored --bench
+    /// exec`), to compare the daemon's CPU per request against.
+    #[arg(long, value_name = "US")]
+    pub engine_us: Option<f64>,
+    /// Run only these scenarios (comma-separated: ping1, ping10, pipe1, pipe10, chain10,
+    /// tenants, rotate), e.g. to profile one.
+    #[arg(long, value_delimiter = ',', value_name = "NAMES")]
+    pub only: Vec<String>,
     /// Fail (exit status 1) on a gross regression of the throughput ratios.
     #[arg(long)]
     pub check: bool,
@@ -76,6 +96,9 @@ pub struct Measured {
     pub per_sec: f64,
     pub p50_us: f64,
     pub p99_us: f64,
+    /// The server's CPU time (utime + stime of every thread, from /proc) per request served,
+    /// in µs; `None` when the server's /proc entry cannot be read.
+    pub cpu_us: Option<f64>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -85,6 +108,32 @@ enum Kind {
     Pipe1,
     Pipe10,
     Chain10,
+    Tenants10,
+    Rotate,
+}
+
+impl Kind {
+    /// The scenario's name for `--only`.
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Ping1 => "ping1",
+            Kind::Ping10 => "ping10",
+            Kind::Pipe1 => "pipe1",
+            Kind::Pipe10 => "pipe10",
+            Kind::Chain10 => "chain10",
+            Kind::Tenants10 => "tenants",
+            Kind::Rotate => "rotate",
+        }
+    }
+}
+
+/// Who sends a scenario's requests.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Clients {
+    /// Threads of this process, each cycling through the requests from its own offset.
+    Threads,
+    /// One child process per connection, each under its own UID with its own binary.
+    Tenants,
 }
 
 struct Scenario {
@@ -92,7 +141,10 @@ struct Scenario {
     label: String,
     connections: usize,
     in_flight: usize,
-    chain: bool,
+    /// Requests sent in turn (one, or one per binary of the rotation).
+    requests: Vec<Vec<u8>>,
+    reply: Vec<u8>,
+    clients: Clients,
 }
 
 /// A target and the floor `--check` enforces: a third of the target, so that only a gross
@@ -101,9 +153,39 @@ struct Scenario {
 /// between requests, which the bench does not control (on a loaded machine the echo's
 /// ping-pong ran 9x faster than on an idle one, the daemon's did not).
 struct Target {
-    what: &'static str,
+    what: String,
     target: f64,
+    /// The value must be at most the target (a cost), not at least (a ratio).
+    at_most: bool,
     floor: Option<f64>,
+}
+
+impl Target {
+    fn ratio(what: impl Into<String>, target: f64, floor: Option<f64>) -> Target {
+        Target {
+            what: what.into(),
+            target,
+            at_most: false,
+            floor,
+        }
+    }
+
+    fn cost(what: impl Into<String>, target: f64) -> Target {
+        Target {
+            what: what.into(),
+            target,
+            at_most: true,
+            floor: None,
+        }
+    }
+
+    fn met(&self, v: f64) -> bool {
+        if self.at_most {
+            v <= self.target
+        } else {
+            v >= self.target
+        }
+    }
 }
 
 pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
@@ -113,7 +195,8 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
         (None, Some(file)) => (load_file(&mut c, file, None)?.0, true),
         (None, None) => return Err(Failure::new(exit::USAGE, "give --binary or --load")),
     };
-    let exec_req = line(&json!({"op": "execute", "binary": binary, "input": args.input}));
+    let daemon_pid = c.server_pid();
+    let exec_req = exec_line(&binary, &args.input);
     let chain_req = line(
         &json!({"op": "chain", "binaries": vec![binary.clone(); args.chain], "input": args.input}),
     );
@@ -126,82 +209,131 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
         args.rounds.max(1),
         args.duration_ms
     );
+    if let Some(us) = args.engine_us {
+        println!("in-process cost of one execution (engine bench): {us:.2} µs");
+    }
     println!();
 
+    // The binaries of the rotation, loaded as copies of the module under new names.
+    let module = copy_source(args)?;
+    let wanted = |k: Kind| args.only.is_empty() || args.only.iter().any(|n| n == k.name());
+    let mut rotation = Vec::new();
+    if args.rotate > 0
+        && wanted(Kind::Rotate)
+        && let Some(wasm) = &module
+    {
+        for i in 0..args.rotate {
+            let name = format!("bench-rot-{}-{i}", std::process::id());
+            rotation.push(load_bytes(&mut c, wasm, Some(&name))?);
+        }
+    }
+    let mut tenants = match &module {
+        Some(wasm) if args.tenants > 0 && wanted(Kind::Tenants10) => {
+            TenantClients::start(socket, wasm, args)?
+        }
+        _ => None,
+    };
+
     let p = args.pipeline;
-    let scenarios = [
+    let mut scenarios = vec![
         (
             Kind::Ping1,
             "execute, 1 connection, ping-pong".to_string(),
             1,
             1,
-            false,
         ),
         (
             Kind::Ping10,
             "execute, 10 connections, ping-pong".into(),
             10,
             1,
-            false,
         ),
         (
             Kind::Pipe1,
             format!("execute, 1 connection, pipelined ({p})"),
             1,
             p,
-            false,
         ),
         (
             Kind::Pipe10,
-            format!("execute, 10 connections, pipelined ({p})"),
+            format!("execute, 10 connections × {p} pipelined"),
             10,
             p,
-            false,
         ),
         (
             Kind::Chain10,
-            format!("chain of {}, 10 connections, ping-pong", args.chain),
+            format!("chain of {}, 10 connections", args.chain),
             10,
             1,
-            true,
         ),
     ]
-    .map(|(kind, label, connections, in_flight, chain)| Scenario {
-        kind,
-        label,
-        connections,
-        in_flight,
-        chain,
-    });
+    .into_iter()
+    .map(|(kind, label, connections, in_flight)| {
+        let chain = kind == Kind::Chain10;
+        Scenario {
+            kind,
+            label,
+            connections,
+            in_flight,
+            requests: vec![if chain { &chain_req } else { &exec_req }.clone()],
+            reply: if chain { &chain_resp } else { &exec_resp }.clone(),
+            clients: Clients::Threads,
+        }
+    })
+    .collect::<Vec<_>>();
+    if let Some(t) = &tenants {
+        scenarios.push(Scenario {
+            kind: Kind::Tenants10,
+            label: format!("execute, {} UIDs × own binary", t.children.len()),
+            connections: t.children.len(),
+            in_flight: 1,
+            requests: Vec::new(),
+            reply: exec_resp.clone(),
+            clients: Clients::Tenants,
+        });
+    }
+    if !rotation.is_empty() {
+        scenarios.push(Scenario {
+            kind: Kind::Rotate,
+            label: format!("execute, 10 conns over {} binaries", rotation.len()),
+            connections: 10,
+            in_flight: 1,
+            requests: rotation.iter().map(|b| exec_line(b, &args.input)).collect(),
+            reply: exec_resp.clone(),
+            clients: Clients::Threads,
+        });
+    }
+    scenarios.retain(|s| wanted(s.kind));
+
     println!(
-        "{:<40} {:>10} {:>10} {:>10} {:>7} {:>7} {:>8} {:>8} {:>8}",
+        "{:<40} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7} {:>7} {:>6} {:>7} {:>7}",
         "measure",
         "raw req/s",
-        "JSON req/s",
+        "JSON",
         "daemon",
         "vs JSON",
         "vs raw",
         "JSON p50",
         "p50 µs",
-        "p99 µs"
+        "p99",
+        "CPU µs",
+        "JSON CPU"
     );
-    let mut results: Vec<(Kind, Measured, Measured, Measured)> = Vec::new();
+    let mut results: Vec<(Kind, Measured, Measured)> = Vec::new();
     for s in &scenarios {
-        let (req, resp) = if s.chain {
-            (&chain_req, &chain_resp)
-        } else {
-            (&exec_req, &exec_resp)
-        };
         // Rounds alternate the three servers so that drift in the machine's load hits all
         // of them alike; each figure is the median round.
-        let raw_echo = EchoProcess::start("raw", resp)?;
-        let json_echo = EchoProcess::start("json", resp)?;
+        let raw_echo = EchoProcess::start("raw", &s.reply)?;
+        let json_echo = EchoProcess::start("json", &s.reply)?;
         let (mut raw, mut js, mut d) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..args.rounds.max(1) {
-            let m = |path: &Path| measure(path, req, s.connections, s.in_flight, duration);
-            raw.push(m(&raw_echo.path)?);
-            js.push(m(&json_echo.path)?);
-            d.push(m(socket)?);
+            let mut m = |path: &Path, pid: Option<i32>| match (s.clients, tenants.as_mut()) {
+                (Clients::Tenants, Some(t)) => t.measure(path, pid, duration),
+                _ => measure(path, pid, &s.requests, s.connections, s.in_flight, duration),
+            };
+            raw.push(m(&raw_echo.path, Some(raw_echo.pid()))?);
+            js.push(m(&json_echo.path, Some(json_echo.pid()))?);
+            d.push(m(socket, daemon_pid)?);
         }
         drop((raw_echo, json_echo));
         let (raw, js, d) = (median_round(raw), median_round(js), median_round(d));
@@ -212,8 +344,9 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
                 "-".into()
             }
         };
+        let cpu = |m: &Measured| m.cpu_us.map_or("-".into(), |v| format!("{v:.2}"));
         println!(
-            "{:<40} {:>10.0} {:>10.0} {:>10.0} {:>7.2} {:>7.2} {:>8} {:>8} {:>8}",
+            "{:<40} {:>9.0} {:>9.0} {:>9.0} {:>7.2} {:>7.2} {:>7} {:>7} {:>6} {:>7} {:>7}",
             s.label,
             raw.per_sec,
             js.per_sec,
@@ -222,69 +355,25 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
             d.per_sec / raw.per_sec,
             lat(&js, js.p50_us),
             lat(&d, d.p50_us),
-            lat(&d, d.p99_us)
+            lat(&d, d.p99_us),
+            cpu(&d),
+            cpu(&js),
         );
-        results.push((s.kind, raw, js, d));
+        results.push((s.kind, js, d));
     }
-    let get = |k: Kind| {
-        results
-            .iter()
-            .find(|r| r.0 == k)
-            .map(|r| (r.1, r.2, r.3))
-            .expect("measured")
-    };
-    let (_, js1, d1) = get(Kind::Ping1);
-    let (_, js10, d10) = get(Kind::Ping10);
-    let (_, _, dp1) = get(Kind::Pipe1);
-    let (_, jsc, dc) = get(Kind::Chain10);
-    let checks = [
-        (
-            Target {
-                what: "execute, 10 connections: daemon / JSON echo throughput",
-                target: 0.70,
-                floor: Some(0.7 / 3.0),
-            },
-            d10.per_sec / js10.per_sec,
-        ),
-        (
-            Target {
-                what: "execute, 1 connection: daemon / JSON echo throughput",
-                target: 0.60,
-                floor: None,
-            },
-            d1.per_sec / js1.per_sec,
-        ),
-        (
-            Target {
-                what: "execute, 1 connection: JSON echo p50 / daemon p50",
-                target: 1.0 / 1.6,
-                floor: None,
-            },
-            js1.p50_us / d1.p50_us,
-        ),
-        (
-            Target {
-                what: "pipelined, 1 connection: daemon / JSON echo ping-pong",
-                target: 1.2,
-                floor: None,
-            },
-            dp1.per_sec / js1.per_sec,
-        ),
-        (
-            Target {
-                what: "chain, 10 connections: daemon / JSON echo throughput",
-                target: 0.45,
-                floor: Some(0.45 / 3.0),
-            },
-            dc.per_sec / jsc.per_sec,
-        ),
-    ];
+    for b in &rotation {
+        unload(&mut c, b)?;
+    }
+    drop(tenants);
+
+    let checks = targets(&results, args);
     println!();
-    println!("{:<56} {:>7} {:>7}  ", "ratio", "value", "target");
+    println!("{:<64} {:>7} {:>8}  ", "ratio", "value", "target");
     let mut failed = Vec::new();
     for (t, v) in &checks {
-        let met = if *v >= t.target { "met" } else { "NOT MET" };
-        println!("{:<56} {:>7.2} {:>7.2}  {met}", t.what, v, t.target);
+        let met = if t.met(*v) { "met" } else { "NOT MET" };
+        let bound = if t.at_most { "≤" } else { "≥" };
+        println!("{:<64} {:>7.2} {bound}{:>7.2}  {met}", t.what, v, t.target);
         if let Some(floor) = t.floor
             && *v < floor
         {
@@ -303,9 +392,9 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
         println!();
         versus_wasmtime(&mut c, socket, wasi, &args.input)?;
     }
-    if let Some(pid) = c.server_pid() {
+    if let Some(pid) = daemon_pid {
         println!();
-        memory(&mut c, socket, pid, &exec_req, args)?;
+        memory(&mut c, socket, pid, &exec_req, module.as_deref(), args)?;
     }
     if loaded {
         let _ = c.call(&json!({"op": "unload", "binary": binary}), None);
@@ -319,6 +408,117 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The targets of the scenarios that ran, with the measured value of each.
+fn targets(results: &[(Kind, Measured, Measured)], args: &BenchArgs) -> Vec<(Target, f64)> {
+    let get = |k: Kind| results.iter().find(|r| r.0 == k).map(|r| (r.1, r.2));
+    let p = args.pipeline;
+    let tput = |(js, d): (Measured, Measured)| d.per_sec / js.per_sec;
+    let mut checks = Vec::new();
+    let mut check = |t: Target, v: Option<f64>| {
+        if let Some(v) = v {
+            checks.push((t, v));
+        }
+    };
+    let ping10 = get(Kind::Ping10);
+    let pipe10 = get(Kind::Pipe10);
+    check(
+        Target::ratio(
+            "execute, 10 connections: daemon / JSON echo throughput",
+            0.70,
+            Some(0.7 / 3.0),
+        ),
+        ping10.map(tput),
+    );
+    check(
+        Target::ratio(
+            format!("10 × {p} pipelined: daemon / JSON echo 10-conn ping-pong"),
+            1.2,
+            Some(1.2 / 3.0),
+        ),
+        pipe10
+            .zip(ping10)
+            .map(|((_, d), (js, _))| d.per_sec / js.per_sec),
+    );
+    check(
+        Target::ratio(
+            format!("10 × {p} pipelined: daemon / JSON echo 10 × {p}"),
+            0.6,
+            Some(0.6 / 3.0),
+        ),
+        pipe10.map(tput),
+    );
+    check(
+        Target::ratio(
+            "chain, 10 connections: daemon / JSON echo throughput",
+            0.45,
+            Some(0.45 / 3.0),
+        ),
+        get(Kind::Chain10).map(tput),
+    );
+    let ping1 = get(Kind::Ping1);
+    check(
+        Target::ratio(
+            "execute, 1 connection: daemon / JSON echo throughput",
+            0.9,
+            None,
+        ),
+        ping1.map(tput),
+    );
+    check(
+        Target::cost("execute, 1 connection: daemon p50 / JSON echo p50", 1.2),
+        ping1.map(|(js, d)| d.p50_us / js.p50_us),
+    );
+    check(
+        Target::ratio(
+            "pipelined, 1 connection: daemon / JSON echo ping-pong",
+            1.2,
+            None,
+        ),
+        get(Kind::Pipe1)
+            .zip(ping1)
+            .map(|((_, d), (js, _))| d.per_sec / js.per_sec),
+    );
+    // Daemon CPU beyond the echo's, per request, against the in-process cost of one
+    // execution: what the socket path adds to the wasm.
+    for (what, m) in [
+        ("10 connections ping-pong", ping10),
+        ("10 × pipelined", pipe10),
+    ] {
+        check(
+            Target::cost(
+                format!("{what}: (daemon − echo CPU/req) / in-process cost"),
+                1.5,
+            ),
+            m.and_then(|(js, d)| Some((d.cpu_us? - js.cpu_us?) / args.engine_us?)),
+        );
+    }
+    // Many tenants and many binaries against one binary of one tenant: throughput relative
+    // to the echo under the same clients, and CPU per request.
+    for (kind, what) in [
+        (Kind::Tenants10, "10 UIDs × own binary"),
+        (Kind::Rotate, "rotation over many binaries"),
+    ] {
+        let m = get(kind).zip(ping10);
+        check(
+            Target::ratio(
+                format!("{what}: vs-echo ratio / single binary's"),
+                0.9,
+                Some(0.5),
+            ),
+            m.map(|(m, one)| tput(m) / tput(one)),
+        );
+        check(
+            Target::cost(format!("{what}: CPU/req / single binary's"), 1.1),
+            m.and_then(|((_, d), (_, d10))| Some(d.cpu_us? / d10.cpu_us?)),
+        );
+    }
+    checks
+}
+
+fn exec_line(binary: &str, input: &str) -> Vec<u8> {
+    line(&json!({"op": "execute", "binary": binary, "input": input}))
+}
+
 /// Load `file` (under `name` when given); its binary id and the load's wall time.
 fn load_file(
     c: &mut Client,
@@ -327,17 +527,19 @@ fn load_file(
 ) -> Result<(String, Duration), Failure> {
     let bytes = std::fs::read(file)
         .map_err(|e| Failure::new(exit::IO, format!("cannot read {}: {e}", file.display())))?;
-    let mut req = json!({"op": "load", "wasm_base64": wasmcore_proto::encode_base64(&bytes)});
+    let t = Instant::now();
+    let id = load_bytes(c, &bytes, name)?;
+    Ok((id, t.elapsed()))
+}
+
+/// Load a module (under `name` when given); its binary id.
+fn load_bytes(c: &mut Client, wasm: &[u8], name: Option<&str>) -> Result<String, Failure> {
+    let mut req = json!({"op": "load", "wasm_base64": wasmcore_proto::encode_base64(wasm)});
     if let Some(n) = name {
         req["name"] = json!(n);
     }
-    let t = Instant::now();
     let resp = crate::check(c.call(&req, None)?)?;
-    let took = t.elapsed();
-    Ok((
-        resp["binary"].as_str().unwrap_or_default().to_string(),
-        took,
-    ))
+    Ok(resp["binary"].as_str().unwrap_or_default().to_string())
 }
 
 fn unload(c: &mut Client, id: &str) -> Result<(), Failure> {
@@ -385,8 +587,15 @@ fn versus_wasmtime(c: &mut Client, socket: &Path, wasi: &Path, input: &str) -> R
     let (id, _) = load_file(c, wasi, None)?;
     let req = line(&json!({"op": "execute", "binary": id, "input": input}));
     sample(c, &req)?;
-    let ping = measure(socket, &req, 1, 1, Duration::from_millis(1000))?;
-    let piped = measure(socket, &req, 1, 32, Duration::from_millis(1000))?;
+    let ping = measure(
+        socket,
+        None,
+        std::slice::from_ref(&req),
+        1,
+        1,
+        Duration::from_millis(1000),
+    )?;
+    let piped = measure(socket, None, &[req], 1, 32, Duration::from_millis(1000))?;
     unload(c, &id)?;
     let runs = 20;
     let mut times = Vec::new();
@@ -452,6 +661,7 @@ fn memory(
     socket: &Path,
     pid: i32,
     exec_req: &[u8],
+    module: Option<&[u8]>,
     args: &BenchArgs,
 ) -> Result<(), Failure> {
     let Some(start) = rss_kib(pid) else {
@@ -467,17 +677,12 @@ fn memory(
     println!("{:<40} {start:>10}", "at the start of this bench");
     if args.copies > 0 {
         // Copies of the module under new names, each compiled and cached on its own.
-        if let Some(wasm) = copy_source(args)? {
+        if let Some(wasm) = module {
             let before = rss_kib(pid).unwrap_or(start);
             let mut ids = Vec::new();
             for i in 0..args.copies {
-                let req = json!({
-                    "op": "load",
-                    "wasm_base64": wasmcore_proto::encode_base64(&wasm),
-                    "name": format!("bench-copy-{}-{i}", std::process::id()),
-                });
-                let resp = crate::check(c.call(&req, None)?)?;
-                ids.push(resp["binary"].as_str().unwrap_or_default().to_string());
+                let name = format!("bench-copy-{}-{i}", std::process::id());
+                ids.push(load_bytes(c, wasm, Some(&name))?);
                 // Executed once each, as a cached binary in use would be.
                 let run = json!({"op": "execute", "binary": ids[i], "input": args.input});
                 crate::check(c.call(&run, None)?)?;
@@ -512,18 +717,15 @@ fn memory(
     Ok(())
 }
 
-/// The module bytes for the per-binary measurement: `--load`'s file, or nothing (a binary
-/// given by name cannot be read back from the daemon).
+/// The module bytes for the rotation, the multi-tenant and the per-binary measurements:
+/// `--load`'s file, or nothing (a binary given by name cannot be read back from the daemon).
 fn copy_source(args: &BenchArgs) -> Result<Option<Vec<u8>>, Failure> {
     match &args.load {
         Some(f) => std::fs::read(f)
             .map(Some)
             .map_err(|e| Failure::new(exit::IO, format!("cannot read {}: {e}", f.display()))),
         None => {
-            println!(
-                "{:<40} (give --load FILE to measure it)",
-                "per cached binary"
-            );
+            println!("(rotation, multi-tenant and per-binary rows need --load FILE)");
             Ok(None)
         }
     }
@@ -589,26 +791,32 @@ fn sample(c: &mut Client, req: &[u8]) -> Result<Vec<u8>, Failure> {
 }
 
 /// Drive `connections` clients with `in_flight` requests outstanding each, for `duration`.
+/// Each connection sends `requests` in turn, starting at its own offset. With the server's
+/// `pid`, its CPU time over the run is measured too.
 pub fn measure(
     socket: &Path,
-    req: &[u8],
+    pid: Option<i32>,
+    requests: &[Vec<u8>],
     connections: usize,
     in_flight: usize,
     duration: Duration,
 ) -> Result<Measured, Failure> {
     let stop = Arc::new(AtomicBool::new(false));
     let start_gate = Arc::new(std::sync::Barrier::new(connections + 1));
+    let requests = Arc::new(requests.to_vec());
     let mut handles = Vec::new();
-    for _ in 0..connections {
+    for i in 0..connections {
         let socket = socket.to_path_buf();
-        let req = req.to_vec();
+        let requests = requests.clone();
+        let first = i * requests.len() / connections;
         let stop = stop.clone();
         let gate = start_gate.clone();
         handles.push(std::thread::spawn(move || {
-            client_loop(&socket, &req, in_flight, &stop, &gate)
+            client_loop(&socket, &requests, first, in_flight, &stop, &gate)
         }));
     }
     start_gate.wait();
+    let cpu0 = pid.and_then(cpu_us);
     let t0 = Instant::now();
     std::thread::sleep(duration);
     stop.store(true, Ordering::Relaxed);
@@ -623,6 +831,7 @@ pub fn measure(
         lat.append(&mut l);
     }
     let secs = t0.elapsed().as_secs_f64();
+    let cpu1 = pid.and_then(cpu_us);
     lat.sort_unstable();
     let pct = |p: f64| {
         if lat.is_empty() {
@@ -636,12 +845,14 @@ pub fn measure(
         per_sec: total as f64 / secs,
         p50_us: if in_flight == 1 { pct(0.50) } else { 0.0 },
         p99_us: if in_flight == 1 { pct(0.99) } else { 0.0 },
+        cpu_us: cpu_per_request(cpu0, cpu1, total),
     })
 }
 
 fn client_loop(
     socket: &Path,
-    req: &[u8],
+    requests: &[Vec<u8>],
+    first: usize,
     in_flight: usize,
     stop: &AtomicBool,
     gate: &std::sync::Barrier,
@@ -654,6 +865,8 @@ fn client_loop(
     let mut buf = Vec::with_capacity(1024);
     let mut done = 0u64;
     let mut lat = Vec::new();
+    let mut next = requests.iter().cycle().skip(first);
+    let mut next = move || next.next().expect("at least one request").as_slice();
     let check_ok = |buf: &[u8]| -> std::io::Result<()> {
         if buf.starts_with(b"{\"ok\":true") {
             Ok(())
@@ -667,7 +880,7 @@ fn client_loop(
     if in_flight == 1 {
         while !stop.load(Ordering::Relaxed) {
             let t = Instant::now();
-            w.write_all(req)?;
+            w.write_all(next())?;
             buf.clear();
             if r.read_until(b'\n', &mut buf)? == 0 {
                 return Err(std::io::Error::other("connection closed"));
@@ -678,7 +891,7 @@ fn client_loop(
         }
         return Ok((done, lat));
     }
-    let batch: Vec<u8> = req.repeat(in_flight);
+    let batch: Vec<u8> = (0..in_flight).flat_map(|_| next().to_vec()).collect();
     w.write_all(&batch)?;
     let mut outstanding = in_flight;
     while outstanding > 0 {
@@ -690,11 +903,17 @@ fn client_loop(
         done += 1;
         outstanding -= 1;
         if !stop.load(Ordering::Relaxed) {
-            w.write_all(req)?;
+            w.write_all(next())?;
             outstanding += 1;
         }
     }
     Ok((done, lat))
+}
+
+/// Let every user connect to a baseline's socket (the multi-tenant clients run as others).
+fn open_to_all(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
 }
 
 /// The raw baseline: answers each line with `reply`, one thread per connection.
@@ -708,6 +927,7 @@ impl RawEcho {
     fn start(path: PathBuf, reply: Vec<u8>) -> std::io::Result<RawEcho> {
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path)?;
+        open_to_all(&path)?;
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let reply = Arc::new(reply);
@@ -778,6 +998,7 @@ impl JsonEcho {
             let _guard = runtime.enter();
             tokio::net::UnixListener::bind(&path)?
         };
+        open_to_all(&path)?;
         let reply = Arc::new(reply);
         runtime.spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
@@ -892,6 +1113,10 @@ impl EchoProcess {
         }
         Ok(EchoProcess { child, path })
     }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
 }
 
 impl Drop for EchoProcess {
@@ -899,5 +1124,198 @@ impl Drop for EchoProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Set (to the daemon's socket path) in the environment of a tenant client process of the
+/// multi-tenant scenario.
+pub const TENANT_ENV: &str = "WASMCORECTL_BENCH_TENANT";
+
+/// The multi-tenant scenario's clients: one child process per UID, each with its own copy
+/// of the binary loaded under that UID, one connection each. Needs root (to run them as
+/// other users); the UIDs need no account.
+struct TenantClients {
+    children: Vec<TenantChild>,
+}
+
+struct TenantChild {
+    uid: u32,
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl TenantChild {
+    fn ask(&mut self, what: &str) -> Result<String, Failure> {
+        let uid = self.uid;
+        let fail = move |m: String| Failure::new(exit::IO, format!("tenant client uid {uid}: {m}"));
+        writeln!(self.stdin, "{what}").map_err(|e| fail(e.to_string()))?;
+        let mut answer = String::new();
+        self.stdout
+            .read_line(&mut answer)
+            .map_err(|e| fail(e.to_string()))?;
+        match answer.trim_end().strip_prefix("ok ") {
+            Some(rest) => Ok(rest.to_string()),
+            None if answer.is_empty() => Err(fail("exited".into())),
+            None => Err(fail(answer.trim_end().to_string())),
+        }
+    }
+}
+
+impl TenantClients {
+    fn start(socket: &Path, wasm: &[u8], args: &BenchArgs) -> Result<Option<Self>, Failure> {
+        use std::os::unix::process::CommandExt;
+        if !nix::unistd::geteuid().is_root() {
+            println!("(multi-tenant row skipped: running clients under other UIDs needs root)");
+            return Ok(None);
+        }
+        let exe = std::env::current_exe()
+            .map_err(|e| Failure::new(exit::IO, format!("finding this program: {e}")))?;
+        let mut children = Vec::new();
+        for i in 0..args.tenants {
+            let uid = args.tenant_uid + i as u32;
+            let mut child = std::process::Command::new(&exe)
+                .env(TENANT_ENV, socket)
+                .uid(uid)
+                .gid(uid)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .map_err(|e| Failure::new(exit::IO, format!("starting a tenant client: {e}")))?;
+            let stdin = child.stdin.take().expect("piped");
+            let stdout = BufReader::new(child.stdout.take().expect("piped"));
+            let mut c = TenantChild {
+                uid,
+                child,
+                stdin,
+                stdout,
+            };
+            c.ask(&format!("load {}", wasmcore_proto::encode_base64(wasm)))?;
+            children.push(c);
+        }
+        Ok(Some(TenantClients { children }))
+    }
+
+    /// Every client runs its own binary against `path` at once, ping-pong, for `duration`.
+    fn measure(
+        &mut self,
+        path: &Path,
+        pid: Option<i32>,
+        duration: Duration,
+    ) -> Result<Measured, Failure> {
+        let cpu0 = pid.and_then(cpu_us);
+        let order = format!("run {} {}", duration.as_millis(), path.display());
+        for c in &mut self.children {
+            writeln!(c.stdin, "{order}")
+                .map_err(|e| Failure::new(exit::IO, format!("tenant client uid {}: {e}", c.uid)))?;
+        }
+        let (mut requests, mut per_sec) = (0u64, 0.0);
+        for c in &mut self.children {
+            let answer = c.ask("report")?;
+            let mut f = answer.split(' ');
+            let n: u64 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            let rate: f64 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            requests += n;
+            per_sec += rate;
+        }
+        let cpu1 = pid.and_then(cpu_us);
+        Ok(Measured {
+            requests,
+            per_sec,
+            cpu_us: cpu_per_request(cpu0, cpu1, requests),
+            ..Measured::default()
+        })
+    }
+}
+
+impl Drop for TenantClients {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            // Each client unloads its binary and exits when told to.
+            let _ = c.ask("quit");
+            let _ = c.child.wait();
+        }
+    }
+}
+
+/// A tenant client process (see [`TenantClients`]): answers `load BASE64`, `run MS PATH`
+/// (measure against PATH; the result is kept for `report`) and `quit`, one line each way.
+pub fn serve_tenant_client(socket: &Path) -> Result<(), Failure> {
+    let mut c = Client::connect(socket)?;
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    let mut binary: Option<String> = None;
+    let mut running: Option<std::thread::JoinHandle<Result<Measured, Failure>>> = None;
+    let mut line_in = String::new();
+    let io = |e: std::io::Error| Failure::new(exit::IO, format!("tenant client: {e}"));
+    loop {
+        line_in.clear();
+        if stdin.lock().read_line(&mut line_in).map_err(io)? == 0 {
+            break;
+        }
+        let mut words = line_in.trim_end().splitn(3, ' ');
+        let answer = match (words.next(), words.next(), words.next()) {
+            (Some("load"), Some(b64), None) => {
+                let wasm = wasmcore_proto::decode_base64(b64)
+                    .map_err(|e| Failure::new(exit::USAGE, format!("tenant client: {e}")))?;
+                let id = load_bytes(&mut c, &wasm, None)?;
+                binary = Some(id.clone());
+                format!("ok {id}")
+            }
+            (Some("run"), Some(ms), Some(path)) => {
+                let Some(id) = &binary else {
+                    return Err(Failure::new(exit::USAGE, "tenant client: run before load"));
+                };
+                let req = exec_line(id, "hello world");
+                let ms: u64 = ms.parse().unwrap_or(1000);
+                let path = PathBuf::from(path);
+                running = Some(std::thread::spawn(move || {
+                    measure(&path, None, &[req], 1, 1, Duration::from_millis(ms))
+                }));
+                continue;
+            }
+            (Some("report"), None, None) => match running.take().map(|h| h.join()) {
+                Some(Ok(Ok(m))) => format!("ok {} {}", m.requests, m.per_sec),
+                Some(Ok(Err(f))) => format!("error {}", f.message),
+                _ => "error nothing was run".into(),
+            },
+            (Some("quit"), None, None) => {
+                if let Some(id) = binary.take() {
+                    unload(&mut c, &id)?;
+                }
+                writeln!(out, "ok bye").map_err(io)?;
+                break;
+            }
+            _ => format!("error unknown order {}", line_in.trim_end()),
+        };
+        writeln!(out, "{answer}").map_err(io)?;
+        out.flush().map_err(io)?;
+    }
+    if let Some(id) = binary {
+        let _ = unload(&mut c, &id);
+    }
+    Ok(())
+}
+
+/// CPU time (utime + stime of all its threads) of process `pid` so far, in µs.
+fn cpu_us(pid: i32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces), from field 3 (state) on:
+    // utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace().skip(11);
+    let utime: u64 = f.next()?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|h| *h > 0)? as f64;
+    Some((utime + stime) as f64 * 1e6 / hz)
+}
+
+fn cpu_per_request(before: Option<f64>, after: Option<f64>, requests: u64) -> Option<f64> {
+    match (before, after) {
+        (Some(b), Some(a)) if requests > 0 => Some((a - b) / requests as f64),
+        _ => None,
     }
 }

@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::io::{IsTerminal, Read, Write};
 use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -205,6 +205,16 @@ pub fn ctl_main() -> ExitCode {
             }
         };
         return ExitCode::from(code);
+    }
+    // … and the clients of its multi-tenant scenario, under other UIDs.
+    if let Some(socket) = std::env::var_os(bench::TENANT_ENV) {
+        return match bench::serve_tenant_client(Path::new(&socket)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(f) => {
+                eprintln!("wasmcorectl: {}", f.message);
+                ExitCode::from(f.code)
+            }
+        };
     }
     let cli = Cli::parse();
     match run(cli) {

@@ -171,8 +171,16 @@ fn main() {
         .expect("runtime");
 
     let with_fuel = daemonless(true);
-    let without_fuel = daemonless(false);
     let bin_fuel = load(&with_fuel, &bytes);
+    // `--executor-us`: only the executor's cost with the daemon's defaults, as a bare
+    // number of µs, for the socket bench to compare the daemon's CPU per request with.
+    if std::env::args().any(|a| a == "--executor-us") {
+        executor_ns(&rt, &with_fuel, &bin_fuel, INPUT, 1000);
+        let runs = (0..ROUNDS).map(|_| executor_ns(&rt, &with_fuel, &bin_fuel, INPUT, iters));
+        println!("{:.2}", median(runs.collect()) / 1000.0);
+        return;
+    }
+    let without_fuel = daemonless(false);
     let bin_nofuel = load(&without_fuel, &bytes);
     let b = bare(&bytes, false);
     let bt = bare(&bytes, true);

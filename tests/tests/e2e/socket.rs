@@ -143,6 +143,39 @@ fn pipelined_requests_are_answered_in_order() {
 }
 
 #[test]
+fn pipelined_executions_never_see_each_others_secrets() {
+    // Each execution of leave_secrets.wat reports the state it found, then writes a secret
+    // into its memory, a global and its table (wasmcored/tests/isolation.rs runs it under
+    // every reset setting); pipelined on two connections, every report must be the
+    // module's initial data.
+    let d = Daemon::start();
+    let mut c = d.client();
+    let id = load_inline(&mut c, &fixture("leave_secrets.wat"), None);
+    let mut want = b"INIT".to_vec();
+    for v in [0i32, 7, 1, 1, 2, 4] {
+        want.extend(v.to_le_bytes());
+    }
+    let want = String::from_utf8(want).unwrap();
+    let mut other = d.client();
+    let req = json!({"op": "execute", "binary": id});
+    let mut batch = serde_json::to_vec(&req).unwrap();
+    batch.push(b'\n');
+    let batch = batch.repeat(100);
+    c.send_raw(&batch);
+    other.send_raw(&batch);
+    for i in 0..100 {
+        for conn in [&mut c, &mut other] {
+            let r = conn.recv();
+            assert_eq!(
+                ok(&r)["output"],
+                json!(want),
+                "execution {i} saw another's data"
+            );
+        }
+    }
+}
+
+#[test]
 fn malformed_requests_get_clear_errors_and_the_connection_survives() {
     let d = Daemon::start();
     let mut c = d.client();
