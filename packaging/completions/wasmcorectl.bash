@@ -95,7 +95,7 @@ _wasmcorectl() {
             return 0
             ;;
         wasmcorectl__subcmd__bench)
-            opts="-h --binary --load --input --duration-ms --rounds --pipeline --chain --plugins --executions --copies --wasi --check --socket --json --help"
+            opts="-h --binary --load --input --duration-ms --rounds --pipeline --chain --plugins --executions --copies --wasi --rotate --tenants --tenant-uid --engine-us --only --check --socket --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -142,6 +142,26 @@ _wasmcorectl() {
                     return 0
                     ;;
                 --wasi)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --rotate)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tenants)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tenant-uid)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --engine-us)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --only)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

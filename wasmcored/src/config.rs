@@ -73,7 +73,10 @@ pub struct EngineConfig {
     pub pool_instances: u32,
     /// Bytes of each linear memory kept resident (not decommitted) between executions.
     pub memory_keep_resident: usize,
-    /// Warm slots kept for reuse.
+    /// Warm slots kept for reuse: a slot keeps the memory image and resident pages of the
+    /// module that used it last, so that module's next execution there is cheap. The pool is
+    /// sharded per CPU and a module gets a slot in each shard it runs from, so this should
+    /// cover the hot binaries on every shard (docs/PERFORMANCE.md, "Many binaries").
     pub max_unused_warm_slots: u32,
     /// Wasm stack limit.
     pub max_wasm_stack: usize,
@@ -89,9 +92,9 @@ impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             fuel_metering: true,
-            pool_instances: 256,
+            pool_instances: 512,
             memory_keep_resident: 2 << 20,
-            max_unused_warm_slots: 64,
+            max_unused_warm_slots: 512,
             max_wasm_stack: 512 << 10,
             epoch_tick: Duration::from_millis(1),
             guard_pages: false,

@@ -20,7 +20,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 
 use crate::abi::{HostTrap, guest_range};
-use crate::config::{LimitsConfig, Live};
+use crate::config::{Config, LimitsConfig, Live};
 use crate::engine::WasmEngine;
 use crate::error::{Error, ExecFailure, Result};
 use crate::registry::{Binary, CheckedFunc};
@@ -330,12 +330,71 @@ impl Executor {
         if start >= deadline {
             return Err(Error::exec(ExecFailure::Timeout { timeout_ms }, Vec::new()));
         }
+        // A snapshot for the whole run: a reload mid-execution does not change its limits.
+        let cfg = self.live.load_full();
+        // The store is set up and taken apart in plain functions: an async function keeps
+        // every local whose scope spans an `.await` in its state, and each caller copies
+        // that state, so the 700-byte context must never be a local here.
+        let (mut store, input, pipes) =
+            self.new_store(bin, tenant_uid, input, limits, fuel, deadline, &cfg)?;
+        // Boxed: Wasmtime's instantiation and call futures are large, and every async
+        // caller above this one would otherwise copy them into its own state at each call
+        // (docs/PERFORMANCE.md, "Small futures").
+        let run = Box::pin(async {
+            match bin.kind {
+                ModuleKind::Wasi => self.run_wasi(bin, &mut store).await,
+                ModuleKind::Process => self.run_process(bin, &mut store, &input).await,
+            }
+        });
+        // A module that imports WASI may block in a host call (poll_oneoff sleeping), where
+        // no epoch check runs: the deadline must also hold outside wasm code.
+        let result = if bin.needs_wasi {
+            match tokio::time::timeout_at(deadline.into(), run).await {
+                Ok(r) => r,
+                Err(_) => Err(wasmtime::Error::new(HostTrap::TimedOut)),
+            }
+        } else {
+            run.await
+        };
+        let (out, txn) = self.finish(bin, store, result, pipes, limits, fuel, start, &cfg)?;
+        if let Some(txn) = txn {
+            // A durable store writes a file: keep that off the async workers.
+            let committed = if txn.blocks() {
+                tokio::task::spawn_blocking(move || txn.commit())
+                    .await
+                    .unwrap_or_else(|e| Err(CommitError::Io(format!("commit task failed: {e}"))))
+            } else {
+                txn.commit()
+            };
+            match committed {
+                Ok(()) => {}
+                Err(CommitError::Quota(m)) => {
+                    return Err(Error::exec(ExecFailure::StateQuota(m), out.logs));
+                }
+                Err(e @ CommitError::Io(_)) => return Err(Error::internal(e.to_string())),
+            }
+        }
+        Ok(out)
+    }
+
+    /// A fresh store for one execution of `bin`, with its limits, fuel, deadline and (for
+    /// a module that imports WASI) its WASI context; also the input for `alloc` (empty for
+    /// a WASI command, which reads it from stdin) and the WASI pipes to read afterwards.
+    #[allow(clippy::too_many_arguments)]
+    fn new_store(
+        &self,
+        bin: &Binary,
+        tenant_uid: u32,
+        input: Vec<u8>,
+        limits: &ExecLimits,
+        fuel: Option<u64>,
+        deadline: Instant,
+        cfg: &Config,
+    ) -> Result<(Store<ExecCtx>, Vec<u8>, Option<WasiPipes>)> {
         let ns = Namespace {
             owner: tenant_uid,
             binary: bin.id,
         };
-        // A snapshot for the whole run: a reload mid-execution does not change its limits.
-        let cfg = self.live.load_full();
         let lim = &cfg.limits;
         let mut ctx = ExecCtx {
             limiter: Limiter {
@@ -396,24 +455,25 @@ impl Executor {
                 ))
             }
         });
+        Ok((store, input, pipes))
+    }
 
-        let run = async {
-            match bin.kind {
-                ModuleKind::Wasi => self.run_wasi(bin, &mut store).await,
-                ModuleKind::Process => self.run_process(bin, &mut store, &input).await,
-            }
-        };
-        // A module that imports WASI may block in a host call (poll_oneoff sleeping), where
-        // no epoch check runs: the deadline must also hold outside wasm code.
-        let result = if bin.needs_wasi {
-            match tokio::time::timeout_at(deadline.into(), run).await {
-                Ok(r) => r,
-                Err(_) => Err(wasmtime::Error::new(HostTrap::TimedOut)),
-            }
-        } else {
-            run.await
-        };
-
+    /// Take the store of a finished execution apart: its output, logs and accounting, or
+    /// the failure it ended with; and the plugin-state changes to commit, if any.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        bin: &Binary,
+        store: Store<ExecCtx>,
+        result: wasmtime::Result<i32>,
+        pipes: Option<WasiPipes>,
+        limits: &ExecLimits,
+        fuel: Option<u64>,
+        start: Instant,
+        cfg: &Config,
+    ) -> Result<(RunOutput, Option<StateTxn>)> {
+        let lim = &cfg.limits;
+        let timeout_ms = limits.timeout.as_millis() as u64;
         let fuel_used = if self.engine.fuel_metering() {
             let initial = fuel.unwrap_or(u64::MAX);
             Some(initial - store.get_fuel().unwrap_or(0))
@@ -468,30 +528,13 @@ impl Executor {
             };
             return Err(Error::exec(failure, ctx.logs.finish()));
         }
-        let logs = ctx.logs.finish();
-        if !ctx.state.is_empty() {
-            let txn = ctx.state;
-            // A durable store writes a file: keep that off the async workers.
-            let committed = if txn.blocks() {
-                tokio::task::spawn_blocking(move || txn.commit())
-                    .await
-                    .unwrap_or_else(|e| Err(CommitError::Io(format!("commit task failed: {e}"))))
-            } else {
-                txn.commit()
-            };
-            match committed {
-                Ok(()) => {}
-                Err(CommitError::Quota(m)) => {
-                    return Err(Error::exec(ExecFailure::StateQuota(m), logs));
-                }
-                Err(e @ CommitError::Io(_)) => return Err(Error::internal(e.to_string())),
-            }
-        }
-        Ok(RunOutput {
+        let out = RunOutput {
             output,
-            logs,
+            logs: ctx.logs.finish(),
             stats,
-        })
+        };
+        let txn = (!ctx.state.is_empty()).then_some(ctx.state);
+        Ok((out, txn))
     }
 
     /// Process ABI: `alloc(len)`, copy the input, `process(ptr, len)`; returns its code.

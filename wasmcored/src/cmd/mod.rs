@@ -48,12 +48,19 @@ pub async fn dispatch(
             "file descriptors were passed with a request that takes none (only load with \"fd\": true does)",
         ));
     }
+    // The future of a request is as large as that of its largest op, and every request
+    // moves it: the rare, heavy ops (a load's compilation and storage, an unload's
+    // storage) are boxed so that an execution's future stays small (docs/PERFORMANCE.md).
     match req {
-        Request::Load(r) => load::apply(daemon, tenant, r, fds).await.map(Reply::Load),
+        Request::Load(r) => Box::pin(load::apply(daemon, tenant, r, fds))
+            .await
+            .map(Reply::Load),
         Request::Execute(r) => execute::apply(daemon, tenant, r).await.map(Reply::Execute),
         Request::Chain(r) => chain::apply(daemon, tenant, r).await.map(Reply::Execute),
         Request::List(r) => list::apply(daemon, tenant, r).map(Reply::List),
-        Request::Unload(r) => unload::apply(daemon, tenant, r).await.map(Reply::Empty),
+        Request::Unload(r) => Box::pin(unload::apply(daemon, tenant, r))
+            .await
+            .map(Reply::Empty),
         Request::Info(r) => info::apply(daemon, tenant, r).map(|i| Reply::Info(Box::new(i))),
         Request::Status(r) => Ok(Reply::Status(Box::new(status::apply(daemon, tenant, r)))),
     }
