@@ -64,7 +64,7 @@ bench: build plugins
 	tests/bench-socket.sh
 
 # A short socket benchmark that fails only on gross regressions of the ratios (CI): a ratio
-# below a third of its target in two runs in a row.
+# below its floor (docs/PERFORMANCE.md, "Regression guard") in two runs in a row.
 bench-guard: build plugins
 	tests/bench-socket.sh --duration-ms 200 --executions 0 --copies 0 --check || \
 	  { echo "bench-guard: below a floor; measuring again"; \

@@ -443,7 +443,8 @@ fn targets(results: &[(Kind, Measured, Measured)], args: &BenchArgs) -> Vec<(Tar
         Target::ratio(
             format!("10 × {p} pipelined: daemon / JSON echo 10 × {p}"),
             0.6,
-            Some(0.6 / 3.0),
+            // Below what Wasmtime allows here (docs/PERFORMANCE.md): no floor.
+            None,
         ),
         pipe10.map(tput),
     );
@@ -500,6 +501,8 @@ fn targets(results: &[(Kind, Measured, Measured)], args: &BenchArgs) -> Vec<(Tar
     ] {
         let m = get(kind).zip(ping10);
         check(
+            // Floor at 0.5, not a third: a rotation that remaps a slot on every execution
+            // measured 0.14-0.25, a third would not catch it.
             Target::ratio(
                 format!("{what}: vs-echo ratio / single binary's"),
                 0.9,
