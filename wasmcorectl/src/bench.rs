@@ -228,8 +228,13 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
         }
     }
     let mut tenants = match &module {
+        // A machine where other users cannot run this program or reach the socket still
+        // gets every other row.
         Some(wasm) if args.tenants > 0 && wanted(Kind::Tenants10) => {
-            TenantClients::start(socket, wasm, args)?
+            TenantClients::start(socket, wasm, args).unwrap_or_else(|f| {
+                println!("(multi-tenant row skipped: {})", f.message);
+                None
+            })
         }
         _ => None,
     };
