@@ -217,6 +217,20 @@ pub struct ExecCtx {
     pub(crate) wasi: Option<WasiP1Ctx>,
 }
 
+/// One execution as [`Executor::run`] hands it to the functions that set up and take apart
+/// its store.
+#[derive(Clone, Copy)]
+struct Job<'a> {
+    bin: &'a Binary,
+    tenant_uid: u32,
+    limits: &'a ExecLimits,
+    fuel: Option<u64>,
+    deadline: Instant,
+    start: Instant,
+    /// The configuration snapshot the whole execution uses.
+    cfg: &'a Config,
+}
+
 /// Pipes of a WASI context, read after the run.
 struct WasiPipes {
     stdout: MemoryOutputPipe,
@@ -335,8 +349,16 @@ impl Executor {
         // The store is set up and taken apart in plain functions: an async function keeps
         // every local whose scope spans an `.await` in its state, and each caller copies
         // that state, so the 700-byte context must never be a local here.
-        let (mut store, input, pipes) =
-            self.new_store(bin, tenant_uid, input, limits, fuel, deadline, &cfg)?;
+        let job = Job {
+            bin,
+            tenant_uid,
+            limits,
+            fuel,
+            deadline,
+            start,
+            cfg: &cfg,
+        };
+        let (mut store, input, pipes) = self.new_store(&job, input)?;
         // Boxed: Wasmtime's instantiation and call futures are large, and every async
         // caller above this one would otherwise copy them into its own state at each call
         // (docs/PERFORMANCE.md, "Small futures").
@@ -356,7 +378,7 @@ impl Executor {
         } else {
             run.await
         };
-        let (out, txn) = self.finish(bin, store, result, pipes, limits, fuel, start, &cfg)?;
+        let (out, txn) = self.finish(&job, store, result, pipes)?;
         if let Some(txn) = txn {
             // A durable store writes a file: keep that off the async workers.
             let committed = if txn.blocks() {
@@ -380,17 +402,20 @@ impl Executor {
     /// A fresh store for one execution of `bin`, with its limits, fuel, deadline and (for
     /// a module that imports WASI) its WASI context; also the input for `alloc` (empty for
     /// a WASI command, which reads it from stdin) and the WASI pipes to read afterwards.
-    #[allow(clippy::too_many_arguments)]
     fn new_store(
         &self,
-        bin: &Binary,
-        tenant_uid: u32,
+        job: &Job<'_>,
         input: Vec<u8>,
-        limits: &ExecLimits,
-        fuel: Option<u64>,
-        deadline: Instant,
-        cfg: &Config,
     ) -> Result<(Store<ExecCtx>, Vec<u8>, Option<WasiPipes>)> {
+        let Job {
+            bin,
+            tenant_uid,
+            limits,
+            fuel,
+            deadline,
+            cfg,
+            ..
+        } = *job;
         let ns = Namespace {
             owner: tenant_uid,
             binary: bin.id,
@@ -460,18 +485,21 @@ impl Executor {
 
     /// Take the store of a finished execution apart: its output, logs and accounting, or
     /// the failure it ended with; and the plugin-state changes to commit, if any.
-    #[allow(clippy::too_many_arguments)]
     fn finish(
         &self,
-        bin: &Binary,
+        job: &Job<'_>,
         store: Store<ExecCtx>,
         result: wasmtime::Result<i32>,
         pipes: Option<WasiPipes>,
-        limits: &ExecLimits,
-        fuel: Option<u64>,
-        start: Instant,
-        cfg: &Config,
     ) -> Result<(RunOutput, Option<StateTxn>)> {
+        let Job {
+            bin,
+            limits,
+            fuel,
+            start,
+            cfg,
+            ..
+        } = *job;
         let lim = &cfg.limits;
         let timeout_ms = limits.timeout.as_millis() as u64;
         let fuel_used = if self.engine.fuel_metering() {
