@@ -189,6 +189,29 @@ impl Target {
 }
 
 pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
+    const ALL: [Kind; 7] = [
+        Kind::Ping1,
+        Kind::Ping10,
+        Kind::Pipe1,
+        Kind::Pipe10,
+        Kind::Chain10,
+        Kind::Tenants10,
+        Kind::Rotate,
+    ];
+    if let Some(bad) = args
+        .only
+        .iter()
+        .find(|n| !ALL.iter().any(|k| k.name() == *n))
+    {
+        let names: Vec<&str> = ALL.iter().map(|k| k.name()).collect();
+        return Err(Failure::new(
+            exit::USAGE,
+            format!(
+                "--only: no scenario {bad:?} (scenarios: {})",
+                names.join(", ")
+            ),
+        ));
+    }
     let mut c = Client::connect(socket)?;
     let (binary, loaded) = match (&args.binary, &args.load) {
         (Some(b), _) => (b.clone(), false),
@@ -224,7 +247,16 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
     {
         for i in 0..args.rotate {
             let name = format!("bench-rot-{}-{i}", std::process::id());
-            rotation.push(load_bytes(&mut c, wasm, Some(&name))?);
+            match load_bytes(&mut c, wasm, Some(&name)) {
+                Ok(id) => rotation.push(id),
+                Err(f) => {
+                    // Leave nothing behind (a quota may stop the loads part-way).
+                    for id in &rotation {
+                        let _ = unload(&mut c, id);
+                    }
+                    return Err(f);
+                }
+            }
         }
     }
     let mut tenants = match &module {
