@@ -1230,7 +1230,11 @@ impl TenantClients {
                 stdin,
                 stdout,
             };
-            c.ask(&format!("load {}", wasmcore_proto::encode_base64(wasm)))?;
+            c.ask(&format!(
+                "load {} {}",
+                wasmcore_proto::encode_base64(wasm),
+                wasmcore_proto::encode_base64(args.input.as_bytes())
+            ))?;
             children.push(c);
         }
         Ok(Some(TenantClients { children }))
@@ -1278,13 +1282,15 @@ impl Drop for TenantClients {
     }
 }
 
-/// A tenant client process (see [`TenantClients`]): answers `load BASE64`, `run MS PATH`
+/// A tenant client process (see [`TenantClients`]): answers `load WASM INPUT` (both base64:
+/// the module, and the input of every execution), `run MS PATH`
 /// (measure against PATH; the result is kept for `report`) and `quit`, one line each way.
 pub fn serve_tenant_client(socket: &Path) -> Result<(), Failure> {
     let mut c = Client::connect(socket)?;
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
     let mut binary: Option<String> = None;
+    let mut request: Option<Vec<u8>> = None;
     let mut running: Option<std::thread::JoinHandle<Result<Measured, Failure>>> = None;
     let mut line_in = String::new();
     let io = |e: std::io::Error| Failure::new(exit::IO, format!("tenant client: {e}"));
@@ -1295,18 +1301,21 @@ pub fn serve_tenant_client(socket: &Path) -> Result<(), Failure> {
         }
         let mut words = line_in.trim_end().splitn(3, ' ');
         let answer = match (words.next(), words.next(), words.next()) {
-            (Some("load"), Some(b64), None) => {
-                let wasm = wasmcore_proto::decode_base64(b64)
-                    .map_err(|e| Failure::new(exit::USAGE, format!("tenant client: {e}")))?;
+            (Some("load"), Some(wasm), Some(input)) => {
+                let decode = |b64: &str| {
+                    wasmcore_proto::decode_base64(b64)
+                        .map_err(|e| Failure::new(exit::USAGE, format!("tenant client: {e}")))
+                };
+                let (wasm, input) = (decode(wasm)?, decode(input)?);
                 let id = load_bytes(&mut c, &wasm, None)?;
+                request = Some(exec_line(&id, &String::from_utf8_lossy(&input)));
                 binary = Some(id.clone());
                 format!("ok {id}")
             }
             (Some("run"), Some(ms), Some(path)) => {
-                let Some(id) = &binary else {
+                let Some(req) = request.clone() else {
                     return Err(Failure::new(exit::USAGE, "tenant client: run before load"));
                 };
-                let req = exec_line(id, "hello world");
                 let ms: u64 = ms.parse().unwrap_or(1000);
                 let path = PathBuf::from(path);
                 running = Some(std::thread::spawn(move || {
