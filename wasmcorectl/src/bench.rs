@@ -127,24 +127,15 @@ impl Kind {
     }
 }
 
-/// Who sends a scenario's requests.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Clients {
-    /// Threads of this process, each cycling through the requests from its own offset.
-    Threads,
-    /// One child process per connection, each under its own UID with its own binary.
-    Tenants,
-}
-
 struct Scenario {
     kind: Kind,
     label: String,
     connections: usize,
     in_flight: usize,
-    /// Requests sent in turn (one, or one per binary of the rotation).
+    /// Requests each client thread sends in turn (one, or one per binary of the rotation);
+    /// the multi-tenant scenario's clients are processes with their own.
     requests: Vec<Vec<u8>>,
     reply: Vec<u8>,
-    clients: Clients,
 }
 
 /// A target and the floor `--check` enforces: a third of the target, so that only a gross
@@ -251,9 +242,7 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
                 Ok(id) => rotation.push(id),
                 Err(f) => {
                     // Leave nothing behind (a quota may stop the loads part-way).
-                    for id in &rotation {
-                        let _ = unload(&mut c, id);
-                    }
+                    let _ = unload_all(&mut c, &rotation);
                     return Err(f);
                 }
             }
@@ -314,7 +303,6 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
             in_flight,
             requests: vec![if chain { &chain_req } else { &exec_req }.clone()],
             reply: if chain { &chain_resp } else { &exec_resp }.clone(),
-            clients: Clients::Threads,
         }
     })
     .collect::<Vec<_>>();
@@ -326,7 +314,6 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
             in_flight: 1,
             requests: Vec::new(),
             reply: exec_resp.clone(),
-            clients: Clients::Tenants,
         });
     }
     if !rotation.is_empty() {
@@ -337,7 +324,6 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
             in_flight: 1,
             requests: rotation.iter().map(|b| exec_line(b, &args.input)).collect(),
             reply: exec_resp.clone(),
-            clients: Clients::Threads,
         });
     }
     scenarios.retain(|s| wanted(s.kind));
@@ -364,8 +350,8 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
         let json_echo = EchoProcess::start("json", &s.reply)?;
         let (mut raw, mut js, mut d) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..args.rounds.max(1) {
-            let mut m = |path: &Path, pid: Option<i32>| match (s.clients, tenants.as_mut()) {
-                (Clients::Tenants, Some(t)) => t.measure(path, pid, duration),
+            let mut m = |path: &Path, pid: Option<i32>| match (s.kind, tenants.as_mut()) {
+                (Kind::Tenants10, Some(t)) => t.measure(path, pid, duration),
                 _ => measure(path, pid, &s.requests, s.connections, s.in_flight, duration),
             };
             raw.push(m(&raw_echo.path, Some(raw_echo.pid()))?);
@@ -398,9 +384,7 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
         );
         results.push((s.kind, js, d));
     }
-    for b in &rotation {
-        unload(&mut c, b)?;
-    }
+    unload_all(&mut c, &rotation)?;
     drop(tenants);
 
     let checks = targets(&results, args);
@@ -582,6 +566,19 @@ fn load_bytes(c: &mut Client, wasm: &[u8], name: Option<&str>) -> Result<String,
     Ok(resp["binary"].as_str().unwrap_or_default().to_string())
 }
 
+/// Unload every binary of `ids`; the first failure is returned after trying them all.
+fn unload_all(c: &mut Client, ids: &[String]) -> Result<(), Failure> {
+    let mut first = Ok(());
+    for id in ids {
+        if let Err(f) = unload(c, id)
+            && first.is_ok()
+        {
+            first = Err(f);
+        }
+    }
+    first
+}
+
 fn unload(c: &mut Client, id: &str) -> Result<(), Failure> {
     crate::check(c.call(&json!({"op": "unload", "binary": id}), None)?)?;
     Ok(())
@@ -728,9 +725,7 @@ fn memory(
                 crate::check(c.call(&run, None)?)?;
             }
             let after = rss_kib(pid).unwrap_or(before);
-            for id in &ids {
-                unload(c, id)?;
-            }
+            unload_all(c, &ids)?;
             let per = (after.saturating_sub(before)) as f64 / args.copies as f64;
             let met = if per <= 512.0 { "met" } else { "NOT MET" };
             println!(
