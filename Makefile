@@ -51,6 +51,7 @@ TEST_DEBS := systemd util-linux passwd mount python3
 
 test: build plugins
 	packaging/ensure-packages.sh $(TEST_DEBS)
+	tests/extism/setup.sh
 	$(CARGO) test --$(PROFILE) --workspace
 	$(MAKE) fuzz FUZZ_SECONDS=10
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build every example plugin into plugins/dist/. Installs what it needs on a fresh machine:
 # the rustup wasm targets and, for the C example, Debian's clang, lld and wasi-libc.
+# Also copies `count_vowels.wasm` as shipped inside the extism-pdk crate (a plugin built by
+# Extism's own project), which the tests run as a plugin nobody built for wasm-core.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 dist="$here/dist"
@@ -8,7 +10,7 @@ mkdir -p "$dist"
 
 if command -v rustup >/dev/null; then
   installed=$(rustup target list --installed)
-  for t in wasm32-unknown-unknown wasm32-wasip1; do
+  for t in wasm32-unknown-unknown wasm32-wasip1 wasm32-wasip2; do
     grep -qx "$t" <<<"$installed" || rustup target add "$t"
   done
 fi
@@ -17,12 +19,20 @@ fi
 
 cd "$here"
 cargo build --release --quiet --target wasm32-unknown-unknown \
-  -p uppercase -p transform -p hash -p counter
+  -p uppercase -p transform -p hash -p counter -p greet
 cargo build --release --quiet --target wasm32-wasip1 -p wc
-for p in uppercase transform hash counter; do
+cargo build --release --quiet --target wasm32-wasip2 -p sort
+for p in uppercase transform hash counter greet; do
   cp target/wasm32-unknown-unknown/release/$p.wasm "$dist/$p.wasm"
 done
 cp target/wasm32-wasip1/release/wc.wasm "$dist/wc.wasm"
+for p in sort p2probe; do
+  cp target/wasm32-wasip2/release/$p.wasm "$dist/$p.wasm"
+done
+# The crate's own example plugin, from the source cargo fetched for `greet`.
+pdk=$(cargo metadata --format-version 1 --locked 2>/dev/null |
+  python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"] == "extism-pdk"))')
+cp "$(dirname "$pdk")/count_vowels.wasm" "$dist/count_vowels.wasm"
 
 clang --target=wasm32-wasi --sysroot=/usr -O2 -o "$dist/linenum.wasm" c/linenum.c
 echo "plugins: built $(ls "$dist" | tr '\n' ' ')" >&2

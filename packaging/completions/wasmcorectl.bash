@@ -22,6 +22,9 @@ _wasmcorectl() {
             wasmcorectl,chain)
                 cmd="wasmcorectl__subcmd__chain"
                 ;;
+            wasmcorectl,configure)
+                cmd="wasmcorectl__subcmd__configure"
+                ;;
             wasmcorectl,execute)
                 cmd="wasmcorectl__subcmd__execute"
                 ;;
@@ -48,6 +51,9 @@ _wasmcorectl() {
                 ;;
             wasmcorectl__subcmd__help,chain)
                 cmd="wasmcorectl__subcmd__help__subcmd__chain"
+                ;;
+            wasmcorectl__subcmd__help,configure)
+                cmd="wasmcorectl__subcmd__help__subcmd__configure"
                 ;;
             wasmcorectl__subcmd__help,execute)
                 cmd="wasmcorectl__subcmd__help__subcmd__execute"
@@ -77,7 +83,7 @@ _wasmcorectl() {
 
     case "${cmd}" in
         wasmcorectl)
-            opts="-h -V --socket --json --help --version load execute chain list unload info status bench help"
+            opts="-h -V --socket --json --help --version load execute chain list unload info configure status bench help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -214,13 +220,39 @@ _wasmcorectl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        wasmcorectl__subcmd__execute)
-            opts="-h --input --input-file --timeout-ms --memory-limit-mb --fuel --socket --json --help"
+        wasmcorectl__subcmd__configure)
+            opts="-h --config --socket --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        wasmcorectl__subcmd__execute)
+            opts="-h --function --input --input-file --timeout-ms --memory-limit-mb --fuel --socket --json --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --function)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --input)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -253,7 +285,7 @@ _wasmcorectl() {
             return 0
             ;;
         wasmcorectl__subcmd__help)
-            opts="load execute chain list unload info status bench help"
+            opts="load execute chain list unload info configure status bench help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -281,6 +313,20 @@ _wasmcorectl() {
             return 0
             ;;
         wasmcorectl__subcmd__help__subcmd__chain)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        wasmcorectl__subcmd__help__subcmd__configure)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -429,13 +475,17 @@ _wasmcorectl() {
             return 0
             ;;
         wasmcorectl__subcmd__load)
-            opts="-h --name --public --inline --socket --json --help"
+            opts="-h --name --public --inline --config --socket --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -34,15 +34,18 @@ complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "chain" -d '
 complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "list" -d 'List your binaries and public ones'
 complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "unload" -d 'Remove a binary and its plugin state'
 complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "info" -d 'Show a binary\'s metadata, imports, exports and limits'
+complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "configure" -d 'Replace an Extism plugin\'s configuration without reloading it'
 complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "status" -d 'Show the daemon\'s version, counts and limits, and who it thinks you are'
 complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "bench" -d 'Measure every performance target against echo baselines in the same run'
 complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand load" -l name -d 'A name to refer to the binary by (unique among your binaries)' -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand load" -l config -d 'A configuration entry an Extism plugin reads with `config_get` (repeatable)' -r
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand load" -l socket -d 'Daemon socket [default: /run/wasm-core/wasm-core.sock if present, else /tmp/wasm-core.sock]' -r -F
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand load" -l public -d 'Let every tenant run it (admins only)'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand load" -l inline -d 'Send the bytes inline (base64) instead of passing the open file'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand load" -l json -d 'Print the daemon\'s full JSON response instead of human output'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand load" -s h -l help -d 'Print help'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand execute" -l function -d 'The function to call, for an Extism plugin that exports several' -r
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand execute" -l input -d 'The input as a string' -r
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand execute" -l input-file -d 'Read the input from a file' -r -F
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand execute" -l timeout-ms -r
@@ -69,6 +72,10 @@ complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand unload" -s h -l 
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand info" -l socket -d 'Daemon socket [default: /run/wasm-core/wasm-core.sock if present, else /tmp/wasm-core.sock]' -r -F
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand info" -l json -d 'Print the daemon\'s full JSON response instead of human output'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand info" -s h -l help -d 'Print help'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand configure" -l config -d 'The new configuration, whole (repeatable; none clears it)' -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand configure" -l socket -d 'Daemon socket [default: /run/wasm-core/wasm-core.sock if present, else /tmp/wasm-core.sock]' -r -F
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand configure" -l json -d 'Print the daemon\'s full JSON response instead of human output'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand configure" -s h -l help -d 'Print help'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand status" -l socket -d 'Daemon socket [default: /run/wasm-core/wasm-core.sock if present, else /tmp/wasm-core.sock]' -r -F
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand status" -l json -d 'Print the daemon\'s full JSON response instead of human output'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand status" -s h -l help -d 'Print help'
@@ -92,12 +99,13 @@ complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l socket
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l check -d 'Fail (exit status 1) on a gross regression of the throughput ratios'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l json -d 'Print the daemon\'s full JSON response instead of human output'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -s h -l help -d 'Print help'
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info status bench help" -f -a "load" -d 'Load a module (.wasm, or .wat text) and print its UUID'
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info status bench help" -f -a "execute" -d 'Run a binary; its output goes to stdout as raw bytes'
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info status bench help" -f -a "chain" -d 'Run binaries in order, each one\'s output the next one\'s input'
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info status bench help" -f -a "list" -d 'List your binaries and public ones'
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info status bench help" -f -a "unload" -d 'Remove a binary and its plugin state'
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info status bench help" -f -a "info" -d 'Show a binary\'s metadata, imports, exports and limits'
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info status bench help" -f -a "status" -d 'Show the daemon\'s version, counts and limits, and who it thinks you are'
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info status bench help" -f -a "bench" -d 'Measure every performance target against echo baselines in the same run'
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info status bench help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status bench help" -f -a "load" -d 'Load a module (.wasm, or .wat text) and print its UUID'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status bench help" -f -a "execute" -d 'Run a binary; its output goes to stdout as raw bytes'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status bench help" -f -a "chain" -d 'Run binaries in order, each one\'s output the next one\'s input'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status bench help" -f -a "list" -d 'List your binaries and public ones'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status bench help" -f -a "unload" -d 'Remove a binary and its plugin state'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status bench help" -f -a "info" -d 'Show a binary\'s metadata, imports, exports and limits'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status bench help" -f -a "configure" -d 'Replace an Extism plugin\'s configuration without reloading it'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status bench help" -f -a "status" -d 'Show the daemon\'s version, counts and limits, and who it thinks you are'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status bench help" -f -a "bench" -d 'Measure every performance target against echo baselines in the same run'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status bench help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

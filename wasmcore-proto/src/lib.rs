@@ -14,6 +14,7 @@
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::collections::BTreeMap;
 
 /// The protocol version reported by `status`.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -112,6 +113,19 @@ pub struct LoadRequest {
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub public: bool,
+    /// Extism plugins: the configuration `config_get` reads (string keys and values).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<BTreeMap<String, String>>,
+}
+
+/// `configure`: replace the configuration of a binary (its owner or an admin).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigureRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<Value>,
+    pub binary: String,
+    pub config: BTreeMap<String, String>,
 }
 
 /// `execute`: run one binary.
@@ -121,6 +135,9 @@ pub struct ExecuteRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag: Option<Value>,
     pub binary: String,
+    /// The exported function to call (Extism plugins); needed only when there are several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -129,7 +146,8 @@ pub struct ExecuteRequest {
     pub limits: LimitsRequest,
 }
 
-/// `chain`: run binaries in order, each one's output the next one's input.
+/// `chain`: run binaries in order, each one's output the next one's input. A stage is a
+/// binary's UUID or name, or `BINARY:FUNCTION` to call one function of an Extism plugin.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChainRequest {
@@ -182,6 +200,7 @@ pub enum Request {
     Unload(BinaryRequest),
     Info(BinaryRequest),
     Status(StatusRequest),
+    Configure(ConfigureRequest),
 }
 
 impl Request {
@@ -195,6 +214,7 @@ impl Request {
             Request::Unload(_) => "unload",
             Request::Info(_) => "info",
             Request::Status(_) => "status",
+            Request::Configure(_) => "configure",
         }
     }
 
@@ -207,6 +227,7 @@ impl Request {
             Request::List(r) => r.tag.take(),
             Request::Unload(r) | Request::Info(r) => r.tag.take(),
             Request::Status(r) => r.tag.take(),
+            Request::Configure(r) => r.tag.take(),
         }
     }
 }
@@ -252,7 +273,7 @@ fn describe_json_error(text: &str, e: &serde_json::Error) -> String {
     }
     let msg = e.to_string();
     if msg.contains("missing field `op`") {
-        return "missing field `op` (one of load, execute, chain, list, unload, info, status)"
+        return "missing field `op` (one of load, execute, chain, list, unload, info, status, configure)"
             .to_string();
     }
     if msg.starts_with("unknown variant") {
@@ -303,20 +324,40 @@ impl ErrorBody {
     }
 }
 
-/// The kind of a module: the seed's `process` ABI or a WASI preview1 command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// The kind of a binary, detected at load: the seed's `process` ABI, a WASI preview1
+/// command, an Extism plugin, or a `wasi:cli/command` component.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ModuleKind {
     Process,
     Wasi,
+    Extism,
+    Component,
+}
+
+impl ModuleKind {
+    /// Every kind, in the order the documentation lists them.
+    pub const ALL: [ModuleKind; 4] = [
+        ModuleKind::Process,
+        ModuleKind::Wasi,
+        ModuleKind::Extism,
+        ModuleKind::Component,
+    ];
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModuleKind::Process => "process",
+            ModuleKind::Wasi => "wasi",
+            ModuleKind::Extism => "extism",
+            ModuleKind::Component => "component",
+        }
+    }
 }
 
 impl std::fmt::Display for ModuleKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            ModuleKind::Process => "process",
-            ModuleKind::Wasi => "wasi",
-        })
+        f.write_str(self.as_str())
     }
 }
 
@@ -429,6 +470,12 @@ pub struct InfoResponse {
     pub state_bytes: u64,
     /// Bytes the binary takes in the state directory (original module + precompiled code).
     pub stored_bytes: u64,
+    /// Extism plugins: the functions `execute` may call (`function`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub functions: Vec<String>,
+    /// Extism plugins: the configuration `config_get` reads.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
 }
 
 /// Response to `status`.
@@ -693,6 +740,10 @@ mod tests {
             (r#"{"op":"unload","binary":"b"}"#, "unload"),
             (r#"{"op":"info","binary":"b"}"#, "info"),
             (r#"{"op":"status"}"#, "status"),
+            (
+                r#"{"op":"configure","binary":"b","config":{"k":"v"}}"#,
+                "configure",
+            ),
         ];
         for (line, op) in cases {
             let r = decode_request(line.as_bytes()).unwrap();
@@ -703,6 +754,18 @@ mod tests {
             Request::Execute(e) => assert_eq!(e.limits.fuel, Some(7)),
             _ => panic!("wrong op"),
         }
+        let r = decode_request(br#"{"op":"execute","binary":"b","function":"f"}"#).unwrap();
+        match r {
+            Request::Execute(e) => assert_eq!(e.function.as_deref(), Some("f")),
+            _ => panic!("wrong op"),
+        }
+        let r = decode_request(br#"{"op":"load","fd":true,"config":{"a":"1"}}"#).unwrap();
+        match r {
+            Request::Load(l) => assert_eq!(l.config.unwrap()["a"], "1"),
+            _ => panic!("wrong op"),
+        }
+        let e = decode_request(br#"{"op":"load","fd":true,"config":{"a":1}}"#).unwrap_err();
+        assert!(e.message.contains("invalid type"), "{}", e.message);
     }
 
     #[test]

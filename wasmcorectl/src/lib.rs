@@ -103,11 +103,17 @@ pub enum Command {
         /// Send the bytes inline (base64) instead of passing the open file.
         #[arg(long)]
         inline: bool,
+        /// A configuration entry an Extism plugin reads with `config_get` (repeatable).
+        #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_config_entry)]
+        config: Vec<(String, String)>,
     },
     /// Run a binary; its output goes to stdout as raw bytes.
     Execute {
         /// UUID or name.
         binary: String,
+        /// The function to call, for an Extism plugin that exports several.
+        #[arg(long, value_name = "NAME")]
+        function: Option<String>,
         #[command(flatten)]
         input: InputArgs,
         #[command(flatten)]
@@ -115,7 +121,7 @@ pub enum Command {
     },
     /// Run binaries in order, each one's output the next one's input.
     Chain {
-        /// UUIDs or names, in order.
+        /// UUIDs or names, in order; BINARY:FUNCTION calls one function of an Extism plugin.
         #[arg(required = true, num_args = 1..)]
         binaries: Vec<String>,
         #[command(flatten)]
@@ -138,6 +144,14 @@ pub enum Command {
     Info {
         /// UUID or name.
         binary: String,
+    },
+    /// Replace an Extism plugin's configuration without reloading it.
+    Configure {
+        /// UUID or name.
+        binary: String,
+        /// The new configuration, whole (repeatable; none clears it).
+        #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_config_entry)]
+        config: Vec<(String, String)>,
     },
     /// Show the daemon's version, counts and limits, and who it thinks you are.
     Status,
@@ -242,13 +256,18 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             name,
             public,
             inline,
-        } => load(&mut c, json, file, name, public, inline),
+            config,
+        } => load(&mut c, json, file, name, public, inline, config),
         Command::Execute {
             binary,
+            function,
             input,
             limits,
         } => {
             let mut req = json!({"op": "execute", "binary": binary});
+            if let Some(f) = function {
+                req["function"] = json!(f);
+            }
             add_input_and_limits(&mut req, &input, &limits)?;
             execution(&mut c, json, &req)
         }
@@ -288,6 +307,16 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             print_fields(&resp, &["ok"]);
             Ok(())
         }
+        Command::Configure { binary, config } => {
+            let config: serde_json::Map<String, Value> =
+                config.into_iter().map(|(k, v)| (k, json!(v))).collect();
+            let req = json!({"op": "configure", "binary": binary, "config": config});
+            let resp = call(&mut c, &req)?;
+            if json {
+                return print_json(&resp);
+            }
+            Ok(())
+        }
         Command::Status => {
             let resp = call(&mut c, &json!({"op": "status"}))?;
             if json {
@@ -297,6 +326,14 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Bench(_) => unreachable!("handled above"),
+    }
+}
+
+/// `KEY=VALUE` of `--config`; the value may be empty and may contain `=`.
+fn parse_config_entry(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
     }
 }
 
@@ -345,10 +382,16 @@ fn load(
     name: Option<String>,
     public: bool,
     inline: bool,
+    config: Vec<(String, String)>,
 ) -> Result<(), Failure> {
     let io_err =
         |e: std::io::Error| Failure::new(exit::IO, format!("cannot read {}: {e}", file.display()));
     let mut req = json!({"op": "load"});
+    if !config.is_empty() {
+        let map: serde_json::Map<String, Value> =
+            config.into_iter().map(|(k, v)| (k, json!(v))).collect();
+        req["config"] = Value::Object(map);
+    }
     if let Some(n) = name {
         req["name"] = json!(n);
     }

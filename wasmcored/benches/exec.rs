@@ -68,7 +68,7 @@ fn executor_ns(
         for _ in 0..iters {
             let out = d
                 .exec
-                .execute(bin, 1000, input.to_vec(), &limits)
+                .execute(bin, None, 1000, input.to_vec(), &limits)
                 .await
                 .expect("execute");
             std::hint::black_box(out);
@@ -243,7 +243,7 @@ fn main() {
                 for _ in 0..iters {
                     std::hint::black_box(
                         d.exec
-                            .execute(&b, 1000, INPUT.to_vec(), &limits)
+                            .execute(&b, None, 1000, INPUT.to_vec(), &limits)
                             .await
                             .expect("execute"),
                     );
@@ -266,6 +266,7 @@ fn main() {
                             .expect("limits");
                         tokio::runtime::Handle::current().block_on(d.exec.execute(
                             &b,
+                            None,
                             1000,
                             INPUT.to_vec(),
                             &limits,

@@ -20,7 +20,7 @@ use wasmcore_proto::{
 };
 
 use crate::cmd::{self, Reply};
-use crate::server::Daemon;
+use crate::daemon::Daemon;
 use crate::sys;
 use crate::tenant::Tenant;
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 use wasmtime::{Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use crate::config::{EngineConfig, LimitsConfig};
+use crate::context::StoreShape;
 
 /// Idle ticks before the ticker parks.
 const IDLE_TICKS_BEFORE_PARK: u32 = 200;
@@ -108,7 +109,8 @@ fn wasmtime_config(cfg: &EngineConfig, limits: &LimitsConfig) -> anyhow::Result<
     // Only the features plugins need; the rest stay off to shrink the attack surface.
     c.wasm_memory64(false);
     c.wasm_multi_memory(false);
-    c.wasm_component_model(false);
+    // Components (kind `component`): `wasi:cli/command` through wasmtime-wasi.
+    c.wasm_component_model(true);
     c.wasm_stack_switching(false);
     c.wasm_simd(true);
     c.wasm_bulk_memory(true);
@@ -119,7 +121,13 @@ fn wasmtime_config(cfg: &EngineConfig, limits: &LimitsConfig) -> anyhow::Result<
         .total_memories(n)
         .total_tables(n)
         .total_stacks(n)
-        .total_component_instances(0)
+        // A component takes several core instances, memories and tables of the pool (as
+        // many as its store may create: `StoreShape::COMPONENT`), so a pool full of
+        // components runs fewer executions at once than one of modules.
+        .total_component_instances(n)
+        .max_core_instances_per_component(StoreShape::COMPONENT.instances as u32)
+        .max_memories_per_component(StoreShape::COMPONENT.memories as u32)
+        .max_tables_per_component(StoreShape::COMPONENT.tables as u32)
         .max_memories_per_module(1)
         .max_tables_per_module(1)
         .table_elements(limits.max_table_elements)

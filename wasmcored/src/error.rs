@@ -56,6 +56,10 @@ pub enum ExecFailure {
     Plugin { code: i32 },
     #[error("WASI command exited with status {code}")]
     WasiExit { code: i32 },
+    /// An Extism call failed: the error the plugin set (or the host call's error), which is
+    /// the message itself, or only the non-zero code it returned.
+    #[error("{}", match message { Some(m) => m.clone(), None => format!("plugin returned error code {code}") })]
+    Extism { code: i32, message: Option<String> },
     #[error("output exceeds the limit of {cap} bytes")]
     OutputTooLarge { cap: usize },
     #[error("plugin state quota exceeded: {0}")]
@@ -98,7 +102,9 @@ impl Error {
                 ExecFailure::OutOfFuel { .. } => ErrorCode::OutOfFuel,
                 ExecFailure::MemoryLimit { .. } => ErrorCode::MemoryLimit,
                 ExecFailure::Trap { .. } => ErrorCode::Trap,
-                ExecFailure::Plugin { .. } | ExecFailure::WasiExit { .. } => ErrorCode::PluginError,
+                ExecFailure::Plugin { .. }
+                | ExecFailure::WasiExit { .. }
+                | ExecFailure::Extism { .. } => ErrorCode::PluginError,
                 ExecFailure::OutputTooLarge { .. } => ErrorCode::TooLarge,
                 ExecFailure::StateQuota(_) => ErrorCode::QuotaExceeded,
                 ExecFailure::PoolExhausted => ErrorCode::Busy,
@@ -116,9 +122,9 @@ impl Error {
             body.stage = e.stage;
             body.logs = e.logs.clone();
             match &e.failure {
-                ExecFailure::Plugin { code } | ExecFailure::WasiExit { code } => {
-                    body.plugin_code = Some(*code)
-                }
+                ExecFailure::Plugin { code }
+                | ExecFailure::WasiExit { code }
+                | ExecFailure::Extism { code, .. } => body.plugin_code = Some(*code),
                 ExecFailure::Trap { backtrace, .. } => body.backtrace = backtrace.clone(),
                 _ => {}
             }

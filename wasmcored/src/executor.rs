@@ -11,21 +11,18 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use wasmcore_proto::{LimitsRequest, Stats};
-use wasmtime::{
-    Extern, Memory, PoolConcurrencyLimitError, ResourceLimiter, Store, Trap, TypedFunc,
-    UpdateDeadline, WasmBacktrace,
-};
-use wasmtime_wasi::I32Exit;
-use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime::component::ResourceTable;
+use wasmtime::{PoolConcurrencyLimitError, Store, Trap, UpdateDeadline, WasmBacktrace};
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 
-use crate::abi::{HostTrap, guest_range};
+use crate::blocks::Blocks;
 use crate::config::{Config, LimitsConfig, Live};
+use crate::context::{ExecCtx, ExtismCtx, HostTrap, Limiter, Logs, P2, Pipes};
 use crate::engine::WasmEngine;
 use crate::error::{Error, ExecFailure, Result};
-use crate::registry::{Binary, CheckedFunc};
+use crate::kinds::{Call, Ended, Stdio};
+use crate::registry::Binary;
 use crate::state::{CommitError, Namespace, StateStore, StateTxn};
-use wasmcore_proto::ModuleKind;
 
 /// Backtrace frames kept in a trap error.
 const MAX_BACKTRACE_FRAMES: usize = 8;
@@ -112,109 +109,21 @@ pub struct ChainOutput {
     pub stages: Vec<Stats>,
 }
 
-/// Log lines of one execution, capped in bytes.
-#[derive(Debug, Default)]
-pub(crate) struct Logs {
-    lines: Vec<String>,
-    bytes: usize,
-    cap: usize,
-    dropped: usize,
+/// One stage of a chain: a binary and, for an Extism plugin, the function to call.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    pub bin: Arc<Binary>,
+    pub function: Option<String>,
 }
 
-impl Logs {
-    fn new(cap: usize) -> Self {
-        Logs {
-            cap,
-            ..Logs::default()
+impl From<Arc<Binary>> for Stage {
+    /// A stage that calls the binary's only function (or is not an Extism plugin).
+    fn from(bin: Arc<Binary>) -> Stage {
+        Stage {
+            bin,
+            function: None,
         }
     }
-
-    pub(crate) fn push(&mut self, line: &[u8]) {
-        if self.bytes + line.len() > self.cap {
-            self.dropped += 1;
-            return;
-        }
-        self.bytes += line.len();
-        self.lines.push(String::from_utf8_lossy(line).into_owned());
-    }
-
-    fn push_text(&mut self, text: &[u8]) {
-        for line in text.split(|b| *b == b'\n') {
-            if !line.is_empty() {
-                self.push(line);
-            }
-        }
-    }
-
-    fn finish(mut self) -> Vec<String> {
-        if self.dropped > 0 {
-            self.lines.push(format!(
-                "[{} log lines dropped: over the {}-byte limit]",
-                self.dropped, self.cap
-            ));
-        }
-        self.lines
-    }
-}
-
-/// Memory and table limits of one store; records the peak memory size.
-#[derive(Debug)]
-pub(crate) struct Limiter {
-    max_memory: usize,
-    max_table: usize,
-    peak: usize,
-    memory_refused: bool,
-}
-
-impl ResourceLimiter for Limiter {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        if desired > self.max_memory {
-            self.memory_refused = true;
-            return Ok(false);
-        }
-        self.peak = self.peak.max(desired);
-        Ok(true)
-    }
-
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        Ok(desired <= self.max_table)
-    }
-
-    fn instances(&self) -> usize {
-        1
-    }
-    fn tables(&self) -> usize {
-        1
-    }
-    fn memories(&self) -> usize {
-        1
-    }
-}
-
-/// The data of one execution's `Store`.
-pub struct ExecCtx {
-    pub(crate) limiter: Limiter,
-    /// The guest's memory, cached after instantiation.
-    pub(crate) memory: Option<Memory>,
-    /// The guest's `alloc`, for `get_state` to hand values back.
-    pub(crate) alloc: Option<TypedFunc<i32, i32>>,
-    pub(crate) output: Vec<u8>,
-    pub(crate) output_cap: usize,
-    pub(crate) logs: Logs,
-    pub(crate) state: StateTxn,
-    pub(crate) max_key: usize,
-    deadline: Instant,
-    pub(crate) wasi: Option<WasiP1Ctx>,
 }
 
 /// One execution as [`Executor::run`] hands it to the functions that set up and take apart
@@ -229,12 +138,6 @@ struct Job<'a> {
     start: Instant,
     /// The configuration snapshot the whole execution uses.
     cfg: &'a Config,
-}
-
-/// Pipes of a WASI context, read after the run.
-struct WasiPipes {
-    stdout: MemoryOutputPipe,
-    stderr: MemoryOutputPipe,
 }
 
 /// Runs binaries.
@@ -280,24 +183,43 @@ impl Executor {
         Ok(())
     }
 
-    /// Run `bin` once on `input` for `tenant_uid` (whose state namespace it uses).
+    /// Check that `function` may be asked of `bin` (only Extism plugins have functions to
+    /// choose, and one with several needs a choice); before anything runs.
+    pub fn check_function(bin: &Binary, function: Option<&str>) -> Result<()> {
+        bin.glue
+            .function(function)
+            .map(|_| ())
+            .map_err(|m| Error::bad_request(format!("{}: {m}", bin.display_name())))
+    }
+
+    /// Run `bin` once on `input` for `tenant_uid` (whose state namespace it uses); `function`
+    /// chooses an Extism plugin's export.
     pub async fn execute(
         &self,
         bin: &Binary,
+        function: Option<&str>,
         tenant_uid: u32,
         input: Vec<u8>,
         limits: &ExecLimits,
     ) -> Result<RunOutput> {
         let deadline = Instant::now() + limits.timeout;
-        self.run(bin, tenant_uid, input, limits, limits.fuel, deadline)
-            .await
+        self.run(
+            bin,
+            function,
+            tenant_uid,
+            input,
+            limits,
+            limits.fuel,
+            deadline,
+        )
+        .await
     }
 
-    /// Run `bins` in order, each stage's output the next one's input, under one deadline and
-    /// one fuel budget. A failure names its stage.
+    /// Run `stages` in order, each stage's output the next one's input, under one deadline
+    /// and one fuel budget. A failure names its stage.
     pub async fn chain(
         &self,
-        bins: &[Arc<Binary>],
+        stages: &[Stage],
         tenant_uid: u32,
         input: Vec<u8>,
         limits: &ExecLimits,
@@ -307,9 +229,17 @@ impl Executor {
         let mut fuel_left = limits.fuel;
         let mut data = input;
         let mut out = ChainOutput::default();
-        for (i, bin) in bins.iter().enumerate() {
+        for (i, stage) in stages.iter().enumerate() {
             let r = self
-                .run(bin, tenant_uid, data, limits, fuel_left, deadline)
+                .run(
+                    &stage.bin,
+                    stage.function.as_deref(),
+                    tenant_uid,
+                    data,
+                    limits,
+                    fuel_left,
+                    deadline,
+                )
                 .await
                 .map_err(|e| with_stage(e, i, &mut out.logs))?;
             if let (Some(left), Some(used)) = (fuel_left.as_mut(), r.stats.fuel_used) {
@@ -328,9 +258,11 @@ impl Executor {
         Ok(out)
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn run(
         &self,
         bin: &Binary,
+        function: Option<&str>,
         tenant_uid: u32,
         input: Vec<u8>,
         limits: &ExecLimits,
@@ -344,6 +276,10 @@ impl Executor {
         if start >= deadline {
             return Err(Error::exec(ExecFailure::Timeout { timeout_ms }, Vec::new()));
         }
+        let function = bin
+            .glue
+            .function(function)
+            .map_err(|m| Error::bad_request(format!("{}: {m}", bin.display_name())))?;
         // A snapshot for the whole run: a reload mid-execution does not change its limits.
         let cfg = self.live.load_full();
         // The store is set up and taken apart in plain functions: an async function keeps
@@ -358,19 +294,14 @@ impl Executor {
             start,
             cfg: &cfg,
         };
-        let (mut store, input, pipes) = self.new_store(&job, input)?;
-        // Boxed: Wasmtime's instantiation and call futures are large, and every async
-        // caller above this one would otherwise copy them into its own state at each call
-        // (docs/PERFORMANCE.md, "Small futures").
-        let run = Box::pin(async {
-            match bin.kind {
-                ModuleKind::Wasi => self.run_wasi(bin, &mut store).await,
-                ModuleKind::Process => self.run_process(bin, &mut store, &input).await,
-            }
-        });
-        // A module that imports WASI may block in a host call (poll_oneoff sleeping), where
-        // no epoch check runs: the deadline must also hold outside wasm code.
-        let result = if bin.needs_wasi {
+        let (mut store, input) = self.new_store(&job, input)?;
+        // Boxed by the kind: Wasmtime's instantiation and call futures are large, and every
+        // async caller above this one would otherwise copy them into its own state at each
+        // call (docs/PERFORMANCE.md, "Small futures").
+        let run = bin.glue.run(&mut store, Call { input, function });
+        // A module that uses WASI may block in a host call (poll_oneoff sleeping), where no
+        // epoch check runs: the deadline must also hold outside wasm code.
+        let result = if bin.glue.stdio() != Stdio::None {
             match tokio::time::timeout_at(deadline.into(), run).await {
                 Ok(r) => r,
                 Err(_) => Err(wasmtime::Error::new(HostTrap::TimedOut)),
@@ -378,7 +309,7 @@ impl Executor {
         } else {
             run.await
         };
-        let (out, txn) = self.finish(&job, store, result, pipes)?;
+        let (out, txn) = self.finish(&job, store, result)?;
         if let Some(txn) = txn {
             // A durable store writes a file: keep that off the async workers.
             let committed = if txn.blocks() {
@@ -399,14 +330,11 @@ impl Executor {
         Ok(out)
     }
 
-    /// A fresh store for one execution of `bin`, with its limits, fuel, deadline and (for
-    /// a module that imports WASI) its WASI context; also the input for `alloc` (empty for
-    /// a WASI command, which reads it from stdin) and the WASI pipes to read afterwards.
-    fn new_store(
-        &self,
-        job: &Job<'_>,
-        input: Vec<u8>,
-    ) -> Result<(Store<ExecCtx>, Vec<u8>, Option<WasiPipes>)> {
+    /// A fresh store for one execution of `bin`, with its limits, fuel, deadline, and what
+    /// its kind needs: a WASI context (stdin holds the input of a command; other kinds get
+    /// theirs from the kind's glue) and the Extism block space. Also the input the glue
+    /// gets (empty for a command, which reads it from stdin).
+    fn new_store(&self, job: &Job<'_>, input: Vec<u8>) -> Result<(Store<ExecCtx>, Vec<u8>)> {
         let Job {
             bin,
             tenant_uid,
@@ -421,13 +349,9 @@ impl Executor {
             binary: bin.id,
         };
         let lim = &cfg.limits;
+        let glue = &bin.glue;
         let mut ctx = ExecCtx {
-            limiter: Limiter {
-                max_memory: limits.memory_bytes,
-                max_table: lim.max_table_elements,
-                peak: 0,
-                memory_refused: false,
-            },
+            limiter: Limiter::new(limits.memory_bytes, lim.max_table_elements, glue.shape()),
             memory: None,
             alloc: None,
             output: Vec::new(),
@@ -440,26 +364,53 @@ impl Executor {
             ),
             max_key: cfg.registry.max_state_key_bytes,
             deadline,
+            pipes: None,
             wasi: None,
+            p2: None,
+            extism: None,
         };
-        let (input, pipes) = if bin.needs_wasi {
-            let stdout = MemoryOutputPipe::new(lim.max_output_bytes + 1);
-            let stderr = MemoryOutputPipe::new(lim.max_log_bytes);
-            let mut b = wasmtime_wasi::WasiCtxBuilder::new();
-            // A WASI command reads its input from stdin; a process-mode module that happens
-            // to import WASI gets its input through `alloc` and an empty stdin.
-            let (stdin, input) = match bin.kind {
-                ModuleKind::Wasi => (input, Vec::new()),
-                ModuleKind::Process => (Vec::new(), input),
-            };
-            b.stdin(MemoryInputPipe::new(stdin))
-                .stdout(stdout.clone())
-                .stderr(stderr.clone())
-                .args(&[bin.display_name()]);
-            ctx.wasi = Some(b.build_p1());
-            (input, Some(WasiPipes { stdout, stderr }))
-        } else {
-            (input, None)
+        if glue.uses_blocks() {
+            let blocks = Blocks::new();
+            if !ctx.limiter.charge(blocks.size() as usize) {
+                return Err(Error::exec(
+                    ExecFailure::MemoryLimit {
+                        limit_mb: (limits.memory_bytes >> 20) as u64,
+                    },
+                    Vec::new(),
+                ));
+            }
+            ctx.extism = Some(ExtismCtx {
+                blocks,
+                config: bin.config.load_full(),
+            });
+        }
+        let input = match glue.stdio() {
+            Stdio::None => input,
+            stdio => {
+                let stdout = MemoryOutputPipe::new(lim.max_output_bytes + 1);
+                let stderr = MemoryOutputPipe::new(lim.max_log_bytes);
+                let mut b = wasmtime_wasi::WasiCtxBuilder::new();
+                // A command reads its input from stdin; other kinds get theirs from the
+                // glue and an empty stdin.
+                let (stdin, input) = match stdio {
+                    Stdio::P1 { command: false } => (Vec::new(), input),
+                    _ => (input, Vec::new()),
+                };
+                b.stdin(MemoryInputPipe::new(stdin))
+                    .stdout(stdout.clone())
+                    .stderr(stderr.clone())
+                    .args(&[bin.display_name()]);
+                if stdio == Stdio::P2 {
+                    ctx.p2 = Some(P2 {
+                        ctx: b.build(),
+                        table: ResourceTable::new(),
+                    });
+                } else {
+                    ctx.wasi = Some(b.build_p1());
+                }
+                ctx.pipes = Some(Pipes { stdout, stderr });
+                input
+            }
         };
 
         let mut store = Store::new(self.engine.engine(), ctx);
@@ -480,7 +431,7 @@ impl Executor {
                 ))
             }
         });
-        Ok((store, input, pipes))
+        Ok((store, input))
     }
 
     /// Take the store of a finished execution apart: its output, logs and accounting, or
@@ -489,18 +440,14 @@ impl Executor {
         &self,
         job: &Job<'_>,
         store: Store<ExecCtx>,
-        result: wasmtime::Result<i32>,
-        pipes: Option<WasiPipes>,
+        result: wasmtime::Result<Ended>,
     ) -> Result<(RunOutput, Option<StateTxn>)> {
         let Job {
-            bin,
             limits,
             fuel,
             start,
-            cfg,
             ..
         } = *job;
-        let lim = &cfg.limits;
         let timeout_ms = limits.timeout.as_millis() as u64;
         let fuel_used = if self.engine.fuel_metering() {
             let initial = fuel.unwrap_or(u64::MAX);
@@ -509,132 +456,37 @@ impl Executor {
             None
         };
         let mut ctx = store.into_data();
-        if let Some(p) = &pipes {
-            let err = p.stderr.contents();
-            ctx.logs.push_text(&err);
+        if let Some(p) = ctx.pipes.take() {
+            ctx.logs.push_text(&p.stderr.contents());
+            // Where stdout is not the output (a process or Extism plugin that imports
+            // WASI), what it printed is logged.
+            if ctx.wasi.is_some() && job.bin.glue.stdio() == (Stdio::P1 { command: false }) {
+                ctx.logs.push_text(&p.stdout.contents());
+            }
         }
         let stats = Stats {
             wall_us: start.elapsed().as_micros() as u64,
             fuel_used,
             memory_peak_bytes: Some(ctx.limiter.peak as u64),
         };
-        let exit_code = match result {
-            Ok(code) => code,
-            Err(e) => {
-                // An exit status is a normal end for a WASI command.
-                if let Some(I32Exit(code)) = e.downcast_ref::<I32Exit>() {
-                    *code
-                } else {
-                    let failure = classify(e, &ctx, limits, fuel, timeout_ms);
-                    return Err(Error::exec(failure, ctx.logs.finish()));
-                }
-            }
+        let failure = match result {
+            Ok(Ended::Ok) => None,
+            Ok(Ended::Code(code)) => Some(ExecFailure::Plugin { code }),
+            Ok(Ended::Exit(code)) => Some(ExecFailure::WasiExit { code }),
+            Ok(Ended::Extism { code, message }) => Some(ExecFailure::Extism { code, message }),
+            Err(e) => Some(classify(e, &ctx, limits, fuel, timeout_ms)),
         };
-        let output = match &pipes {
-            Some(p) if bin.kind == ModuleKind::Wasi => {
-                let out = p.stdout.contents();
-                if out.len() > lim.max_output_bytes {
-                    let failure = ExecFailure::OutputTooLarge {
-                        cap: lim.max_output_bytes,
-                    };
-                    return Err(Error::exec(failure, ctx.logs.finish()));
-                }
-                out.to_vec()
-            }
-            Some(p) => {
-                // A process-mode module's WASI stdout is treated as log output.
-                let out = p.stdout.contents();
-                ctx.logs.push_text(&out);
-                std::mem::take(&mut ctx.output)
-            }
-            None => std::mem::take(&mut ctx.output),
-        };
-        if exit_code != 0 {
-            let failure = match bin.kind {
-                ModuleKind::Wasi => ExecFailure::WasiExit { code: exit_code },
-                ModuleKind::Process => ExecFailure::Plugin { code: exit_code },
-            };
+        if let Some(failure) = failure {
             return Err(Error::exec(failure, ctx.logs.finish()));
         }
         let out = RunOutput {
-            output,
+            output: std::mem::take(&mut ctx.output),
             logs: ctx.logs.finish(),
             stats,
         };
         let txn = (!ctx.state.is_empty()).then_some(ctx.state);
         Ok((out, txn))
     }
-
-    /// Process ABI: `alloc(len)`, copy the input, `process(ptr, len)`; returns its code.
-    async fn run_process(
-        &self,
-        bin: &Binary,
-        store: &mut Store<ExecCtx>,
-        input: &[u8],
-    ) -> wasmtime::Result<i32> {
-        let instance = bin.pre.instantiate_async(&mut *store).await?;
-        let exports = &bin.exports;
-        let memory = match exports
-            .memory
-            .as_ref()
-            .and_then(|e| instance.get_module_export(&mut *store, e))
-        {
-            Some(Extern::Memory(m)) => m,
-            _ => return Err(wasmtime::Error::msg("module has no `memory` export")),
-        };
-        let alloc = typed_export(store, &instance, exports.alloc.as_ref(), "alloc")?;
-        let process = typed_export(store, &instance, exports.process.as_ref(), "process")?;
-        store.data_mut().memory = Some(memory);
-        store.data_mut().alloc = Some(alloc.clone());
-
-        let len =
-            i32::try_from(input.len()).map_err(|_| wasmtime::Error::msg("input too large"))?;
-        let ptr = alloc.call_async(&mut *store, len).await?;
-        let size = memory.data_size(&*store);
-        let r = guest_range("alloc (returned pointer)", ptr, len, size)?;
-        memory.data_mut(&mut *store)[r].copy_from_slice(input);
-        process.call_async(&mut *store, (ptr, len)).await
-    }
-
-    /// WASI command: call `_start`; an `I32Exit` carries the status.
-    async fn run_wasi(&self, bin: &Binary, store: &mut Store<ExecCtx>) -> wasmtime::Result<i32> {
-        let instance = bin.pre.instantiate_async(&mut *store).await?;
-        if let Some(Extern::Memory(m)) = bin
-            .exports
-            .memory
-            .as_ref()
-            .and_then(|e| instance.get_module_export(&mut *store, e))
-        {
-            store.data_mut().memory = Some(m);
-        }
-        if let Ok(alloc) = typed_export(store, &instance, bin.exports.alloc.as_ref(), "alloc") {
-            store.data_mut().alloc = Some(alloc);
-        }
-        let start = typed_export(store, &instance, bin.exports.start.as_ref(), "_start")?;
-        start.call_async(&mut *store, ()).await?;
-        Ok(0)
-    }
-}
-
-impl std::fmt::Debug for ExecCtx {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ExecCtx").finish_non_exhaustive()
-    }
-}
-
-fn typed_export<P, R>(
-    store: &mut Store<ExecCtx>,
-    instance: &wasmtime::Instance,
-    export: Option<&CheckedFunc<P, R>>,
-    name: &str,
-) -> wasmtime::Result<TypedFunc<P, R>>
-where
-    P: wasmtime::WasmParams,
-    R: wasmtime::WasmResults,
-{
-    export
-        .and_then(|e| crate::sys::checked_typed_func(store, instance, e))
-        .ok_or_else(|| wasmtime::Error::msg(format!("module has no `{name}` function export")))
 }
 
 fn with_stage(e: Error, stage: usize, earlier_logs: &mut Vec<String>) -> Error {
@@ -674,6 +526,14 @@ fn classify(
             HostTrap::BadPointer(m) => ExecFailure::Trap {
                 message: m.clone(),
                 backtrace: backtrace(&e),
+            },
+            HostTrap::MemoryLimit => ExecFailure::MemoryLimit {
+                limit_mb: (limits.memory_bytes >> 20) as u64,
+            },
+            // Extism fails a call whose host call errs with that error and code -1.
+            HostTrap::Refused(m) => ExecFailure::Extism {
+                code: -1,
+                message: Some(m.clone()),
             },
         };
     }

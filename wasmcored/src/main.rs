@@ -38,7 +38,7 @@ fn real_main(args: wasmcored::cli::Args) -> anyhow::Result<ExitCode> {
         wasmcored::Signals::install()?
     };
     let reload_args = args.clone();
-    let loader: wasmcored::server::ConfigLoader = Box::new(move || reload_args.load_config());
+    let loader: wasmcored::daemon::ConfigLoader = Box::new(move || reload_args.load_config());
     let daemon = wasmcored::Daemon::new(config, Some(loader))?;
     if listeners.is_empty() {
         for path in &daemon.config().server.listen {

@@ -1,67 +1,38 @@
 //! The binary registry: UUID → compiled binary, with owner-scoped names.
 //!
-//! Loading validates, compiles once, builds the `InstancePre` and resolves the ABI exports
-//! once. Every lookup takes the caller's [`Tenant`]: the registry alone decides who may see,
+//! Loading validates, compiles once and prepares the kind's glue once ([`crate::kinds`]). Every lookup takes the caller's [`Tenant`]: the registry alone decides who may see,
 //! run or unload a binary. A binary belongs to the UID that loaded it; an admin may load it
 //! as public (everyone may run it, only admins unload it).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 use wasmcore_proto::{BinaryInfo, ExternInfo, ModuleKind};
-use wasmtime::{ExternType, InstancePre, Linker, Module, ModuleExport};
+use wasmtime::component::Component;
+use wasmtime::{ExternType, Module};
 
 use crate::config::Live;
 use crate::engine::WasmEngine;
 use crate::error::{Error, Result};
-use crate::executor::ExecCtx;
+use crate::kinds::{Code, Kind, Linkers};
 use crate::state::StateStore;
 use crate::tenant::Tenant;
 
-const WASI_MODULE: &str = "wasi_snapshot_preview1";
 const MAX_NAME_LEN: usize = 64;
+/// Caps on an Extism plugin's configuration: entries, bytes of one key, bytes in all.
+const MAX_CONFIG_ENTRIES: usize = 256;
+const MAX_CONFIG_KEY: usize = 256;
+const MAX_CONFIG_BYTES: usize = 64 << 10;
 
-/// ABI exports resolved once at load.
-#[derive(Default)]
-pub struct Exports {
-    pub memory: Option<ModuleExport>,
-    pub alloc: Option<CheckedFunc<i32, i32>>,
-    pub process: Option<CheckedFunc<(i32, i32), i32>>,
-    pub start: Option<CheckedFunc<(), ()>>,
-}
-
-/// A function export whose signature was checked to be `P -> R` when its module was
-/// loaded; only [`check_abi`] makes one. Executions then skip the per-call type check,
-/// which takes a lock in the engine's type registry (docs/PERFORMANCE.md).
-pub struct CheckedFunc<P, R> {
-    export: ModuleExport,
-    _sig: std::marker::PhantomData<fn(P) -> R>,
-}
-
-impl<P, R> CheckedFunc<P, R> {
-    fn verified(export: ModuleExport) -> Self {
-        CheckedFunc {
-            export,
-            _sig: std::marker::PhantomData,
-        }
-    }
-
-    /// The export, of the module this was checked on.
-    pub fn export(&self) -> &ModuleExport {
-        &self.export
-    }
-}
-
-impl std::fmt::Debug for Exports {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Exports").finish_non_exhaustive()
-    }
-}
+/// An Extism plugin's configuration (`config_get`).
+pub type PluginConfig = BTreeMap<String, String>;
 
 /// A loaded binary.
 pub struct Binary {
@@ -80,10 +51,13 @@ pub struct Binary {
     /// Bytes it takes in the state directory (module + precompiled code), set when stored
     /// or restored so `info` and `status` need no disk access.
     pub stored_bytes: AtomicU64,
-    pub needs_wasi: bool,
-    pub module: Module,
-    pub pre: InstancePre<ExecCtx>,
-    pub exports: Exports,
+    /// The compiled code, kept for `info` and the watchdog's probe.
+    pub code: Code,
+    /// The kind's glue, prepared at load.
+    pub glue: Arc<dyn Kind>,
+    /// Extism plugins: what `config_get` reads; replaced whole by `configure`, and each
+    /// execution takes the map as it was when it started.
+    pub config: ArcSwap<PluginConfig>,
 }
 
 impl std::fmt::Debug for Binary {
@@ -118,26 +92,64 @@ impl Binary {
     }
 
     pub fn imports(&self) -> Vec<ExternInfo> {
-        self.module
-            .imports()
-            .map(|i| ExternInfo {
-                module: Some(i.module().to_string()),
-                name: i.name().to_string(),
-                ty: describe(&i.ty()),
-            })
-            .collect()
+        match &self.code {
+            Code::Module(m) => m
+                .imports()
+                .map(|i| ExternInfo {
+                    module: Some(i.module().to_string()),
+                    name: i.name().to_string(),
+                    ty: describe(&i.ty()),
+                })
+                .collect(),
+            Code::Component(c) => {
+                let ty = c.component_type();
+                ty.imports(c.engine())
+                    .map(|(name, item)| ExternInfo {
+                        module: None,
+                        name: name.to_string(),
+                        ty: describe_item(&item.ty),
+                    })
+                    .collect()
+            }
+        }
     }
 
     pub fn exports_info(&self) -> Vec<ExternInfo> {
-        self.module
-            .exports()
-            .map(|e| ExternInfo {
-                module: None,
-                name: e.name().to_string(),
-                ty: describe(&e.ty()),
-            })
-            .collect()
+        match &self.code {
+            Code::Module(m) => m
+                .exports()
+                .map(|e| ExternInfo {
+                    module: None,
+                    name: e.name().to_string(),
+                    ty: describe(&e.ty()),
+                })
+                .collect(),
+            Code::Component(c) => {
+                let ty = c.component_type();
+                ty.exports(c.engine())
+                    .map(|(name, item)| ExternInfo {
+                        module: None,
+                        name: name.to_string(),
+                        ty: describe_item(&item.ty),
+                    })
+                    .collect()
+            }
+        }
     }
+}
+
+fn describe_item(item: &wasmtime::component::types::ComponentItem) -> String {
+    use wasmtime::component::types::ComponentItem as I;
+    match item {
+        I::ComponentFunc(_) => "func",
+        I::CoreFunc(_) => "core func",
+        I::Module(_) => "module",
+        I::Component(_) => "component",
+        I::ComponentInstance(_) => "instance",
+        I::Type(_) => "type",
+        I::Resource(_) => "resource",
+    }
+    .into()
 }
 
 fn describe(t: &ExternType) -> String {
@@ -154,13 +166,10 @@ fn describe(t: &ExternType) -> String {
     }
 }
 
-/// A compiled module, ready to be registered.
+/// A compiled binary with its kind's glue, ready to be registered.
 pub struct Compiled {
-    module: Module,
-    pre: InstancePre<ExecCtx>,
-    exports: Exports,
-    kind: ModuleKind,
-    needs_wasi: bool,
+    code: Code,
+    glue: Arc<dyn Kind>,
     sha256: String,
     size: u64,
     pub compile_ms: f64,
@@ -168,23 +177,34 @@ pub struct Compiled {
 
 impl Compiled {
     pub fn kind(&self) -> ModuleKind {
-        self.kind
+        self.glue.kind()
     }
 
     /// The precompiled artifact to store next to the original bytes.
     pub fn serialize(&self) -> Result<Vec<u8>> {
-        self.module
+        self.code
             .serialize()
-            .map_err(|e| Error::internal(format!("serializing the compiled module: {e:#}")))
+            .map_err(|e| Error::internal(format!("serializing the compiled binary: {e:#}")))
     }
 }
 
 impl std::fmt::Debug for Compiled {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Compiled")
-            .field("kind", &self.kind)
+            .field("kind", &self.kind())
             .finish_non_exhaustive()
     }
+}
+
+/// The identity of a stored binary, restored as it was.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub id: Uuid,
+    pub name: Option<String>,
+    pub owner: u32,
+    pub public: bool,
+    pub loaded_at: u64,
+    pub config: PluginConfig,
 }
 
 /// How to register a compiled module.
@@ -192,6 +212,8 @@ impl std::fmt::Debug for Compiled {
 pub struct LoadOptions {
     pub name: Option<String>,
     pub public: bool,
+    /// Extism plugins only.
+    pub config: PluginConfig,
 }
 
 /// What a caller wants to do with a binary.
@@ -206,7 +228,7 @@ pub enum Access {
 /// All loaded binaries.
 pub struct Registry {
     engine: Arc<WasmEngine>,
-    linker: Linker<ExecCtx>,
+    linkers: Linkers,
     live: Live,
     state: Arc<dyn StateStore>,
     /// Lock-free reads on the execute path; an entry is never held across `.await`.
@@ -235,18 +257,11 @@ impl Registry {
         live: Live,
         state: Arc<dyn StateStore>,
     ) -> anyhow::Result<Self> {
-        let mut linker = Linker::new(engine.engine());
-        crate::abi::add_to_linker(&mut linker)
+        let linkers = Linkers::new(engine.engine())
             .map_err(|e| anyhow::anyhow!("defining host functions: {e:#}"))?;
-        wasmtime_wasi::p1::add_to_linker_async(&mut linker, |c: &mut ExecCtx| {
-            c.wasi
-                .as_mut()
-                .expect("a WASI context exists for every module that imports WASI")
-        })
-        .map_err(|e| anyhow::anyhow!("defining WASI functions: {e:#}"))?;
         Ok(Registry {
             engine,
-            linker,
+            linkers,
             live,
             state,
             binaries: DashMap::new(),
@@ -285,7 +300,8 @@ impl Registry {
         Ok(())
     }
 
-    /// Validate and compile `bytes` (CPU-heavy: run it off the async workers).
+    /// Validate and compile `bytes`, a core module or a component (CPU-heavy: run it off
+    /// the async workers).
     pub fn compile(&self, bytes: &[u8]) -> Result<Compiled> {
         self.check_size(bytes.len())?;
         if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
@@ -294,33 +310,25 @@ impl Registry {
             ));
         }
         let start = Instant::now();
-        let module = Module::from_binary(self.engine.engine(), bytes)
-            .map_err(|e| Error::InvalidModule(format!("invalid module: {e:#}")))?;
+        let engine = self.engine.engine();
+        let code = if Code::is_component(bytes) {
+            Component::from_binary(engine, bytes).map(Code::Component)
+        } else {
+            Module::from_binary(engine, bytes).map(Code::Module)
+        }
+        .map_err(|e| Error::InvalidModule(format!("invalid module: {e:#}")))?;
         let compile_ms = start.elapsed().as_secs_f64() * 1000.0;
-        let mut c = self.prepare(
-            module,
-            hex::encode(Sha256::digest(bytes)),
-            bytes.len() as u64,
-        )?;
+        let mut c = self.prepare(code, hex::encode(Sha256::digest(bytes)), bytes.len() as u64)?;
         c.compile_ms = compile_ms;
         Ok(c)
     }
 
-    /// Check the ABI of a compiled (or deserialized) module and build its `InstancePre`.
-    pub fn prepare(&self, module: Module, sha256: String, size: u64) -> Result<Compiled> {
-        let (kind, exports) = check_abi(&module)?;
-        let needs_wasi = module.imports().any(|i| i.module() == WASI_MODULE);
-        let pre = self.linker.instantiate_pre(&module).map_err(|e| {
-            Error::InvalidModule(format!(
-                "module imports something wasm-core does not provide: {e:#}"
-            ))
-        })?;
+    /// Detect the kind of compiled (or deserialized) code and prepare its glue.
+    pub fn prepare(&self, code: Code, sha256: String, size: u64) -> Result<Compiled> {
+        let glue = crate::kinds::prepare(&self.linkers, &code).map_err(Error::InvalidModule)?;
         Ok(Compiled {
-            module,
-            pre,
-            exports,
-            kind,
-            needs_wasi,
+            code,
+            glue,
             sha256,
             size,
             compile_ms: 0.0,
@@ -360,6 +368,7 @@ impl Registry {
         if let Some(name) = &opts.name {
             validate_name(name)?;
         }
+        validate_config(compiled.kind(), &opts.config)?;
         let bin = Arc::new(self.make_binary(owner.uid, compiled, opts));
         self.reserve_slot(owner.uid, bin.size)?;
         if let Err(e) = self.reserve_names(&bin).and_then(|()| persist(&bin)) {
@@ -373,17 +382,14 @@ impl Registry {
 
     /// Register a binary restored from the state directory, with its stored identity.
     /// Quotas are not checked (it was admitted when loaded); a name clash is an error.
-    pub fn restore(
-        &self,
-        meta: &crate::store::BinaryMeta,
-        compiled: Compiled,
-    ) -> Result<Arc<Binary>> {
+    pub fn restore(&self, meta: Identity, compiled: Compiled) -> Result<Arc<Binary>> {
         let mut bin = self.make_binary(
             meta.owner,
             compiled,
             LoadOptions {
-                name: meta.name.clone(),
+                name: meta.name,
                 public: meta.public,
+                config: meta.config,
             },
         );
         bin.id = meta.id;
@@ -430,7 +436,7 @@ impl Registry {
             owner,
             sha256: compiled.sha256,
             size: compiled.size,
-            kind: compiled.kind,
+            kind: compiled.glue.kind(),
             public: opts.public,
             loaded_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -438,10 +444,9 @@ impl Registry {
             seq: self.seq.fetch_add(1, Relaxed),
             executions: AtomicU64::new(0),
             stored_bytes: AtomicU64::new(0),
-            needs_wasi: compiled.needs_wasi,
-            module: compiled.module,
-            pre: compiled.pre,
-            exports: compiled.exports,
+            code: compiled.code,
+            glue: compiled.glue,
+            config: ArcSwap::from_pointee(opts.config),
         }
     }
 
@@ -559,6 +564,22 @@ impl Registry {
         Ok(v)
     }
 
+    /// Replace the configuration of a binary the caller may manage: validate it, run
+    /// `persist` with it (store it durably), then make it visible to new executions.
+    pub fn configure(
+        &self,
+        tenant: &Tenant,
+        reference: &str,
+        config: PluginConfig,
+        persist: impl FnOnce(&Binary, &PluginConfig) -> Result<()>,
+    ) -> Result<Arc<Binary>> {
+        let bin = self.resolve(tenant, reference, Access::Manage)?;
+        validate_config(bin.kind, &config)?;
+        persist(&bin, &config)?;
+        bin.config.store(Arc::new(config));
+        Ok(bin)
+    }
+
     /// Remove a binary. Running executions keep their `Arc` and finish; new lookups fail.
     pub fn unload(&self, tenant: &Tenant, reference: &str) -> Result<Arc<Binary>> {
         let bin = self.resolve(tenant, reference, Access::Manage)?;
@@ -575,73 +596,6 @@ impl Registry {
     }
 }
 
-/// Decide the ABI mode and resolve its exports, or explain what is missing.
-fn check_abi(module: &Module) -> Result<(ModuleKind, Exports)> {
-    use wasmtime::ValType;
-    let func_sig = |name: &str| -> Option<(Vec<ValType>, Vec<ValType>)> {
-        match module.get_export(name)? {
-            ExternType::Func(f) => Some((f.params().collect(), f.results().collect())),
-            _ => None,
-        }
-    };
-    let is_i32 = |v: &[ValType]| v.iter().all(|t| matches!(t, ValType::I32));
-    let is_alloc = |s: &(Vec<ValType>, Vec<ValType>)| {
-        s.0.len() == 1 && s.1.len() == 1 && is_i32(&s.0) && is_i32(&s.1)
-    };
-    let mut exports = Exports {
-        memory: module.get_export_index("memory"),
-        ..Exports::default()
-    };
-    if !matches!(
-        module.get_export("memory"),
-        Some(ExternType::Memory(_)) | None
-    ) {
-        exports.memory = None;
-    }
-    if module.get_export("process").is_some() {
-        let bad = |m: &str| Err(Error::InvalidModule(format!("process ABI: {m}")));
-        match func_sig("process") {
-            Some((p, r)) if p.len() == 2 && r.len() == 1 && is_i32(&p) && is_i32(&r) => {}
-            _ => return bad("`process` must be a function (i32, i32) -> i32"),
-        }
-        match func_sig("alloc") {
-            Some(s) if is_alloc(&s) => {}
-            Some(_) => return bad("`alloc` must be a function (i32) -> i32"),
-            None => return bad("the module exports `process` but no `alloc` function"),
-        }
-        if !matches!(module.get_export("memory"), Some(ExternType::Memory(_))) {
-            return bad("the module exports no `memory`");
-        }
-        exports.process = checked(module, "process");
-        exports.alloc = checked(module, "alloc");
-        return Ok((ModuleKind::Process, exports));
-    }
-    if module.get_export("_start").is_some() {
-        match func_sig("_start") {
-            Some((p, r)) if p.is_empty() && r.is_empty() => {}
-            _ => {
-                return Err(Error::InvalidModule(
-                    "WASI command: `_start` must be a function () -> ()".into(),
-                ));
-            }
-        }
-        exports.start = checked(module, "_start");
-        // A WASI command may export `alloc` for `get_state`; any other signature is ignored.
-        if func_sig("alloc").is_some_and(|s| is_alloc(&s)) {
-            exports.alloc = checked(module, "alloc");
-        }
-        return Ok((ModuleKind::Wasi, exports));
-    }
-    Err(Error::InvalidModule(
-        "the module exports neither `process` (process ABI) nor `_start` (WASI command); see docs/PLUGIN_ABI.md".into(),
-    ))
-}
-
-/// `name` as a checked function export; call only once its signature is verified.
-fn checked<P, R>(module: &Module, name: &str) -> Option<CheckedFunc<P, R>> {
-    module.get_export_index(name).map(CheckedFunc::verified)
-}
-
 fn validate_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
@@ -656,6 +610,39 @@ fn validate_name(name: &str) -> Result<()> {
     }
     if Uuid::parse_str(name).is_ok() {
         return Err(Error::bad_request("a name must not look like a UUID"));
+    }
+    Ok(())
+}
+
+/// A configuration is for Extism plugins, and capped in size.
+fn validate_config(kind: ModuleKind, config: &PluginConfig) -> Result<()> {
+    if config.is_empty() {
+        return Ok(());
+    }
+    if kind != ModuleKind::Extism {
+        return Err(Error::bad_request(format!(
+            "a configuration is read by Extism plugins only; this binary is of kind {kind}"
+        )));
+    }
+    if config.len() > MAX_CONFIG_ENTRIES {
+        return Err(Error::bad_request(format!(
+            "a configuration may have at most {MAX_CONFIG_ENTRIES} entries, this one has {}",
+            config.len()
+        )));
+    }
+    if let Some(k) = config
+        .keys()
+        .find(|k| k.is_empty() || k.len() > MAX_CONFIG_KEY)
+    {
+        return Err(Error::bad_request(format!(
+            "configuration key {k:?}: a key has 1-{MAX_CONFIG_KEY} bytes"
+        )));
+    }
+    let bytes: usize = config.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > MAX_CONFIG_BYTES {
+        return Err(Error::TooLarge(format!(
+            "a configuration may hold at most {MAX_CONFIG_BYTES} bytes of keys and values, this one {bytes}"
+        )));
     }
     Ok(())
 }

@@ -19,6 +19,7 @@
 //! built complete in `tmp/` and renamed into `binaries/` in one step, so after a crash an
 //! entry is either all there or not there. Removal renames the entry back into `tmp/` first.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -29,6 +30,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 use wasmcore_proto::ModuleKind;
+
+use crate::kinds::Code;
 
 /// The on-disk format this daemon writes and reads.
 pub const FORMAT: u32 = 1;
@@ -49,6 +52,9 @@ pub struct BinaryMeta {
     pub kind: ModuleKind,
     pub public: bool,
     pub loaded_at: u64,
+    /// Extism plugins: the configuration `config_get` reads.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
 }
 
 /// A stored binary found at start.
@@ -181,16 +187,30 @@ impl StateDir {
         result.map(|()| self.stored_bytes(meta.id))
     }
 
+    /// Replace the metadata of a stored binary (its configuration changed), atomically.
+    pub fn update_meta(&self, meta: &BinaryMeta) -> io::Result<()> {
+        let json = serde_json::to_vec_pretty(meta).map_err(io::Error::other)?;
+        let dir = self.binary_dir(meta.id);
+        if !dir.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} is not stored", meta.id),
+            ));
+        }
+        write_atomic(self, &dir, META, &json)
+    }
+
     /// The watchdog's probe module as stored for the engine whose hash is `engine_hash`;
     /// `None` when none is stored.
     pub fn load_probe(
         &self,
         engine: &wasmtime::Engine,
         engine_hash: &str,
-    ) -> Result<Option<wasmtime::Module>, String> {
+    ) -> Result<Option<Code>, String> {
         open_artifact(
             engine,
             &self.root.join("probe").join(artifact_name(engine_hash)),
+            false,
         )
     }
 
@@ -318,6 +338,19 @@ impl BinaryMeta {
             kind: bin.kind,
             public: bin.public,
             loaded_at: bin.loaded_at,
+            config: (**bin.config.load()).clone(),
+        }
+    }
+
+    /// The identity the registry restores the binary with.
+    pub fn identity(&self) -> crate::registry::Identity {
+        crate::registry::Identity {
+            id: self.id,
+            name: self.name.clone(),
+            owner: self.owner,
+            public: self.public,
+            loaded_at: self.loaded_at,
+            config: self.config.clone(),
         }
     }
 }
@@ -377,7 +410,8 @@ fn restore_one(
 ) -> Result<bool, String> {
     let engine = registry.engine().engine();
     let artifact = stored.artifact_path(hash);
-    let from_artifact = open_artifact(engine, &artifact).unwrap_or_else(|e| {
+    let component = stored.meta.kind == ModuleKind::Component;
+    let from_artifact = open_artifact(engine, &artifact, component).unwrap_or_else(|e| {
         log::warn!(
             "binary {}: precompiled artifact unusable ({e}); recompiling",
             stored.meta.id
@@ -393,8 +427,12 @@ fn restore_one(
             if hex::encode(Sha256::digest(&bytes)) != stored.meta.sha256 {
                 return Err(format!("{MODULE} does not match the SHA-256 in {META}"));
             }
-            let m = wasmtime::Module::from_binary(engine, &bytes)
-                .map_err(|e| format!("compiling {MODULE}: {e:#}"))?;
+            let m = if Code::is_component(&bytes) {
+                wasmtime::component::Component::from_binary(engine, &bytes).map(Code::Component)
+            } else {
+                wasmtime::Module::from_binary(engine, &bytes).map(Code::Module)
+            }
+            .map_err(|e| format!("compiling {MODULE}: {e:#}"))?;
             match m.serialize() {
                 Ok(a) => {
                     if let Err(e) = dir.replace_artifact(stored, hash, &a) {
@@ -420,7 +458,7 @@ fn restore_one(
         ));
     }
     let bin = registry
-        .restore(&stored.meta, compiled)
+        .restore(stored.meta.identity(), compiled)
         .map_err(|e| e.to_string())?;
     bin.stored_bytes
         .store(dir.stored_bytes(stored.meta.id), Relaxed);
@@ -466,19 +504,24 @@ fn checksum(artifact: &[u8]) -> Vec<u8> {
     hex::encode(Sha256::digest(artifact)).into_bytes()
 }
 
-/// The module in the artifact at `path`, checked against its checksum file before Wasmtime
-/// sees it; `None` when there is no artifact.
+/// The code in the artifact at `path` (a component's or a module's), checked against its
+/// checksum file before Wasmtime sees it; `None` when there is no artifact.
 fn open_artifact(
     engine: &wasmtime::Engine,
     path: &Path,
-) -> Result<Option<wasmtime::Module>, String> {
+    component: bool,
+) -> Result<Option<Code>, String> {
     if !path.exists() {
         return Ok(None);
     }
     verify_artifact(path)?;
-    crate::sys::deserialize_module(engine, path)
-        .map(Some)
-        .map_err(|e| e.to_string())
+    if component {
+        crate::sys::deserialize_component(engine, path).map(Code::Component)
+    } else {
+        crate::sys::deserialize_module(engine, path).map(Code::Module)
+    }
+    .map(Some)
+    .map_err(|e| e.to_string())
 }
 
 /// Check an artifact against its checksum file before it is trusted.
@@ -549,6 +592,7 @@ mod tests {
             sha256: "00".into(),
             size: 3,
             kind: ModuleKind::Process,
+            config: BTreeMap::new(),
             public: false,
             loaded_at: 1,
         }
@@ -571,7 +615,9 @@ mod tests {
         // The artifact of another engine is gone; this one's loads.
         assert!(!root.join("probe/h0.cwasm").exists());
         assert!(!root.join("probe/h0.cwasm.sha256").exists());
-        let m = s.load_probe(&engine, "h1").unwrap().unwrap();
+        let Some(Code::Module(m)) = s.load_probe(&engine, "h1").unwrap() else {
+            panic!("the probe is a module");
+        };
         assert!(m.get_export("f").is_some());
         // (The module maps its file: written in place below, it must be gone first.)
         drop(m);

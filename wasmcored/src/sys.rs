@@ -1,5 +1,7 @@
-//! The daemon's only unsafe code: system calls that `nix` does not wrap, and two Wasmtime
-//! calls whose preconditions the registry establishes when a module is loaded.
+//! The daemon's only unsafe code: system calls that `nix` does not wrap, and the Wasmtime
+//! calls whose preconditions the daemon establishes when a module is loaded.
+//!
+//! It imports no other module of the crate: what the unsafe code relies on is defined here.
 
 #![allow(unsafe_code)]
 
@@ -120,24 +122,86 @@ pub fn deserialize_module(
     unsafe { wasmtime::Module::deserialize_file(engine, path) }
 }
 
-/// The export `f` of `instance` as a typed function, without Wasmtime's per-call type check.
-pub fn checked_typed_func<P, R>(
-    store: &mut wasmtime::Store<crate::executor::ExecCtx>,
-    instance: &wasmtime::Instance,
-    f: &crate::registry::CheckedFunc<P, R>,
-) -> Option<wasmtime::TypedFunc<P, R>>
+/// Load a precompiled component artifact: the same conditions as [`deserialize_module`],
+/// for `Component::serialize` output.
+pub fn deserialize_component(
+    engine: &wasmtime::Engine,
+    path: &std::path::Path,
+) -> wasmtime::Result<wasmtime::component::Component> {
+    // SAFETY: as for deserialize_module: our own checksum-verified serialize() output.
+    unsafe { wasmtime::component::Component::deserialize_file(engine, path) }
+}
+
+/// A function export whose signature was checked to be `P -> R` when its module was
+/// loaded; only [`CheckedFunc::verified`] makes one, after that check. Executions then
+/// skip the per-call type check, which takes a lock in the engine's type registry
+/// (docs/PERFORMANCE.md).
+pub struct CheckedFunc<P, R> {
+    export: wasmtime::ModuleExport,
+    _sig: std::marker::PhantomData<fn(P) -> R>,
+}
+
+/// The wasm value types of the parameter and result lists plugin exports use.
+pub trait Sig {
+    fn types() -> Vec<wasmtime::ValType>;
+}
+
+impl Sig for () {
+    fn types() -> Vec<wasmtime::ValType> {
+        Vec::new()
+    }
+}
+
+impl Sig for i32 {
+    fn types() -> Vec<wasmtime::ValType> {
+        vec![wasmtime::ValType::I32]
+    }
+}
+
+impl Sig for (i32, i32) {
+    fn types() -> Vec<wasmtime::ValType> {
+        vec![wasmtime::ValType::I32, wasmtime::ValType::I32]
+    }
+}
+
+impl<P, R> CheckedFunc<P, R>
 where
-    P: wasmtime::WasmParams,
-    R: wasmtime::WasmResults,
+    P: wasmtime::WasmParams + Sig,
+    R: wasmtime::WasmResults + Sig,
 {
-    // `get_module_export` returns None unless `instance` is of the module `f` was checked on.
-    match instance.get_module_export(&mut *store, f.export())? {
-        // SAFETY: `CheckedFunc<P, R>` is only made for an export whose type the registry
-        // verified to be exactly `P -> R` (check_abi), and `func` is that export of an
-        // instance of that same module, owned by `store`.
-        wasmtime::Extern::Func(func) => {
-            Some(unsafe { wasmtime::TypedFunc::new_unchecked(&*store, func) })
+    /// The export `name` of `module` if it is a function of exactly the type `P -> R`.
+    pub fn verified(module: &wasmtime::Module, name: &str) -> Option<Self> {
+        let wasmtime::ExternType::Func(ty) = module.get_export(name)? else {
+            return None;
+        };
+        let same = |have: &mut dyn ExactSizeIterator<Item = wasmtime::ValType>,
+                    want: Vec<wasmtime::ValType>| {
+            have.len() == want.len() && have.zip(want).all(|(a, b)| wasmtime::ValType::eq(&a, &b))
+        };
+        if !same(&mut ty.params(), P::types()) || !same(&mut ty.results(), R::types()) {
+            return None;
         }
-        _ => None,
+        Some(CheckedFunc {
+            export: module.get_export_index(name)?,
+            _sig: std::marker::PhantomData,
+        })
+    }
+
+    /// The export of `instance` as a typed function, without Wasmtime's per-call type
+    /// check; `None` unless `instance` is of the module this was checked on.
+    pub fn typed<T>(
+        &self,
+        store: &mut wasmtime::Store<T>,
+        instance: &wasmtime::Instance,
+    ) -> Option<wasmtime::TypedFunc<P, R>> {
+        match instance.get_module_export(&mut *store, &self.export)? {
+            // SAFETY: a `CheckedFunc<P, R>` is only made for an export whose type was
+            // verified to be exactly `P -> R` (`verified`), and `func` is that export of an
+            // instance of that same module (`get_module_export` checks), owned by `store`.
+            wasmtime::Extern::Func(func) => {
+                Some(unsafe { wasmtime::TypedFunc::new_unchecked(&*store, func) })
+            }
+            _ => None,
+        }
     }
 }

@@ -93,7 +93,7 @@ async fn counter_keeps_state_per_tenant_and_binary() {
     let limits = e.limits(LimitsRequest::default());
     let out = e
         .exec
-        .execute(&counter, 2000, b"visits".to_vec(), &limits)
+        .execute(&counter, None, 2000, b"visits".to_vec(), &limits)
         .await
         .unwrap();
     assert_eq!(out.output, b"1");
@@ -524,7 +524,7 @@ async fn chains_pass_output_along_and_name_the_failing_stage() {
     let out = e
         .exec
         .chain(
-            &[slug.clone(), upper.clone(), hash.clone()],
+            &stages([slug.clone(), upper.clone(), hash.clone()]),
             1000,
             b"Hi there!".to_vec(),
             &l,
@@ -542,7 +542,7 @@ async fn chains_pass_output_along_and_name_the_failing_stage() {
     );
     let body = e
         .exec
-        .chain(&[upper, trap, hash], 1000, b"x".to_vec(), &l)
+        .chain(&stages([upper, trap, hash]), 1000, b"x".to_vec(), &l)
         .await
         .unwrap_err()
         .to_body();
@@ -560,7 +560,12 @@ async fn chains_share_one_deadline() {
     let t = Instant::now();
     let body = e
         .exec
-        .chain(&[upper, looper.clone(), looper], 1000, b"x".to_vec(), &l)
+        .chain(
+            &stages([upper, looper.clone(), looper]),
+            1000,
+            b"x".to_vec(),
+            &l,
+        )
         .await
         .unwrap_err()
         .to_body();
@@ -580,7 +585,7 @@ async fn binaries_are_scoped_to_their_owner() {
     let admin = Tenant::new(0, 0, vec![], &[]);
     let opts = |name: &str| LoadOptions {
         name: Some(name.into()),
-        public: false,
+        ..LoadOptions::default()
     };
     let a = e
         .load_as(&alice, &fixture("upper.wat"), opts("up"))
@@ -615,6 +620,7 @@ async fn binaries_are_scoped_to_their_owner() {
     let public = LoadOptions {
         name: Some("shared".into()),
         public: true,
+        ..LoadOptions::default()
     };
     assert_eq!(
         code(e.load_as(&alice, &fixture("upper.wat"), public.clone())).0,
@@ -668,7 +674,7 @@ async fn names_are_validated() {
     ] {
         let opts = LoadOptions {
             name: Some(bad.to_string()),
-            public: false,
+            ..LoadOptions::default()
         };
         assert_eq!(
             code(e.load_as(&e.owner, &fixture("upper.wat"), opts)).0,

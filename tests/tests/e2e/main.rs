@@ -1,6 +1,8 @@
 //! End-to-end tests: the real `wasmcored` and `wasmcorectl`, real sockets, real UIDs.
 
+mod components;
 mod docs;
+mod extism;
 mod hostile;
 mod persistence;
 mod socket;

@@ -63,11 +63,14 @@ fn a_restart_keeps_binaries_and_plugin_state_without_recompiling() {
     load(&d, "uppercase", "up", false);
     let counter = load(&d, "counter", "hits", true);
     load(&d, "wc", "wc", false);
+    // Every kind: an Extism plugin and a component beside the process and WASI ones.
+    load(&d, "count_vowels", "vowels", false);
+    load(&d, "sort", "sort", false);
     for _ in 0..3 {
         ok(&execute(&d, "hits", "k"));
     }
     let before = identities(&d);
-    assert_eq!(before.len(), 3);
+    assert_eq!(before.len(), 5);
     let r = d.client().call(&json!({"op": "info", "binary": counter}));
     let stored_at_load = ok(&r)["stored_bytes"].as_u64().unwrap();
     assert!(stored_at_load > 11343, "module + artifact: {r}");
@@ -79,7 +82,7 @@ fn a_restart_keeps_binaries_and_plugin_state_without_recompiling() {
     );
     let line = last_restore(&d);
     assert!(
-        line.contains("restored 3 binaries") && line.contains("(0 recompiled, 0 quarantined)"),
+        line.contains("restored 5 binaries") && line.contains("(0 recompiled, 0 quarantined)"),
         "{line}"
     );
     assert_eq!(
@@ -87,6 +90,11 @@ fn a_restart_keeps_binaries_and_plugin_state_without_recompiling() {
         json!("4"),
         "plugin state survived"
     );
+    assert_eq!(
+        execute(&d, "vowels", "aeb")["output"],
+        json!(r#"{"count":2}"#)
+    );
+    assert_eq!(execute(&d, "sort", "b\na\n")["output"], json!("a\nb\n"));
     assert_eq!(execute(&d, "up", "abc")["output"], json!("ABC"));
     let r = d.client().call(&json!({"op": "info", "binary": counter}));
     assert_eq!(

@@ -2,9 +2,10 @@
 
 use wasmcore_proto::{ChainRequest, ExecuteResponse};
 
+use crate::daemon::Daemon;
 use crate::error::{Error, Result};
+use crate::executor::{Executor, Stage};
 use crate::registry::Access;
-use crate::server::Daemon;
 use crate::tenant::Tenant;
 
 pub async fn apply(daemon: &Daemon, tenant: &Tenant, req: ChainRequest) -> Result<ExecuteResponse> {
@@ -22,11 +23,20 @@ pub async fn apply(daemon: &Daemon, tenant: &Tenant, req: ChainRequest) -> Resul
     }
     let limits = daemon.executor.resolve_limits(&req.limits)?;
     let input = super::input_bytes(daemon, req.input, req.input_base64)?;
-    // Resolve every stage before running any, so a typo fails fast and runs nothing.
-    let bins = req
+    // Resolve every stage before running any, so a typo fails fast and runs nothing. A
+    // stage is `BINARY` or `BINARY:FUNCTION` (names and UUIDs have no colon).
+    let stages = req
         .binaries
         .iter()
-        .map(|r| daemon.registry.resolve(tenant, r, Access::Use))
+        .map(|r| {
+            let (reference, function) = match r.split_once(':') {
+                Some((b, f)) => (b, Some(f.to_string())),
+                None => (r.as_str(), None),
+            };
+            let bin = daemon.registry.resolve(tenant, reference, Access::Use)?;
+            Executor::check_function(&bin, function.as_deref())?;
+            Ok(Stage { bin, function })
+        })
         .collect::<Result<Vec<_>>>()?;
     // Taken before the execution starts and released when it ends, whatever the outcome.
     let _slot = daemon.admit(tenant)?;
@@ -35,7 +45,7 @@ pub async fn apply(daemon: &Daemon, tenant: &Tenant, req: ChainRequest) -> Resul
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let out = daemon
         .executor
-        .chain(&bins, tenant.uid, input, &limits)
+        .chain(&stages, tenant.uid, input, &limits)
         .await
         .inspect_err(|e| daemon.note_failure(tenant, "chain", e))?;
     let mut resp = ExecuteResponse {

@@ -2,9 +2,10 @@
 
 use wasmcore_proto::{ExecuteRequest, ExecuteResponse};
 
+use crate::daemon::Daemon;
 use crate::error::Result;
+use crate::executor::Executor;
 use crate::registry::Access;
-use crate::server::Daemon;
 use crate::tenant::Tenant;
 
 pub async fn apply(
@@ -15,6 +16,8 @@ pub async fn apply(
     let limits = daemon.executor.resolve_limits(&req.limits)?;
     let input = super::input_bytes(daemon, req.input, req.input_base64)?;
     let bin = daemon.registry.resolve(tenant, &req.binary, Access::Use)?;
+    let function = req.function.as_deref();
+    Executor::check_function(&bin, function)?;
     // Taken before the execution starts and released when it ends, whatever the outcome.
     let _slot = daemon.admit(tenant)?;
     daemon
@@ -22,7 +25,7 @@ pub async fn apply(
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let run = daemon
         .executor
-        .execute(&bin, tenant.uid, input, &limits)
+        .execute(&bin, function, tenant.uid, input, &limits)
         .await
         .inspect_err(|e| daemon.note_failure(tenant, &bin.display_name(), e))?;
     let mut resp = ExecuteResponse {

@@ -2,9 +2,9 @@
 
 use wasmcore_proto::{BinaryRequest, InfoResponse, Limits};
 
+use crate::daemon::Daemon;
 use crate::error::Result;
 use crate::registry::Access;
-use crate::server::Daemon;
 use crate::state::Namespace;
 use crate::tenant::Tenant;
 
@@ -25,5 +25,7 @@ pub fn apply(daemon: &Daemon, tenant: &Tenant, req: BinaryRequest) -> Result<Inf
             binary: bin.id,
         }),
         stored_bytes: bin.stored_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        functions: bin.glue.functions().to_vec(),
+        config: (**bin.config.load()).clone(),
     })
 }

@@ -2,8 +2,8 @@
 
 use wasmcore_proto::{ListRequest, ListResponse};
 
+use crate::daemon::Daemon;
 use crate::error::Result;
-use crate::server::Daemon;
 use crate::tenant::Tenant;
 
 pub fn apply(daemon: &Daemon, tenant: &Tenant, req: ListRequest) -> Result<ListResponse> {

@@ -13,9 +13,9 @@ use std::time::Instant;
 
 use wasmcore_proto::{LoadRequest, LoadResponse};
 
+use crate::daemon::Daemon;
 use crate::error::{Error, Result};
 use crate::registry::LoadOptions;
-use crate::server::Daemon;
 use crate::store::BinaryMeta;
 use crate::tenant::Tenant;
 
@@ -83,6 +83,7 @@ pub async fn apply(
     let opts = LoadOptions {
         name: req.name,
         public: req.public,
+        config: req.config.unwrap_or_default(),
     };
     // Reading, compiling and writing to disk block: keep them off the async workers.
     let job = tokio::task::spawn_blocking(move || -> Result<_> {

@@ -12,11 +12,12 @@ use wasmcore_proto::{
     Empty, ExecuteResponse, InfoResponse, ListResponse, LoadResponse, Request, StatusResponse,
 };
 
+use crate::daemon::Daemon;
 use crate::error::{Error, Result};
-use crate::server::Daemon;
 use crate::tenant::Tenant;
 
 mod chain;
+mod configure;
 mod execute;
 mod info;
 mod list;
@@ -63,6 +64,9 @@ pub async fn dispatch(
             .map(Reply::Empty),
         Request::Info(r) => info::apply(daemon, tenant, r).map(|i| Reply::Info(Box::new(i))),
         Request::Status(r) => Ok(Reply::Status(Box::new(status::apply(daemon, tenant, r)))),
+        Request::Configure(r) => Box::pin(configure::apply(daemon, tenant, r))
+            .await
+            .map(Reply::Empty),
     }
 }
 

@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use wasmcore_proto::{Limits, StatusRequest, StatusResponse, TenantInfo};
 
-use crate::server::Daemon;
+use crate::daemon::Daemon;
 use crate::tenant::Tenant;
 
 pub fn apply(daemon: &Daemon, tenant: &Tenant, _req: StatusRequest) -> StatusResponse {

@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use wasmcore_proto::{BinaryRequest, Empty};
 
+use crate::daemon::Daemon;
 use crate::error::{Error, Result};
 use crate::registry::Access;
-use crate::server::Daemon;
 use crate::tenant::Tenant;
 
 pub async fn apply(daemon: &Arc<Daemon>, tenant: &Tenant, req: BinaryRequest) -> Result<Empty> {

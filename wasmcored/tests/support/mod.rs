@@ -95,7 +95,7 @@ impl Env {
     ) -> Result<RunOutput, Error> {
         let limits = self.limits(req);
         self.exec
-            .execute(bin, self.owner.uid, input.to_vec(), &limits)
+            .execute(bin, None, self.owner.uid, input.to_vec(), &limits)
             .await
     }
 }
@@ -106,4 +106,10 @@ pub fn code<T: std::fmt::Debug>(r: Result<T, Error>) -> (ErrorCode, String) {
         Ok(v) => panic!("expected an error, got {v:?}"),
         Err(e) => (e.code(), e.to_string()),
     }
+}
+
+/// Chain stages that each call their binary's only function.
+#[allow(dead_code)]
+pub fn stages<const N: usize>(bins: [Arc<Binary>; N]) -> Vec<wasmcored::executor::Stage> {
+    bins.into_iter().map(Into::into).collect()
 }

@@ -1,33 +1,102 @@
-//! Host side of plugin ABI v1 (docs/PLUGIN_ABI.md): the `host` import module.
+//! Kind `process`: plugin ABI v1 (docs/PLUGIN_ABI.md), and the `host` import module that
+//! every core module may use.
 //!
-//! `log`, `output`, `get_state`, `set_state` with the seed's signatures, plus `delete_state`.
-//! Every pointer and length from the guest is checked against its linear memory; a bad one
-//! traps that execution with a [`HostTrap`] and never touches the host.
+//! The module exports `memory`, `alloc(len) -> ptr` and `process(ptr, len) -> code`; the
+//! input is copied into what `alloc` returned. Host functions: `log`, `output`,
+//! `get_state`, `set_state` with the seed's signatures, plus `delete_state`. Every pointer
+//! and length from the guest is checked against its linear memory; a bad one traps that
+//! execution with a [`HostTrap`] and never touches the host.
 
-use std::ops::Range;
+use std::sync::Arc;
 
-use wasmtime::{Caller, Extern, Linker, Memory};
+use wasmcore_proto::ModuleKind;
+use wasmtime::{Caller, Extern, InstancePre, Linker, Memory, Module, ModuleExport, Store};
 
-use crate::executor::ExecCtx;
+use super::{Call, Ended, Kind, Linkers, PrepareError, RunFuture, Stdio};
+use crate::context::{ExecCtx, HostTrap, guest_range, trap};
+use crate::sys::CheckedFunc;
 
 /// The import module name of the host functions.
 pub const HOST_MODULE: &str = "host";
+/// The functions of [`HOST_MODULE`].
+pub const FUNCTIONS: &[&str] = &["log", "output", "get_state", "set_state", "delete_state"];
+/// The export that makes a module a process-ABI plugin.
+pub const PROCESS: &str = "process";
 
-/// Why a host function stopped the guest. The executor turns these into error codes.
-#[derive(Debug, thiserror::Error)]
-pub enum HostTrap {
-    #[error("{0}")]
-    BadPointer(String),
-    #[error("output exceeds the limit of {0} bytes")]
-    OutputTooLarge(usize),
-    #[error("{0}")]
-    StateQuota(String),
-    #[error("execution deadline passed")]
-    TimedOut,
+/// A process-ABI plugin, prepared.
+pub struct Process {
+    pre: InstancePre<ExecCtx>,
+    memory: ModuleExport,
+    alloc: CheckedFunc<i32, i32>,
+    process: CheckedFunc<(i32, i32), i32>,
+    wasi: bool,
 }
 
-fn trap(t: HostTrap) -> wasmtime::Error {
-    wasmtime::Error::new(t)
+pub fn prepare(linkers: &Linkers, module: &Module) -> Result<Arc<dyn Kind>, PrepareError> {
+    let bad = |m: &str| Err(format!("process ABI: {m}"));
+    let Some(process) = CheckedFunc::verified(module, PROCESS) else {
+        return bad("`process` must be a function (i32, i32) -> i32");
+    };
+    let Some(alloc) = CheckedFunc::verified(module, "alloc") else {
+        return match module.get_export("alloc") {
+            Some(_) => bad("`alloc` must be a function (i32) -> i32"),
+            None => bad("the module exports `process` but no `alloc` function"),
+        };
+    };
+    let memory = match module.get_export("memory") {
+        Some(wasmtime::ExternType::Memory(_)) => module.get_export_index("memory"),
+        _ => None,
+    };
+    let Some(memory) = memory else {
+        return bad("the module exports no `memory`");
+    };
+    Ok(Arc::new(Process {
+        pre: super::instantiate_pre(linkers, module)?,
+        memory,
+        alloc,
+        process,
+        wasi: super::wasi::imports_wasi(module),
+    }))
+}
+
+impl Kind for Process {
+    fn kind(&self) -> ModuleKind {
+        ModuleKind::Process
+    }
+
+    fn stdio(&self) -> Stdio {
+        if self.wasi {
+            Stdio::P1 { command: false }
+        } else {
+            Stdio::None
+        }
+    }
+
+    fn run<'a>(&'a self, store: &'a mut Store<ExecCtx>, call: Call<'a>) -> RunFuture<'a> {
+        Box::pin(async move {
+            let instance = self.pre.instantiate_async(&mut *store).await?;
+            let Some(Extern::Memory(memory)) =
+                instance.get_module_export(&mut *store, &self.memory)
+            else {
+                return Err(wasmtime::Error::msg("module has no `memory` export"));
+            };
+            let alloc = super::typed(store, &instance, &self.alloc, "alloc")?;
+            let process = super::typed(store, &instance, &self.process, PROCESS)?;
+            store.data_mut().memory = Some(memory);
+            store.data_mut().alloc = Some(alloc.clone());
+            let input = &call.input;
+            let len =
+                i32::try_from(input.len()).map_err(|_| wasmtime::Error::msg("input too large"))?;
+            let ptr = alloc.call_async(&mut *store, len).await?;
+            let size = memory.data_size(&*store);
+            let r = guest_range("alloc (returned pointer)", ptr, len, size)?;
+            memory.data_mut(&mut *store)[r].copy_from_slice(input);
+            match process.call_async(&mut *store, (ptr, len)).await? {
+                0 => Ok(Ended::Ok),
+                code => Ok(Ended::Code(code)),
+            }
+        })
+    }
 }
 
 /// The guest's linear memory: the cached export, or (during instantiation, before the
@@ -40,27 +109,6 @@ fn memory(caller: &mut Caller<'_, ExecCtx>, func: &str) -> wasmtime::Result<Memo
         Some(Extern::Memory(m)) => Ok(m),
         _ => Err(trap(HostTrap::BadPointer(format!(
             "host.{func}: the module exports no `memory`"
-        )))),
-    }
-}
-
-/// Check that `[ptr, ptr+len)` lies inside a memory of `size` bytes.
-pub(crate) fn guest_range(
-    func: &str,
-    ptr: i32,
-    len: i32,
-    size: usize,
-) -> wasmtime::Result<Range<usize>> {
-    let (p, l) = (ptr as u32 as usize, len as u32 as usize);
-    if ptr < 0 || len < 0 {
-        return Err(trap(HostTrap::BadPointer(format!(
-            "host.{func}: negative pointer or length (ptr={ptr}, len={len})"
-        ))));
-    }
-    match p.checked_add(l) {
-        Some(end) if end <= size => Ok(p..end),
-        _ => Err(trap(HostTrap::BadPointer(format!(
-            "host.{func}: range {p}+{l} is outside linear memory ({size} bytes)"
         )))),
     }
 }
@@ -184,20 +232,4 @@ pub fn add_to_linker(linker: &mut Linker<ExecCtx>) -> wasmtime::Result<()> {
         },
     )?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ranges_are_checked() {
-        assert_eq!(guest_range("f", 0, 0, 0).unwrap(), 0..0);
-        assert_eq!(guest_range("f", 10, 5, 15).unwrap(), 10..15);
-        assert!(guest_range("f", 10, 6, 15).is_err());
-        assert!(guest_range("f", -1, 1, 100).is_err());
-        assert!(guest_range("f", 1, -1, 100).is_err());
-        assert!(guest_range("f", i32::MAX, i32::MAX, usize::MAX >> 1).is_ok());
-        assert!(guest_range("f", i32::MAX, 2, i32::MAX as usize).is_err());
-    }
 }
