@@ -33,6 +33,9 @@ use wasmcore_proto::ModuleKind;
 
 use crate::kinds::Code;
 
+mod state_files;
+pub use state_files::FilePersist;
+
 /// The on-disk format this daemon writes and reads.
 pub const FORMAT: u32 = 1;
 const FORMAT_LINE: &str = "wasm-core-state 1\n";
