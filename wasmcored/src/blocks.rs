@@ -13,7 +13,13 @@
 //!   outside the space read 0 and stores there are ignored (the kernel's bounds checking);
 //!   the space grows by 64 KiB pages, each charged to the execution's memory cap first.
 //!
+//! Only the bytes written so far are held: the space's size is its logical size in pages,
+//! and what lies past the bytes held reads as zeros (a fresh execution does not pay for
+//! zeroing a whole page it mostly never touches).
+//!
 //! This is a leaf module: plain data, no Wasmtime types.
+
+use std::borrow::Cow;
 
 const PAGE: u64 = 65536;
 /// Where the kernel's `MemoryRoot` starts.
@@ -53,7 +59,10 @@ pub enum Fault {
 /// One execution's block space.
 #[derive(Debug)]
 pub struct Blocks {
+    /// The bytes held: a prefix of the space; the rest reads as zeros.
     mem: Vec<u8>,
+    /// The space's size in bytes (whole pages).
+    size: u64,
 }
 
 impl Blocks {
@@ -61,48 +70,71 @@ impl Blocks {
     /// caller has charged that page to the execution's memory.
     pub fn new() -> Blocks {
         let mut b = Blocks {
-            mem: vec![0; PAGE as usize],
+            mem: Vec::with_capacity(1024),
+            size: PAGE,
         };
-        b.mem[ROOT as usize] = 1;
+        b.write(ROOT, &[1]);
         b.put(LENGTH, PAGE - ROOT_SIZE);
         b
     }
 
     /// Bytes the space takes (what `memory_bytes` reports is the usable length).
     pub fn size(&self) -> u64 {
-        self.mem.len() as u64
+        self.size
+    }
+
+    /// `len` bytes at `at`, zeros past what is held; past the space's end is a fault.
+    fn read(&self, at: u64, len: usize) -> Result<Cow<'_, [u8]>, Fault> {
+        let start = usize::try_from(at).map_err(|_| Fault::OutOfBounds)?;
+        let end = start.checked_add(len).ok_or(Fault::OutOfBounds)?;
+        if end as u64 > self.size {
+            return Err(Fault::OutOfBounds);
+        }
+        if end <= self.mem.len() {
+            return Ok(Cow::Borrowed(&self.mem[start..end]));
+        }
+        let mut v = vec![0; len];
+        if start < self.mem.len() {
+            v[..self.mem.len() - start].copy_from_slice(&self.mem[start..]);
+        }
+        Ok(Cow::Owned(v))
+    }
+
+    /// Write `bytes` at `at`, which the caller checked lies inside the space.
+    fn write(&mut self, at: u64, bytes: &[u8]) {
+        let start = at as usize;
+        let end = start + bytes.len();
+        debug_assert!(end as u64 <= self.size);
+        if end > self.mem.len() {
+            self.mem.resize(end, 0);
+        }
+        self.mem[start..end].copy_from_slice(bytes);
     }
 
     fn get(&self, at: u64) -> u64 {
-        let a = at as usize;
-        u64::from_le_bytes(self.mem[a..a + 8].try_into().expect("8 bytes"))
+        let b = self.read(at, 8).expect("the root is inside the space");
+        u64::from_le_bytes(b[..].try_into().expect("8 bytes"))
     }
 
     fn put(&mut self, at: u64, v: u64) {
-        let a = at as usize;
-        self.mem[a..a + 8].copy_from_slice(&v.to_le_bytes());
+        self.write(at, &v.to_le_bytes());
     }
 
     fn u32_at(&self, at: u64) -> Result<u64, Fault> {
-        let a = usize::try_from(at).map_err(|_| Fault::OutOfBounds)?;
-        let b = self.mem.get(a..a + 4).ok_or(Fault::OutOfBounds)?;
-        Ok(u32::from_le_bytes(b.try_into().expect("4 bytes")) as u64)
+        let b = self.read(at, 4)?;
+        Ok(u32::from_le_bytes(b[..].try_into().expect("4 bytes")) as u64)
     }
 
     fn set_u32(&mut self, at: u64, v: u64) {
-        let a = at as usize;
-        self.mem[a..a + 4].copy_from_slice(&(v as u32).to_le_bytes());
+        self.write(at, &(v as u32).to_le_bytes());
     }
 
     fn status(&self, block: u64) -> Result<u8, Fault> {
-        self.mem
-            .get(usize::try_from(block).map_err(|_| Fault::OutOfBounds)?)
-            .copied()
-            .ok_or(Fault::OutOfBounds)
+        Ok(self.read(block, 1)?[0])
     }
 
     fn set_status(&mut self, block: u64, s: u8) {
-        self.mem[block as usize] = s;
+        self.write(block, &[s]);
     }
 
     fn size_of(&self, block: u64) -> Result<u64, Fault> {
@@ -157,7 +189,7 @@ impl Blocks {
             if !grow(pages * PAGE) {
                 return Err(Fault::NoMemory);
             }
-            self.mem.resize(new_size as usize, 0);
+            self.size = new_size;
             self.put(LENGTH, length + pages * PAGE);
         }
         self.put(POSITION, position.wrapping_add(with_header));
@@ -247,12 +279,8 @@ impl Blocks {
     }
 
     fn word(&self, p: u64) -> Result<u64, Fault> {
-        let a = usize::try_from(p).map_err(|_| Fault::OutOfBounds)?;
-        let b = self
-            .mem
-            .get(a..a.checked_add(8).ok_or(Fault::OutOfBounds)?)
-            .ok_or(Fault::OutOfBounds)?;
-        Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        let b = self.read(p, 8)?;
+        Ok(u64::from_le_bytes(b[..].try_into().expect("8 bytes")))
     }
 
     pub fn load_u8(&self, p: u64) -> Result<u8, Fault> {
@@ -273,7 +301,10 @@ impl Blocks {
         if !self.in_memory(p) {
             return Ok(());
         }
-        *self.mem.get_mut(p as usize).ok_or(Fault::OutOfBounds)? = x;
+        if p >= self.size {
+            return Err(Fault::OutOfBounds);
+        }
+        self.write(p, &[x]);
         Ok(())
     }
 
@@ -281,11 +312,10 @@ impl Blocks {
         if !self.in_memory(p.wrapping_add(7)) {
             return Ok(());
         }
-        let a = p as usize;
-        self.mem
-            .get_mut(a..a + 8)
-            .ok_or(Fault::OutOfBounds)?
-            .copy_from_slice(&x.to_le_bytes());
+        if p.checked_add(8).is_none_or(|end| end > self.size) {
+            return Err(Fault::OutOfBounds);
+        }
+        self.write(p, &x.to_le_bytes());
         Ok(())
     }
 
@@ -356,7 +386,9 @@ impl Blocks {
         let position = self.get(POSITION) as usize;
         let start = BLOCKS as usize;
         let end = (start + position).min(self.mem.len());
-        self.mem[start..end].fill(UNUSED);
+        if start < end {
+            self.mem[start..end].fill(UNUSED);
+        }
         for f in [
             POSITION,
             ERROR,
@@ -370,19 +402,15 @@ impl Blocks {
     }
 
     /// `len` bytes at `h`, as the host reads a block (the output, an error, a key).
-    pub fn bytes(&self, h: u64, len: u64) -> Result<&[u8], Fault> {
-        let start = usize::try_from(h).map_err(|_| Fault::OutOfBounds)?;
-        let end = start
-            .checked_add(usize::try_from(len).map_err(|_| Fault::OutOfBounds)?)
-            .ok_or(Fault::OutOfBounds)?;
-        self.mem.get(start..end).ok_or(Fault::OutOfBounds)
+    pub fn bytes(&self, h: u64, len: u64) -> Result<Cow<'_, [u8]>, Fault> {
+        self.read(h, usize::try_from(len).map_err(|_| Fault::OutOfBounds)?)
     }
 
     /// The whole data of the active block `h` (`None`: not a block), as the host's
     /// `memory_handle` + `memory_bytes` find it.
-    pub fn block(&self, h: u64) -> Result<Option<&[u8]>, Fault> {
+    pub fn block(&self, h: u64) -> Result<Option<Cow<'_, [u8]>>, Fault> {
         if h == 0 {
-            return Ok(Some(&[]));
+            return Ok(Some(Cow::Borrowed(&[])));
         }
         match self.length(h)? {
             0 => Ok(None),
@@ -394,8 +422,7 @@ impl Blocks {
     pub fn put_block(&mut self, data: &[u8], grow: impl FnOnce(u64) -> bool) -> Result<u64, Fault> {
         let h = self.alloc(data.len() as u64, grow)?;
         if h != 0 {
-            let s = h as usize;
-            self.mem[s..s + data.len()].copy_from_slice(data);
+            self.write(h, data);
         }
         Ok(h)
     }
@@ -464,7 +491,7 @@ mod tests {
         assert_eq!(b.input_load_u64(0).unwrap(), 0, "fewer than 8 bytes left");
         b.output_set(h, 5);
         assert_eq!(
-            b.bytes(b.output_offset(), b.output_length()).unwrap(),
+            &b.bytes(b.output_offset(), b.output_length()).unwrap()[..],
             b"hello"
         );
         b.output_set(0, 0);
@@ -523,5 +550,10 @@ mod tests {
         assert_eq!(b.alloc(1 << 30, |_| false), Err(Fault::NoMemory));
         assert_eq!(b.alloc(u64::MAX - 5, yes), Err(Fault::NoMemory));
         assert_eq!(b.size(), 2 * PAGE, "nothing grew");
+        // The grown page reads as zeros, and its last byte can be written and read.
+        assert_eq!(b.load_u64(2 * PAGE - 8).unwrap(), 0);
+        b.store_u8(2 * PAGE - 1, 9).unwrap();
+        assert_eq!(b.load_u8(2 * PAGE - 1).unwrap(), 9);
+        assert_eq!(b.store_u8(2 * PAGE, 1), Err(Fault::OutOfBounds));
     }
 }

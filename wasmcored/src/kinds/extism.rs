@@ -290,7 +290,7 @@ fn finish(ctx: &mut ExecCtx, code: i32) -> wasmtime::Result<Ended> {
         let bytes = b.bytes(err, err_len).map_err(|f| fault("error_get", f))?;
         // Extism hands the bytes over as they are; JSON needs text, so bytes that are not
         // UTF-8 become replacement characters.
-        let message = String::from_utf8_lossy(bytes).into_owned();
+        let message = String::from_utf8_lossy(&bytes).into_owned();
         return Ok(Ended::Extism {
             code,
             message: Some(message),
@@ -309,7 +309,7 @@ fn finish(ctx: &mut ExecCtx, code: i32) -> wasmtime::Result<Ended> {
     let output = b
         .bytes(b.output_offset(), len)
         .map_err(|f| fault("output", f))?
-        .to_vec();
+        .into_owned();
     ctx.output = output;
     Ok(Ended::Ok)
 }
@@ -354,7 +354,7 @@ fn handle_str(c: &mut C<'_>, func: &str, h: i64, what: &str) -> wasmtime::Result
         .block(h as u64)
         .map_err(|f| fault(func, f))?
         .ok_or_else(|| refused(format!("invalid handle offset for {what}: {}", h as u64)))?;
-    std::str::from_utf8(bytes)
+    std::str::from_utf8(&bytes)
         .map(str::to_string)
         .map_err(|e| refused(e.to_string()))
 }
@@ -386,7 +386,7 @@ fn log_line(c: &mut C<'_>, func: &str, level: &str, h: i64) -> wasmtime::Result<
     let mut line = Vec::with_capacity(level.len() + 2 + bytes.len());
     line.extend_from_slice(level.as_bytes());
     line.extend_from_slice(b": ");
-    line.extend_from_slice(bytes);
+    line.extend_from_slice(&bytes);
     c.data_mut().logs.push(&line);
     free(c, func, h)
 }
@@ -552,7 +552,7 @@ pub fn add_to_linker(linker: &mut Linker<ExecCtx>) -> wasmtime::Result<()> {
                 url: String,
             }
             let r: HttpRequest =
-                serde_json::from_slice(bytes).map_err(|e| refused(e.to_string()))?;
+                serde_json::from_slice(&bytes).map_err(|e| refused(e.to_string()))?;
             free(&mut c, "http_request", req)?;
             // Plugins have no network: every host is outside the allowed ones.
             Err(refused(format!("HTTP request to {} is not allowed", r.url)))
