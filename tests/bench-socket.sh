@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The socket benchmark against a daemon of this checkout: starts wasmcored on a temporary
-# socket and state directory, runs `wasmcorectl bench` with every row (uppercase, the
-# example plugins' compile times, memory, and `wasmtime run` when a wasmtime CLI is on
-# PATH), with the in-process cost of one execution from the exec bench as the yardstick for
+# socket and state directory, runs `wasmcorectl bench` with every row (uppercase, an Extism
+# call of count_vowels, the example plugins' compile times, memory, and `wasmtime run` when
+# a wasmtime CLI is on PATH), with the in-process cost of one execution from the exec bench as the yardstick for
 # the daemon's CPU per request; stops the daemon. Extra arguments go to `wasmcorectl bench`.
 #
 #   tests/bench-socket.sh                      the full table (docs/PERFORMANCE.md)
@@ -24,4 +24,5 @@ for _ in $(seq 200); do [ -S "$sock" ] && break; kill -0 "$pid" || exit 1; sleep
 # The in-process cost of one execution, the yardstick for the daemon's CPU per request.
 engine_us=$(BENCH_ITERS=5000 cargo bench --quiet -p wasmcored --bench exec -- --executor-us)
 "$bin/wasmcorectl" --socket "$sock" bench --load plugins/dist/uppercase.wasm \
-    --plugins plugins/dist --wasi plugins/dist/wc.wasm --engine-us "$engine_us" "$@"
+    --plugins plugins/dist --wasi plugins/dist/wc.wasm --extism plugins/dist/count_vowels.wasm \
+    --engine-us "$engine_us" "$@"

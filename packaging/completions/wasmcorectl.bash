@@ -101,7 +101,7 @@ _wasmcorectl() {
             return 0
             ;;
         wasmcorectl__subcmd__bench)
-            opts="-h --binary --load --input --duration-ms --rounds --pipeline --chain --plugins --executions --copies --wasi --rotate --tenants --tenant-uid --engine-us --only --check --socket --json --help"
+            opts="-h --binary --load --input --duration-ms --rounds --pipeline --chain --plugins --executions --copies --extism --wasi --rotate --tenants --tenant-uid --engine-us --only --check --socket --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -144,6 +144,10 @@ _wasmcorectl() {
                     return 0
                     ;;
                 --copies)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --extism)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -89,12 +89,13 @@ complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l chain 
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l plugins -d 'Load every .wasm file in this directory once and report its compile time' -r -F
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l executions -d 'Executions for the memory-growth measurement (0: skip it)' -r
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l copies -d 'Copies of the binary loaded to measure memory per cached binary (0: skip it)' -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l extism -d 'An Extism plugin with one function, executed by 10 connections ping-pong (its own row, against the same echo baselines; skipped when not given)' -r -F
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l wasi -d 'A WASI command module compared against `wasmtime run` (when `wasmtime` is on PATH)' -r -F
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l rotate -d 'Distinct binaries (copies of `--load`\'s module) the rotation scenario cycles through (0: skip it)' -r
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l tenants -d 'Tenants of the multi-tenant scenario: client processes under UIDs `--tenant-uid`, `--tenant-uid` + 1, …, each loading its own copy of `--load`\'s module (needs root; 0: skip it)' -r
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l tenant-uid -d 'The first UID of the multi-tenant scenario\'s clients (they need no account)' -r
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l engine-us -d 'The in-process cost of one execution in µs (from `cargo bench -p wasmcored --bench exec`), to compare the daemon\'s CPU per request against' -r
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l only -d 'Run only these scenarios (comma-separated: ping1, ping10, pipe1, pipe10, chain10, tenants, rotate), e.g. to profile one' -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l only -d 'Run only these scenarios (comma-separated: ping1, ping10, pipe1, pipe10, chain10, tenants, rotate, extism10), e.g. to profile one' -r
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l socket -d 'Daemon socket [default: /run/wasm-core/wasm-core.sock if present, else /tmp/wasm-core.sock]' -r -F
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l check -d 'Fail (exit status 1) on a gross regression of the throughput ratios'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l json -d 'Print the daemon\'s full JSON response instead of human output'

@@ -61,6 +61,10 @@ pub struct BenchArgs {
     /// Copies of the binary loaded to measure memory per cached binary (0: skip it).
     #[arg(long, default_value_t = 50, value_name = "N")]
     pub copies: usize,
+    /// An Extism plugin with one function, executed by 10 connections ping-pong (its own
+    /// row, against the same echo baselines; skipped when not given).
+    #[arg(long, value_name = "FILE")]
+    pub extism: Option<PathBuf>,
     /// A WASI command module compared against `wasmtime run` (when `wasmtime` is on PATH).
     #[arg(long, value_name = "FILE")]
     pub wasi: Option<PathBuf>,
@@ -81,7 +85,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "US")]
     pub engine_us: Option<f64>,
     /// Run only these scenarios (comma-separated: ping1, ping10, pipe1, pipe10, chain10,
-    /// tenants, rotate), e.g. to profile one.
+    /// tenants, rotate, extism10), e.g. to profile one.
     #[arg(long, value_delimiter = ',', value_name = "NAMES")]
     pub only: Vec<String>,
     /// Fail (exit status 1) on a gross regression of the throughput ratios.
@@ -110,6 +114,7 @@ enum Kind {
     Chain10,
     Tenants10,
     Rotate,
+    Extism10,
 }
 
 impl Kind {
@@ -123,6 +128,7 @@ impl Kind {
             Kind::Chain10 => "chain10",
             Kind::Tenants10 => "tenants",
             Kind::Rotate => "rotate",
+            Kind::Extism10 => "extism10",
         }
     }
 }
@@ -180,7 +186,7 @@ impl Target {
 }
 
 pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
-    const ALL: [Kind; 7] = [
+    const ALL: [Kind; 8] = [
         Kind::Ping1,
         Kind::Ping10,
         Kind::Pipe1,
@@ -188,6 +194,7 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
         Kind::Chain10,
         Kind::Tenants10,
         Kind::Rotate,
+        Kind::Extism10,
     ];
     if let Some(bad) = args
         .only
@@ -316,6 +323,23 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
             reply: exec_resp.clone(),
         });
     }
+    let extism = match &args.extism {
+        Some(file) if wanted(Kind::Extism10) => {
+            let id = load_file(&mut c, file, None)?.0;
+            let req = exec_line(&id, &args.input);
+            let reply = sample(&mut c, &req)?;
+            scenarios.push(Scenario {
+                kind: Kind::Extism10,
+                label: "Extism call, 10 connections, ping-pong".into(),
+                connections: 10,
+                in_flight: 1,
+                requests: vec![req],
+                reply,
+            });
+            vec![id]
+        }
+        _ => Vec::new(),
+    };
     if !rotation.is_empty() {
         scenarios.push(Scenario {
             kind: Kind::Rotate,
@@ -385,6 +409,7 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
         results.push((s.kind, js, d));
     }
     unload_all(&mut c, &rotation)?;
+    unload_all(&mut c, &extism)?;
     drop(tenants);
 
     let checks = targets(&results, args);
@@ -514,6 +539,18 @@ fn targets(results: &[(Kind, Measured, Measured)], args: &BenchArgs) -> Vec<(Tar
             m.and_then(|(js, d)| Some((d.cpu_us? - js.cpu_us?) / args.engine_us?)),
         );
     }
+    // An Extism plugin's call against the process-ABI binary's execution, both relative
+    // to the echo under the same clients: what the Extism glue costs over the socket.
+    check(
+        Target::ratio(
+            "Extism call, 10 connections: vs-echo ratio / process binary's",
+            0.7,
+            None,
+        ),
+        get(Kind::Extism10)
+            .zip(ping10)
+            .map(|(x, one)| tput(x) / tput(one)),
+    );
     // Many tenants and many binaries against one binary of one tenant: throughput relative
     // to the echo under the same clients, and CPU per request.
     for (kind, what) in [

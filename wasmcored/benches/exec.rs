@@ -1,6 +1,9 @@
 //! Per-execution cost in-process: `uppercase` with an 11-byte input through the executor
 //! (fuel on and off) against bare Wasmtime (pooling allocator, sync call, no limits) in the
-//! same run, and the cost of fuel metering on a CPU-bound guest.
+//! same run, and the cost of fuel metering on a CPU-bound guest. Also one row per other
+//! kind against bare Wasmtime running the same binary: an Extism call (`count_vowels`, with
+//! the least host glue that runs it) and a component command (`sort`, through
+//! wasmtime-wasi's `CommandPre`).
 //!
 //! Run: `cargo bench -p wasmcored --bench exec` (after `make plugins`). Rounds alternate
 //! between the variants and the median round is reported, so background noise hits all
@@ -151,6 +154,227 @@ fn bare_ns(b: &Bare, input: &[u8], iters: usize) -> f64 {
     t.elapsed().as_nanos() as f64 / iters as f64
 }
 
+/// The least host an Extism plugin that uses only these functions runs on: the input in a
+/// Vec, blocks bump-allocated in another, the output range recorded.
+#[derive(Default)]
+struct MiniExtism {
+    input: Vec<u8>,
+    mem: Vec<u8>,
+    output: (u64, u64),
+}
+
+fn bare_extism(bytes: &[u8]) -> (Engine, wasmtime::InstancePre<MiniExtism>) {
+    let mut c = wasmtime::Config::new();
+    tune(&mut c);
+    let engine = Engine::new(&c).expect("engine");
+    let module = Module::new(&engine, bytes).expect("module");
+    let mut l: Linker<MiniExtism> = Linker::new(&engine);
+    type C<'a> = wasmtime::Caller<'a, MiniExtism>;
+    let m = "extism:host/env";
+    l.func_wrap(m, "alloc", |mut c: C<'_>, n: i64| {
+        let mem = &mut c.data_mut().mem;
+        let h = mem.len() as i64 + 1;
+        mem.resize(mem.len() + n as usize, 0);
+        h
+    })
+    .expect("alloc");
+    l.func_wrap(m, "input_length", |c: C<'_>| c.data().input.len() as i64)
+        .expect("input_length");
+    l.func_wrap(m, "input_load_u8", |c: C<'_>, o: i64| {
+        c.data().input[o as usize] as i32
+    })
+    .expect("input_load_u8");
+    l.func_wrap(m, "input_load_u64", |c: C<'_>, o: i64| {
+        let i = &c.data().input[o as usize..o as usize + 8];
+        i64::from_le_bytes(i.try_into().expect("8 bytes"))
+    })
+    .expect("input_load_u64");
+    l.func_wrap(m, "store_u8", |mut c: C<'_>, p: i64, v: i32| {
+        c.data_mut().mem[p as usize - 1] = v as u8;
+    })
+    .expect("store_u8");
+    l.func_wrap(m, "store_u64", |mut c: C<'_>, p: i64, v: i64| {
+        let at = p as usize - 1;
+        c.data_mut().mem[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    })
+    .expect("store_u64");
+    l.func_wrap(m, "output_set", |mut c: C<'_>, p: i64, n: i64| {
+        c.data_mut().output = (p as u64, n as u64);
+    })
+    .expect("output_set");
+    l.func_wrap(m, "error_set", |_: C<'_>, _: i64| {})
+        .expect("error_set");
+    let pre = l.instantiate_pre(&module).expect("pre");
+    (engine, pre)
+}
+
+fn bare_extism_ns(
+    b: &(Engine, wasmtime::InstancePre<MiniExtism>),
+    func: &str,
+    input: &[u8],
+    iters: usize,
+) -> f64 {
+    let t = Instant::now();
+    for _ in 0..iters {
+        let mut store = Store::new(
+            &b.0,
+            MiniExtism {
+                input: input.to_vec(),
+                ..MiniExtism::default()
+            },
+        );
+        let instance = b.1.instantiate(&mut store).expect("instantiate");
+        let f = instance
+            .get_typed_func::<(), i32>(&mut store, func)
+            .expect("function");
+        assert_eq!(f.call(&mut store, ()).expect("call"), 0);
+        let d = store.into_data();
+        let (off, len) = (d.output.0 as usize - 1, d.output.1 as usize);
+        std::hint::black_box(d.mem[off..off + len].to_vec());
+    }
+    t.elapsed().as_nanos() as f64 / iters as f64
+}
+
+/// A component command's store in the bare embedding.
+struct P2State {
+    ctx: wasmtime_wasi::WasiCtx,
+    table: wasmtime::component::ResourceTable,
+}
+
+impl wasmtime_wasi::WasiView for P2State {
+    fn ctx(&mut self) -> wasmtime_wasi::WasiCtxView<'_> {
+        wasmtime_wasi::WasiCtxView {
+            ctx: &mut self.ctx,
+            table: &mut self.table,
+        }
+    }
+}
+
+fn bare_component(bytes: &[u8]) -> (Engine, wasmtime_wasi::p2::bindings::CommandPre<P2State>) {
+    let mut c = wasmtime::Config::new();
+    tune(&mut c);
+    let engine = Engine::new(&c).expect("engine");
+    let component = wasmtime::component::Component::new(&engine, bytes).expect("component");
+    let mut l = wasmtime::component::Linker::new(&engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut l).expect("wasi");
+    let pre =
+        wasmtime_wasi::p2::bindings::CommandPre::new(l.instantiate_pre(&component).expect("pre"))
+            .expect("command");
+    (engine, pre)
+}
+
+fn bare_component_ns(
+    rt: &tokio::runtime::Runtime,
+    b: &(Engine, wasmtime_wasi::p2::bindings::CommandPre<P2State>),
+    input: &[u8],
+    iters: usize,
+) -> f64 {
+    use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
+    rt.block_on(async {
+        let t = Instant::now();
+        for _ in 0..iters {
+            let stdout = MemoryOutputPipe::new(1 << 20);
+            let mut w = wasmtime_wasi::WasiCtxBuilder::new();
+            w.stdin(MemoryInputPipe::new(input.to_vec()))
+                .stdout(stdout.clone());
+            let mut store = Store::new(
+                &b.0,
+                P2State {
+                    ctx: w.build(),
+                    table: wasmtime::component::ResourceTable::new(),
+                },
+            );
+            let cmd =
+                b.1.instantiate_async(&mut store)
+                    .await
+                    .expect("instantiate");
+            let r = cmd.wasi_cli_run().call_run(&mut store).await.expect("run");
+            assert!(r.is_ok());
+            std::hint::black_box(stdout.contents());
+        }
+        t.elapsed().as_nanos() as f64 / iters as f64
+    })
+}
+
+/// The daemon's memory settings on a bare engine (as `bare(.., true)` sets them).
+fn tune(c: &mut wasmtime::Config) {
+    let d = Config::default();
+    let mut pool = PoolingAllocationConfig::default();
+    pool.linear_memory_keep_resident(d.engine.memory_keep_resident)
+        .table_keep_resident(d.engine.memory_keep_resident)
+        .pagemap_scan(wasmtime::Enabled::Auto)
+        .max_memory_size((d.limits.max_memory_mb as usize) << 20);
+    c.signals_based_traps(false)
+        .memory_guard_size(0)
+        .memory_reservation(d.limits.max_memory_mb << 20)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+}
+
+/// Nanoseconds per execution of an Extism `function` through the executor.
+fn executor_fn_ns(
+    rt: &tokio::runtime::Runtime,
+    d: &Daemonless,
+    bin: &Binary,
+    function: &str,
+    input: &[u8],
+    iters: usize,
+) -> f64 {
+    let limits = d
+        .exec
+        .resolve_limits(&LimitsRequest::default())
+        .expect("limits");
+    rt.block_on(async {
+        let t = Instant::now();
+        for _ in 0..iters {
+            let out = d
+                .exec
+                .execute(bin, Some(function), 1000, input.to_vec(), &limits)
+                .await
+                .expect("execute");
+            std::hint::black_box(out);
+        }
+        t.elapsed().as_nanos() as f64 / iters as f64
+    })
+}
+
+/// The other kinds against bare Wasmtime running the same binary, rounds alternating.
+fn kinds(rt: &tokio::runtime::Runtime, d: &Daemonless, iters: usize) {
+    let dist = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist");
+    let vowels = std::fs::read(dist.join("count_vowels.wasm")).expect("count_vowels.wasm");
+    let sort = std::fs::read(dist.join("sort.wasm")).expect("sort.wasm");
+    let sort_input = b"pear\napple\nfig\n";
+    let (xb, xd) = (bare_extism(&vowels), load(d, &vowels));
+    let (cb, cd) = (bare_component(&sort), load(d, &sort));
+    let citers = (iters / 10).max(100);
+    bare_extism_ns(&xb, "count_vowels", INPUT, 200);
+    executor_fn_ns(rt, d, &xd, "count_vowels", INPUT, 200);
+    bare_component_ns(rt, &cb, sort_input, 50);
+    executor_ns(rt, d, &cd, sort_input, 50);
+    let (mut xbr, mut xdr, mut cbr, mut cdr) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..ROUNDS {
+        xbr.push(bare_extism_ns(&xb, "count_vowels", INPUT, iters));
+        xdr.push(executor_fn_ns(rt, d, &xd, "count_vowels", INPUT, iters));
+        cbr.push(bare_component_ns(rt, &cb, sort_input, citers));
+        cdr.push(executor_ns(rt, d, &cd, sort_input, citers));
+    }
+    println!("the other kinds, each against bare Wasmtime on the same binary (median round)");
+    for (label, bare, ours) in [
+        ("extism: count_vowels, 11 bytes", median(xbr), median(xdr)),
+        ("component: sort, 3 lines", median(cbr), median(cdr)),
+    ] {
+        println!("  {label}");
+        println!(
+            "    bare wasmtime                      {:>8.2} us",
+            bare / 1000.0
+        );
+        println!(
+            "    executor                           {:>8.2} us   {:.2}x bare",
+            ours / 1000.0,
+            ours / bare
+        );
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
     v[v.len() / 2]
@@ -178,6 +402,11 @@ fn main() {
         executor_ns(&rt, &with_fuel, &bin_fuel, INPUT, 1000);
         let runs = (0..ROUNDS).map(|_| executor_ns(&rt, &with_fuel, &bin_fuel, INPUT, iters));
         println!("{:.2}", median(runs.collect()) / 1000.0);
+        return;
+    }
+    // `--kinds`: only the rows of the other kinds.
+    if std::env::args().any(|a| a == "--kinds") {
+        kinds(&rt, &with_fuel, iters);
         return;
     }
     let without_fuel = daemonless(false);
@@ -220,6 +449,7 @@ fn main() {
     };
     row("executor, fuel metering on", fuel_m);
     row("executor, fuel metering off", nofuel_m);
+    kinds(&rt, &with_fuel, iters);
 
     // Inline on a runtime worker (what the daemon does) vs a hop to the blocking pool per
     // execution, on a 2-worker multi-threaded runtime like the daemon's.
