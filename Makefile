@@ -2,7 +2,8 @@
 #
 #   make dev     build everything, start wasmcored in dev mode on $(DEV_SOCKET) with state
 #                in .dev/, and load the example plugins (Ctrl-C stops it)
-#   make test    build everything and run every test (as root: the tests create users),
+#   make test    build everything and run every test (as root: the tests create users;
+#                Extism's own runtime from PyPI is the reference of the Extism tests),
 #                then every fuzz target for 10 s
 #   make check   rustfmt and clippy, as CI runs them
 #   make bench   the benchmarks (see docs/PERFORMANCE.md); make bench-guard: CI's short run
@@ -20,7 +21,7 @@ UNITDIR    ?= $(PREFIX)/lib/systemd/system
 PROFILE    := release
 BIN        := target/$(PROFILE)
 DEV_SOCKET ?= /tmp/wasm-core.sock
-PLUGINS    := uppercase transform hash counter wc linenum
+PLUGINS    := uppercase transform hash counter wc linenum greet sort
 
 .PHONY: all build plugins dev test check bench bench-guard fuzz docs install deb rpm e2e clean
 

@@ -373,6 +373,56 @@ fn extism_edges_beyond_the_reference() {
 }
 
 #[test]
+fn extism_vars_are_under_the_state_quota_and_unknown_host_imports_are_named() {
+    let d = Daemon::start_config("[quotas]\nstate_bytes = 12\n", &[]);
+    let mut c = d.client();
+    let greet = std::fs::read(plugin_path("greet")).unwrap();
+    ok(&c.call(&json!({"op": "load", "wasm_base64": b64(&greet), "name": "greet"})));
+    let count = |c: &mut wasmcore_tests::Client| {
+        c.call(&json!({"op": "execute", "binary": "greet", "function": "count", "input": "abc"}))
+    };
+    // The quota is per (tenant, binary), keys and values counted: "total" + "3" is 6 bytes
+    // of greet's 12, "total" + "23" is 7.
+    assert_eq!(ok(&count(&mut c))["output"], json!("3"));
+    let big = "x".repeat(20);
+    let r = c.call(&json!({"op": "execute", "binary": "greet", "function": "count", "input": big}));
+    assert_eq!(ok(&r)["output"], json!("23"), "{r}");
+    // A 1-byte key with a 12-byte value is 13 bytes: refused, and nothing is kept.
+    let wat = r#"(module
+      (import "extism:host/env" "alloc" (func $alloc (param i64) (result i64)))
+      (import "extism:host/env" "var_set" (func $var_set (param i64 i64)))
+      (memory (export "memory") 1)
+      (func (export "fill") (result i32)
+        (call $var_set (call $alloc (i64.const 1)) (call $alloc (i64.const 12)))
+        (i32.const 0)))"#;
+    let fill = wat::parse_str(wat).unwrap();
+    ok(&c.call(&json!({"op": "load", "wasm_base64": b64(&fill), "name": "fill"})));
+    let r = c.call(&json!({"op": "execute", "binary": "fill"}));
+    assert_eq!(err_code(&r), "quota_exceeded", "{r}");
+    let info = c.call(&json!({"op": "info", "binary": "fill"}));
+    assert_eq!(ok(&info)["state_bytes"], json!(0));
+
+    // Host functions of some other application (`extism:host/user`): refused at load, each
+    // missing import named.
+    let wat = r#"(module
+      (import "extism:host/user" "lookup" (func (param i64) (result i64)))
+      (import "extism:host/user" "notify" (func (param i64)))
+      (import "extism:host/env" "nonesuch" (func))
+      (func (export "run") (result i32) (i32.const 0)))"#;
+    let user = wat::parse_str(wat).unwrap();
+    let r = c.call(&json!({"op": "load", "wasm_base64": b64(&user)}));
+    assert_eq!(err_code(&r), "invalid_module");
+    let msg = r["error"]["message"].as_str().unwrap();
+    for name in [
+        "extism:host/user::lookup",
+        "extism:host/user::notify",
+        "extism:host/env::nonesuch",
+    ] {
+        assert!(msg.contains(name), "{msg}");
+    }
+}
+
+#[test]
 fn extism_config_changes_without_reloading_and_survives_restart() {
     let mut d = Daemon::start();
     let greet = plugin_path("greet");
