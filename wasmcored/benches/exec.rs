@@ -62,6 +62,19 @@ fn executor_ns(
     input: &[u8],
     iters: usize,
 ) -> f64 {
+    executor_fn_ns(rt, d, bin, None, input, iters)
+}
+
+/// Nanoseconds per execution of `function` (an Extism plugin's; `None`: the only one)
+/// through the executor.
+fn executor_fn_ns(
+    rt: &tokio::runtime::Runtime,
+    d: &Daemonless,
+    bin: &Binary,
+    function: Option<&str>,
+    input: &[u8],
+    iters: usize,
+) -> f64 {
     let limits = d
         .exec
         .resolve_limits(&LimitsRequest::default())
@@ -71,7 +84,7 @@ fn executor_ns(
         for _ in 0..iters {
             let out = d
                 .exec
-                .execute(bin, None, 1000, input.to_vec(), &limits)
+                .execute(bin, function, 1000, input.to_vec(), &limits)
                 .await
                 .expect("execute");
             std::hint::black_box(out);
@@ -310,33 +323,6 @@ fn tune(c: &mut wasmtime::Config) {
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
 }
 
-/// Nanoseconds per execution of an Extism `function` through the executor.
-fn executor_fn_ns(
-    rt: &tokio::runtime::Runtime,
-    d: &Daemonless,
-    bin: &Binary,
-    function: &str,
-    input: &[u8],
-    iters: usize,
-) -> f64 {
-    let limits = d
-        .exec
-        .resolve_limits(&LimitsRequest::default())
-        .expect("limits");
-    rt.block_on(async {
-        let t = Instant::now();
-        for _ in 0..iters {
-            let out = d
-                .exec
-                .execute(bin, Some(function), 1000, input.to_vec(), &limits)
-                .await
-                .expect("execute");
-            std::hint::black_box(out);
-        }
-        t.elapsed().as_nanos() as f64 / iters as f64
-    })
-}
-
 /// The other kinds against bare Wasmtime running the same binary, rounds alternating.
 fn kinds(rt: &tokio::runtime::Runtime, d: &Daemonless, iters: usize) {
     let dist = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist");
@@ -347,13 +333,20 @@ fn kinds(rt: &tokio::runtime::Runtime, d: &Daemonless, iters: usize) {
     let (cb, cd) = (bare_component(&sort), load(d, &sort));
     let citers = (iters / 10).max(100);
     bare_extism_ns(&xb, "count_vowels", INPUT, 200);
-    executor_fn_ns(rt, d, &xd, "count_vowels", INPUT, 200);
+    executor_fn_ns(rt, d, &xd, Some("count_vowels"), INPUT, 200);
     bare_component_ns(rt, &cb, sort_input, 50);
     executor_ns(rt, d, &cd, sort_input, 50);
     let (mut xbr, mut xdr, mut cbr, mut cdr) = (vec![], vec![], vec![], vec![]);
     for _ in 0..ROUNDS {
         xbr.push(bare_extism_ns(&xb, "count_vowels", INPUT, iters));
-        xdr.push(executor_fn_ns(rt, d, &xd, "count_vowels", INPUT, iters));
+        xdr.push(executor_fn_ns(
+            rt,
+            d,
+            &xd,
+            Some("count_vowels"),
+            INPUT,
+            iters,
+        ));
         cbr.push(bare_component_ns(rt, &cb, sort_input, citers));
         cdr.push(executor_ns(rt, d, &cd, sort_input, citers));
     }

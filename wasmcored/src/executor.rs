@@ -183,12 +183,15 @@ impl Executor {
         Ok(())
     }
 
-    /// Check that `function` may be asked of `bin` (only Extism plugins have functions to
-    /// choose, and one with several needs a choice); before anything runs.
-    pub fn check_function(bin: &Binary, function: Option<&str>) -> Result<()> {
+    /// The function of `bin` a request's `function` calls (only Extism plugins have
+    /// functions to choose, and one with several needs a choice). Commands call it before
+    /// anything runs, so a chain with a bad stage runs nothing.
+    pub fn check_function<'a>(
+        bin: &'a Binary,
+        function: Option<&'a str>,
+    ) -> Result<Option<&'a str>> {
         bin.glue
             .function(function)
-            .map(|_| ())
             .map_err(|m| Error::bad_request(format!("{}: {m}", bin.display_name())))
     }
 
@@ -276,10 +279,7 @@ impl Executor {
         if start >= deadline {
             return Err(Error::exec(ExecFailure::Timeout { timeout_ms }, Vec::new()));
         }
-        let function = bin
-            .glue
-            .function(function)
-            .map_err(|m| Error::bad_request(format!("{}: {m}", bin.display_name())))?;
+        let function = Self::check_function(bin, function)?;
         // A snapshot for the whole run: a reload mid-execution does not change its limits.
         let cfg = self.live.load_full();
         // The store is set up and taken apart in plain functions: an async function keeps

@@ -21,7 +21,7 @@ use wasmcore_proto::ModuleKind;
 use wasmtime::{Caller, ExternType, InstancePre, Linker, Module, ModuleExport, Store, ValType};
 
 use super::{Call, Ended, Kind, Linkers, PrepareError, RunFuture, Stdio};
-use crate::blocks::Fault;
+use crate::blocks::{Blocks, Fault};
 use crate::context::{ExecCtx, ExtismCtx, HostTrap, trap};
 use crate::sys::CheckedFunc;
 
@@ -342,8 +342,17 @@ fn refused(msg: String) -> wasmtime::Error {
 
 type C<'a> = Caller<'a, ExecCtx>;
 
-fn blocks<'a>(c: &'a mut C<'_>, func: &str) -> wasmtime::Result<&'a mut crate::blocks::Blocks> {
+fn blocks<'a>(c: &'a mut C<'_>, func: &str) -> wasmtime::Result<&'a mut Blocks> {
     Ok(&mut extism_and_limiter(c.data_mut(), func)?.0.blocks)
+}
+
+/// Run a kernel function `func` on the block space; a fault becomes its trap.
+fn kernel<T>(
+    c: &mut C<'_>,
+    func: &str,
+    f: impl FnOnce(&mut Blocks) -> Result<T, Fault>,
+) -> wasmtime::Result<T> {
+    f(blocks(c, func)?).map_err(|e| fault(func, e))
 }
 
 /// The block behind handle `h` as a string, as Extism's `memory_handle` + `memory_str`
@@ -407,56 +416,34 @@ pub fn add_to_linker(linker: &mut Linker<ExecCtx>) -> wasmtime::Result<()> {
     )?;
     linker.func_wrap(m, "free", |mut c: C<'_>, h: i64| free(&mut c, "free", h))?;
     linker.func_wrap(m, "length", |mut c: C<'_>, h: i64| {
-        blocks(&mut c, "length")?
-            .length(h as u64)
-            .map(|n| n as i64)
-            .map_err(|f| fault("length", f))
+        kernel(&mut c, "length", |b| b.length(h as u64)).map(|n| n as i64)
     })?;
     linker.func_wrap(m, "length_unsafe", |mut c: C<'_>, h: i64| {
-        blocks(&mut c, "length_unsafe")?
-            .length_unsafe(h as u64)
-            .map(|n| n as i64)
-            .map_err(|f| fault("length_unsafe", f))
+        kernel(&mut c, "length_unsafe", |b| b.length_unsafe(h as u64)).map(|n| n as i64)
     })?;
     linker.func_wrap(m, "load_u8", |mut c: C<'_>, p: i64| {
-        blocks(&mut c, "load_u8")?
-            .load_u8(p as u64)
-            .map(i32::from)
-            .map_err(|f| fault("load_u8", f))
+        kernel(&mut c, "load_u8", |b| b.load_u8(p as u64)).map(i32::from)
     })?;
     linker.func_wrap(m, "load_u64", |mut c: C<'_>, p: i64| {
-        blocks(&mut c, "load_u64")?
-            .load_u64(p as u64)
-            .map(|v| v as i64)
-            .map_err(|f| fault("load_u64", f))
+        kernel(&mut c, "load_u64", |b| b.load_u64(p as u64)).map(|v| v as i64)
     })?;
     linker.func_wrap(m, "store_u8", |mut c: C<'_>, p: i64, v: i32| {
-        blocks(&mut c, "store_u8")?
-            .store_u8(p as u64, v as u8)
-            .map_err(|f| fault("store_u8", f))
+        kernel(&mut c, "store_u8", |b| b.store_u8(p as u64, v as u8))
     })?;
     linker.func_wrap(m, "store_u64", |mut c: C<'_>, p: i64, v: i64| {
-        blocks(&mut c, "store_u64")?
-            .store_u64(p as u64, v as u64)
-            .map_err(|f| fault("store_u64", f))
+        kernel(&mut c, "store_u64", |b| b.store_u64(p as u64, v as u64))
     })?;
     linker.func_wrap(m, "input_length", |mut c: C<'_>| {
-        Ok(blocks(&mut c, "input_length")?.input_length() as i64)
+        kernel(&mut c, "input_length", |b| Ok(b.input_length() as i64))
     })?;
     linker.func_wrap(m, "input_offset", |mut c: C<'_>| {
-        Ok(blocks(&mut c, "input_offset")?.input_offset() as i64)
+        kernel(&mut c, "input_offset", |b| Ok(b.input_offset() as i64))
     })?;
     linker.func_wrap(m, "input_load_u8", |mut c: C<'_>, o: i64| {
-        blocks(&mut c, "input_load_u8")?
-            .input_load_u8(o as u64)
-            .map(i32::from)
-            .map_err(|f| fault("input_load_u8", f))
+        kernel(&mut c, "input_load_u8", |b| b.input_load_u8(o as u64)).map(i32::from)
     })?;
     linker.func_wrap(m, "input_load_u64", |mut c: C<'_>, o: i64| {
-        blocks(&mut c, "input_load_u64")?
-            .input_load_u64(o as u64)
-            .map(|v| v as i64)
-            .map_err(|f| fault("input_load_u64", f))
+        kernel(&mut c, "input_load_u64", |b| b.input_load_u64(o as u64)).map(|v| v as i64)
     })?;
     linker.func_wrap(m, "input_set", |mut c: C<'_>, h: i64, n: i64| {
         blocks(&mut c, "input_set")?.input_set(h as u64, n as u64);
@@ -467,20 +454,20 @@ pub fn add_to_linker(linker: &mut Linker<ExecCtx>) -> wasmtime::Result<()> {
         Ok(())
     })?;
     linker.func_wrap(m, "output_length", |mut c: C<'_>| {
-        Ok(blocks(&mut c, "output_length")?.output_length() as i64)
+        kernel(&mut c, "output_length", |b| Ok(b.output_length() as i64))
     })?;
     linker.func_wrap(m, "output_offset", |mut c: C<'_>| {
-        Ok(blocks(&mut c, "output_offset")?.output_offset() as i64)
+        kernel(&mut c, "output_offset", |b| Ok(b.output_offset() as i64))
     })?;
     linker.func_wrap(m, "error_set", |mut c: C<'_>, h: i64| {
         blocks(&mut c, "error_set")?.error_set(h as u64);
         Ok(())
     })?;
     linker.func_wrap(m, "error_get", |mut c: C<'_>| {
-        Ok(blocks(&mut c, "error_get")?.error_get() as i64)
+        kernel(&mut c, "error_get", |b| Ok(b.error_get() as i64))
     })?;
     linker.func_wrap(m, "memory_bytes", |mut c: C<'_>| {
-        Ok(blocks(&mut c, "memory_bytes")?.memory_bytes() as i64)
+        kernel(&mut c, "memory_bytes", |b| Ok(b.memory_bytes() as i64))
     })?;
     linker.func_wrap(m, "reset", |mut c: C<'_>| {
         blocks(&mut c, "reset")?.reset();
