@@ -29,10 +29,10 @@ cp target/wasm32-wasip1/release/wc.wasm "$dist/wc.wasm"
 for p in sort p2probe; do
   cp target/wasm32-wasip2/release/$p.wasm "$dist/$p.wasm"
 done
-# The crate's own example plugin, from the source cargo fetched for `greet`.
-pdk=$(cargo metadata --format-version 1 --locked 2>/dev/null |
-  python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"] == "extism-pdk"))')
-cp "$(dirname "$pdk")/count_vowels.wasm" "$dist/count_vowels.wasm"
+# The crate's own example plugin, from the source cargo fetched for `greet` (which pins
+# extism-pdk 1.4.1).
+pdk=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/extism-pdk-1.4.1 | head -n 1)
+cp "$pdk/count_vowels.wasm" "$dist/count_vowels.wasm"
 
 clang --target=wasm32-wasi --sysroot=/usr -O2 -o "$dist/linenum.wasm" c/linenum.c
 echo "plugins: built $(ls "$dist" | tr '\n' ' ')" >&2

@@ -42,6 +42,9 @@ fn a_wasip2_command_runs_from_stdin_to_stdout_in_its_sandbox() {
     assert_eq!(err_code(&r), "timeout", "{r}");
     let r = run(&mut c, "bomb", json!({"memory_limit_mb": 16}));
     assert_eq!(err_code(&r), "memory_limit", "{r}");
+    // Fuel holds for components too.
+    let r = run(&mut c, "loop", json!({"fuel": 1_000_000}));
+    assert_eq!(err_code(&r), "out_of_fuel", "{r}");
     // No files: reading one fails inside the guest, which exits non-zero.
     let r = run(&mut c, "read /etc/passwd", json!({}));
     assert_eq!(err_code(&r), "plugin_error", "{r}");

@@ -373,6 +373,22 @@ fn extism_edges_beyond_the_reference() {
 }
 
 #[test]
+fn extism_plugins_that_import_wasi_get_its_sandbox_and_their_initialiser_runs() {
+    let d = Daemon::start();
+    let mut c = d.client();
+    let wasm = fixture("extism_wasi.wat");
+    let r = c.call(&json!({"op": "load", "wasm_base64": b64(&wasm), "name": "wasi-plugin"}));
+    assert_eq!(ok(&r)["kind"], json!("extism"));
+    for _ in 0..2 {
+        let r = c.call(&json!({"op": "execute", "binary": "wasi-plugin"}));
+        // `_initialize` ran before `hello`, on every fresh instance; stdout and stderr
+        // are logs, the output is the output block.
+        assert_eq!(ok(&r)["output"], json!("1"), "{r}");
+        assert_eq!(r["logs"], json!(["to stderr", "to stdout"]), "{r}");
+    }
+}
+
+#[test]
 fn extism_vars_are_under_the_state_quota_and_unknown_host_imports_are_named() {
     let d = Daemon::start_config("[quotas]\nstate_bytes = 12\n", &[]);
     let mut c = d.client();
