@@ -50,6 +50,19 @@ check "restart keeps every binary and UUID" test "$(uuids)" = "$before"
 check "plugin state survives the restart" test "$(as alice wasmcorectl execute hits --input k)" = 2
 check "the state directory is the service's" test "$(stat -c %U:%a /var/lib/wasm-core)" = wasm-core:700
 
+# Every kind under the hardened unit: an Extism plugin (its configuration changed without a
+# reload) and a wasm32-wasip2 component, chained with a process plugin.
+as alice wasmcorectl load $P/greet.wasm --name greet --config greeting=Hi >/dev/null
+as alice wasmcorectl load $P/sort.wasm --name sort >/dev/null
+as alice wasmcorectl load $P/uppercase.wasm --name up >/dev/null
+check "an Extism plugin runs under the service" \
+  test "$(as alice wasmcorectl execute greet --function greet --input Ann)" = "Hi, Ann!"
+check "a component runs under the service" \
+  test "$(printf 'b\na\n' | as alice wasmcorectl execute sort)" = "$(printf 'a\nb')"
+as alice wasmcorectl configure greet --config greeting=Howdy
+check "a chain mixes kinds" test "$(as alice wasmcorectl chain up greet:greet sort --input ann)" = "Howdy, ANN!"
+for b in greet sort up; do as alice wasmcorectl unload $b; done
+
 # A wedged daemon (stopped with SIGSTOP) no longer pets the watchdog: systemd kills and
 # restarts it, and nothing stored is lost. A runtime drop-in shortens the watchdog.
 mkdir -p /run/systemd/system/wasm-core.service.d
