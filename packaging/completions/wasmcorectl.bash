@@ -40,6 +40,9 @@ _wasmcorectl() {
             wasmcorectl,load)
                 cmd="wasmcorectl__subcmd__load"
                 ;;
+            wasmcorectl,metrics)
+                cmd="wasmcorectl__subcmd__metrics"
+                ;;
             wasmcorectl,status)
                 cmd="wasmcorectl__subcmd__status"
                 ;;
@@ -70,6 +73,9 @@ _wasmcorectl() {
             wasmcorectl__subcmd__help,load)
                 cmd="wasmcorectl__subcmd__help__subcmd__load"
                 ;;
+            wasmcorectl__subcmd__help,metrics)
+                cmd="wasmcorectl__subcmd__help__subcmd__metrics"
+                ;;
             wasmcorectl__subcmd__help,status)
                 cmd="wasmcorectl__subcmd__help__subcmd__status"
                 ;;
@@ -83,7 +89,7 @@ _wasmcorectl() {
 
     case "${cmd}" in
         wasmcorectl)
-            opts="-h -V --socket --json --help --version load execute chain list unload info configure status bench help"
+            opts="-h -V --socket --json --help --version load execute chain list unload info configure status metrics bench help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -289,7 +295,7 @@ _wasmcorectl() {
             return 0
             ;;
         wasmcorectl__subcmd__help)
-            opts="load execute chain list unload info configure status bench help"
+            opts="load execute chain list unload info configure status metrics bench help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -414,6 +420,20 @@ _wasmcorectl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        wasmcorectl__subcmd__help__subcmd__metrics)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         wasmcorectl__subcmd__help__subcmd__status)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -493,6 +513,24 @@ _wasmcorectl() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        wasmcorectl__subcmd__metrics)
+            opts="-h --prometheus --socket --json --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
                 --socket)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

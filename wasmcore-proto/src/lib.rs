@@ -57,6 +57,24 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in the order of the documentation.
+    pub const ALL: [ErrorCode; 14] = [
+        ErrorCode::BadRequest,
+        ErrorCode::TooLarge,
+        ErrorCode::NotFound,
+        ErrorCode::Forbidden,
+        ErrorCode::InvalidModule,
+        ErrorCode::Timeout,
+        ErrorCode::OutOfFuel,
+        ErrorCode::MemoryLimit,
+        ErrorCode::Trap,
+        ErrorCode::PluginError,
+        ErrorCode::QuotaExceeded,
+        ErrorCode::Busy,
+        ErrorCode::AlreadyExists,
+        ErrorCode::Internal,
+    ];
+
     /// The wire name of the code.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -189,6 +207,14 @@ pub struct StatusRequest {
     pub tag: Option<Value>,
 }
 
+/// `metrics`: the daemon's counters (the caller's own; every tenant's for admins).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<Value>,
+}
+
 /// One request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -201,6 +227,7 @@ pub enum Request {
     Info(BinaryRequest),
     Status(StatusRequest),
     Configure(ConfigureRequest),
+    Metrics(MetricsRequest),
 }
 
 impl Request {
@@ -215,6 +242,7 @@ impl Request {
             Request::Info(_) => "info",
             Request::Status(_) => "status",
             Request::Configure(_) => "configure",
+            Request::Metrics(_) => "metrics",
         }
     }
 
@@ -228,6 +256,7 @@ impl Request {
             Request::Unload(r) | Request::Info(r) => r.tag.take(),
             Request::Status(r) => r.tag.take(),
             Request::Configure(r) => r.tag.take(),
+            Request::Metrics(r) => r.tag.take(),
         }
     }
 }
@@ -273,7 +302,7 @@ fn describe_json_error(text: &str, e: &serde_json::Error) -> String {
     }
     let msg = e.to_string();
     if msg.contains("missing field `op`") {
-        return "missing field `op` (one of load, execute, chain, list, unload, info, status, configure)"
+        return "missing field `op` (one of load, execute, chain, list, unload, info, status, configure, metrics)"
             .to_string();
     }
     if msg.starts_with("unknown variant") {
@@ -499,6 +528,138 @@ pub struct StatusResponse {
     pub state_bytes: u64,
     /// The caller as the daemon sees it.
     pub tenant: TenantInfo,
+}
+
+/// A histogram: cumulative counts per upper bound (seconds), the total count and the sum.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HistogramData {
+    /// `[upper bound, cumulative count]` pairs, ascending; +Inf is `count`.
+    pub buckets: Vec<(f64, u64)>,
+    pub count: u64,
+    pub sum: f64,
+}
+
+/// Executions of one kind by one tenant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KindMetrics {
+    pub kind: ModuleKind,
+    /// Executions by outcome: `ok` or the error code.
+    pub executions: BTreeMap<String, u64>,
+    pub fuel_total: u64,
+    /// The largest memory one execution held.
+    pub memory_peak_bytes: u64,
+    /// Wall time per execution, in seconds.
+    pub latency_seconds: HistogramData,
+}
+
+/// One tenant's figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantMetrics {
+    pub uid: u32,
+    pub connections_open: u64,
+    pub connections_opened: u64,
+    pub executions_running: u64,
+    pub binaries: u64,
+    pub binary_bytes: u64,
+    pub state_bytes: u64,
+    pub loads_ok: u64,
+    pub loads_failed: u64,
+    /// Compile time of successful loads, in seconds.
+    pub compile_seconds: HistogramData,
+    /// Refused requests by reason.
+    pub refusals: BTreeMap<String, u64>,
+    /// One entry per kind this tenant has executed.
+    pub kinds: Vec<KindMetrics>,
+}
+
+/// One binary's figures, since it was loaded (or the daemon started).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BinaryMetrics {
+    pub binary: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub owner_uid: u32,
+    pub kind: ModuleKind,
+    pub executions: u64,
+    pub errors: u64,
+    pub wall_seconds_total: f64,
+    pub fuel_total: u64,
+    pub memory_peak_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p50_seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_seconds: Option<f64>,
+    /// The latency sketch: `[bucket, count]` for non-empty buckets (see [`sketch_quantile`]).
+    pub sketch: Vec<(u32, u64)>,
+}
+
+/// Wasmtime's pooling allocator: slots in use and its capacity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolMetrics {
+    pub capacity: u64,
+    pub core_instances: u64,
+    pub component_instances: u64,
+    pub memories: u64,
+    pub tables: u64,
+    pub unused_warm_memories: u64,
+}
+
+/// What the last start restored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestoreMetrics {
+    pub restored: u64,
+    pub recompiled: u64,
+    pub quarantined: u64,
+}
+
+/// Response to `metrics`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsResponse {
+    pub version: String,
+    pub wasmtime_version: String,
+    pub protocol: u32,
+    pub uptime_seconds: f64,
+    /// Whether every tenant is included (the caller is an admin).
+    pub all_tenants: bool,
+    /// Daemon-wide figures: admins only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections_open: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executions_running: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolMetrics>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreMetrics>,
+    pub tenants: Vec<TenantMetrics>,
+    pub binaries: Vec<BinaryMetrics>,
+}
+
+/// Buckets of a binary's latency sketch: bucket `i` counts executions shorter than
+/// 2^((i+1)/2) µs; 64 buckets reach 71 minutes, each √2 wide.
+pub const SKETCH_BUCKETS: usize = 64;
+
+/// The upper bound of sketch bucket `i`, in seconds.
+pub fn sketch_bound(i: u32) -> f64 {
+    2f64.powf((i as f64 + 1.0) / 2.0) / 1e6
+}
+
+/// The `q` quantile (0 to 1) of sketch buckets `(index, count)` (ascending), in seconds:
+/// the upper bound of the bucket it falls in, so within a factor √2 of the true value.
+/// `None` when there are no samples.
+pub fn sketch_quantile(buckets: &[(u32, u64)], q: f64) -> Option<f64> {
+    let total: u64 = buckets.iter().map(|(_, c)| c).sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((q * total as f64).ceil() as u64).max(1);
+    let mut seen = 0;
+    for (i, c) in buckets {
+        seen += c;
+        if seen >= rank {
+            return Some(sketch_bound(*i));
+        }
+    }
+    buckets.last().map(|(i, _)| sketch_bound(*i))
 }
 
 /// Who the daemon thinks the caller is.

@@ -17,6 +17,8 @@ use serde_json::{Map, Value, json};
 
 pub mod bench;
 pub mod client;
+pub mod exporter;
+pub mod openmetrics;
 
 use client::{Client, ClientError};
 
@@ -155,6 +157,13 @@ pub enum Command {
     },
     /// Show the daemon's version, counts and limits, and who it thinks you are.
     Status,
+    /// Print the daemon's counters as OpenMetrics text (--json: the snapshot as the daemon
+    /// sends it). A tenant sees its own figures; an admin sees every tenant's.
+    Metrics {
+        /// Prometheus' text format 0.0.4 instead of OpenMetrics.
+        #[arg(long)]
+        prometheus: bool,
+    },
     /// Measure every performance target against echo baselines in the same run.
     Bench(bench::BenchArgs),
 }
@@ -315,6 +324,21 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             if json {
                 return print_json(&resp);
             }
+            Ok(())
+        }
+        Command::Metrics { prometheus } => {
+            let resp = call(&mut c, &json!({"op": "metrics"}))?;
+            if json {
+                return print_json(&resp);
+            }
+            let m: wasmcore_proto::MetricsResponse = serde_json::from_value(resp)
+                .map_err(|e| Failure::new(exit::INTERNAL, format!("unexpected metrics: {e}")))?;
+            let format = if prometheus {
+                openmetrics::Format::Prometheus
+            } else {
+                openmetrics::Format::OpenMetrics
+            };
+            print!("{}", openmetrics::render(&m, format));
             Ok(())
         }
         Command::Status => {

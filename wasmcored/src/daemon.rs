@@ -17,6 +17,7 @@ use crate::config::{self, Config, Live};
 use crate::engine::WasmEngine;
 use crate::error::Error;
 use crate::executor::Executor;
+use crate::metrics::{Metrics, Refusal};
 use crate::registry::{Binary, Registry};
 use crate::state::{MapStateStore, StateStore};
 use crate::store::{self, RestoreReport, StateDir};
@@ -28,6 +29,9 @@ pub type ConfigLoader = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
 /// Shared state of a running daemon.
 pub struct Daemon {
     live: Live,
+    /// Counters of executions, refusals, connections and loads (shared with the registry
+    /// and the executor, which count what they see).
+    pub metrics: Arc<Metrics>,
     /// The state directory: binaries and plugin state persist here.
     pub store: Arc<StateDir>,
     /// What start-up restored.
@@ -90,6 +94,11 @@ impl PerTenant {
         }
         *n += 1;
         Ok(())
+    }
+
+    /// The count of `uid`.
+    fn of(&self, uid: u32) -> usize {
+        self.0.get(&uid).map_or(0, |n| *n)
     }
 
     /// [`PerTenant::take`] as a slot that gives itself back on drop.
@@ -158,7 +167,9 @@ impl Daemon {
         let file_state = MapStateStore::open(store.clone(), &ids)
             .map_err(|e| anyhow::anyhow!("reading plugin state: {e}"))?;
         let state: Arc<dyn StateStore> = Arc::new(file_state);
-        let registry = Registry::new(engine.clone(), live.clone(), state.clone())?;
+        let metrics = Arc::new(Metrics::default());
+        let registry = Registry::new(engine.clone(), live.clone(), state.clone())?
+            .with_metrics(metrics.clone());
         let report = store::restore(&store, &registry)
             .map_err(|e| anyhow::anyhow!("restoring binaries: {e}"))?;
         // State of an entry that was quarantined has no binary any more.
@@ -176,10 +187,11 @@ impl Daemon {
             report.recompiled,
             report.quarantined
         );
-        let executor = Executor::new(engine, state, live.clone());
+        let executor = Executor::new(engine, state, live.clone()).with_metrics(metrics.clone());
         let config_loads = live.load().registry.max_concurrent_loads;
         Ok(Arc::new(Daemon {
             live,
+            metrics,
             store,
             restore_report: report,
             registry,
@@ -216,6 +228,8 @@ impl Daemon {
             .for_uid(tenant.uid)
             .concurrent_executions;
         self.running.take(tenant.uid, cap).map_err(|n| {
+            self.metrics
+                .refused(tenant.uid, Refusal::ConcurrentExecutions);
             Error::Busy(format!(
                 "you already have {n} executions running, your limit is {cap}; retry when one finishes"
             ))
@@ -230,16 +244,25 @@ impl Daemon {
     pub fn admit_load(&self, tenant: &Tenant) -> Result<TenantSlot, Error> {
         let cap = self.live.load().quotas.for_uid(tenant.uid).concurrent_loads;
         self.loading.take_owned(tenant.uid, cap).map_err(|n| {
+            self.metrics.refused(tenant.uid, Refusal::ConcurrentLoads);
             Error::Busy(format!(
                 "you already have {n} loads compiling, your limit is {cap}; retry when one finishes"
             ))
         })
     }
 
+    /// `uid`'s executions running and connections open now.
+    pub fn tenant_load(&self, uid: u32) -> (u64, u64) {
+        (self.running.of(uid) as u64, self.open.of(uid) as u64)
+    }
+
     /// Take one of `tenant`'s connection slots, or `busy` when all are in use.
     pub fn open_connection(&self, tenant: &Tenant) -> Result<TenantSlot, Error> {
         let cap = self.live.load().quotas.for_uid(tenant.uid).connections;
+        let t = self.metrics.tenant(tenant.uid);
+        t.connections_opened.fetch_add(1, Relaxed);
         self.open.take_owned(tenant.uid, cap).map_err(|n| {
+            self.metrics.refused(tenant.uid, Refusal::Connections);
             Error::Busy(format!(
                 "you already have {n} connections open, your limit is {cap}; close one and retry"
             ))

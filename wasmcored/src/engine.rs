@@ -15,6 +15,9 @@ use wasmtime::{Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationCon
 use crate::config::{EngineConfig, LimitsConfig};
 use crate::context::StoreShape;
 
+/// The Wasmtime release the daemon is built with (pinned in the workspace's Cargo.toml).
+pub const WASMTIME_VERSION: &str = "48.0.8";
+
 /// Idle ticks before the ticker parks.
 const IDLE_TICKS_BEFORE_PARK: u32 = 200;
 
@@ -24,6 +27,7 @@ pub struct WasmEngine {
     ticker: Ticker,
     fuel_metering: bool,
     tick: Duration,
+    pool_instances: u32,
 }
 
 impl std::fmt::Debug for WasmEngine {
@@ -45,6 +49,7 @@ impl WasmEngine {
             ticker,
             fuel_metering: cfg.fuel_metering,
             tick: cfg.epoch_tick,
+            pool_instances: cfg.pool_instances,
         }))
     }
 
@@ -75,6 +80,19 @@ impl WasmEngine {
     /// Mark an execution as running for as long as the guard lives (keeps the ticker going).
     pub fn running(&self) -> RunningGuard<'_> {
         self.ticker.enter()
+    }
+
+    /// Slots of the pooling allocator in use now, and its capacity (`engine.pool_instances`).
+    pub fn pool(&self) -> Option<wasmcore_proto::PoolMetrics> {
+        let m = self.engine.pooling_allocator_metrics()?;
+        Some(wasmcore_proto::PoolMetrics {
+            capacity: self.pool_instances as u64,
+            core_instances: m.core_instances(),
+            component_instances: m.component_instances(),
+            memories: m.memories() as u64,
+            tables: m.tables() as u64,
+            unused_warm_memories: u64::from(m.unused_warm_memories()),
+        })
     }
 
     /// Executions running now.
@@ -247,6 +265,15 @@ impl Drop for Ticker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_reported_wasmtime_version_is_the_pinned_one() {
+        let manifest = include_str!("../../Cargo.toml");
+        assert!(
+            manifest.contains(&format!("wasmtime = {{ version = \"={WASMTIME_VERSION}\"")),
+            "WASMTIME_VERSION does not match the workspace's pin"
+        );
+    }
 
     #[test]
     fn ticker_advances_while_running_and_joins_on_drop() {

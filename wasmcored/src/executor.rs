@@ -21,6 +21,7 @@ use crate::context::{ExecCtx, ExtismCtx, HostTrap, Limiter, Logs, P2, Pipes};
 use crate::engine::WasmEngine;
 use crate::error::{Error, ExecFailure, Result};
 use crate::kinds::{Call, Ended, Stdio};
+use crate::metrics::{Execution, Metrics};
 use crate::registry::Binary;
 use crate::state::{CommitError, Namespace, StateStore, StateTxn};
 
@@ -146,6 +147,8 @@ pub struct Executor {
     engine: Arc<WasmEngine>,
     state: Arc<dyn StateStore>,
     live: Live,
+    /// Where every execution is counted.
+    metrics: Arc<Metrics>,
 }
 
 impl Executor {
@@ -154,7 +157,14 @@ impl Executor {
             engine,
             state,
             live,
+            metrics: Arc::default(),
         }
+    }
+
+    /// Count executions in `metrics` (the daemon's), not in a private set.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The limits in force now.
@@ -294,7 +304,13 @@ impl Executor {
             start,
             cfg: &cfg,
         };
-        let (mut store, input) = self.new_store(&job, input)?;
+        let (mut store, input) = match self.new_store(&job, input) {
+            Ok(s) => s,
+            Err(e) => {
+                self.count(&job, &Stats::default(), Some(e.code()));
+                return Err(e);
+            }
+        };
         // Boxed by the kind: Wasmtime's instantiation and call futures are large, and every
         // async caller above this one would otherwise copy them into its own state at each
         // call (docs/PERFORMANCE.md, "Small futures").
@@ -309,25 +325,26 @@ impl Executor {
         } else {
             run.await
         };
-        let (out, txn) = self.finish(&job, store, result)?;
-        if let Some(txn) = txn {
-            // A durable store writes a file: keep that off the async workers.
-            let committed = if txn.blocks() {
-                tokio::task::spawn_blocking(move || txn.commit())
-                    .await
-                    .unwrap_or_else(|e| Err(CommitError::Io(format!("commit task failed: {e}"))))
-            } else {
-                txn.commit()
-            };
-            match committed {
-                Ok(()) => {}
-                Err(CommitError::Quota(m)) => {
-                    return Err(Error::exec(ExecFailure::StateQuota(m), out.logs));
-                }
-                Err(e @ CommitError::Io(_)) => return Err(Error::internal(e.to_string())),
-            }
-        }
-        Ok(out)
+        let (stats, finished) = self.finish(&job, store, result);
+        let r = match finished {
+            Ok((out, Some(txn))) => commit(out, txn).await,
+            Ok((out, None)) => Ok(out),
+            Err(e) => Err(e),
+        };
+        self.count(&job, &stats, r.as_ref().err().map(Error::code));
+        r
+    }
+
+    /// Count one execution that ran (or failed setting up) in the metrics.
+    fn count(&self, job: &Job<'_>, stats: &Stats, outcome: Option<wasmcore_proto::ErrorCode>) {
+        let e = Execution {
+            kind: job.bin.kind,
+            outcome,
+            wall: job.start.elapsed(),
+            fuel: stats.fuel_used.unwrap_or(0),
+            memory_peak: stats.memory_peak_bytes.unwrap_or(0),
+        };
+        self.metrics.execution(job.tenant_uid, &job.bin.stats, &e);
     }
 
     /// A fresh store for one execution of `bin`, with its limits, fuel, deadline, and what
@@ -434,14 +451,14 @@ impl Executor {
         Ok((store, input))
     }
 
-    /// Take the store of a finished execution apart: its output, logs and accounting, or
-    /// the failure it ended with; and the plugin-state changes to commit, if any.
+    /// Take the store of a finished execution apart: its accounting, and its output and
+    /// logs or the failure it ended with, with the plugin-state changes to commit, if any.
     fn finish(
         &self,
         job: &Job<'_>,
         store: Store<ExecCtx>,
         result: wasmtime::Result<Ended>,
-    ) -> Result<(RunOutput, Option<StateTxn>)> {
+    ) -> (Stats, Result<(RunOutput, Option<StateTxn>)>) {
         let Job {
             limits,
             fuel,
@@ -477,7 +494,7 @@ impl Executor {
             Err(e) => Some(classify(e, &ctx, limits, fuel, timeout_ms)),
         };
         if let Some(failure) = failure {
-            return Err(Error::exec(failure, ctx.logs.finish()));
+            return (stats, Err(Error::exec(failure, ctx.logs.finish())));
         }
         let out = RunOutput {
             output: std::mem::take(&mut ctx.output),
@@ -485,7 +502,24 @@ impl Executor {
             stats,
         };
         let txn = (!ctx.state.is_empty()).then_some(ctx.state);
-        Ok((out, txn))
+        (stats, Ok((out, txn)))
+    }
+}
+
+/// Commit an execution's plugin-state changes; its output only once they are stored.
+async fn commit(out: RunOutput, txn: StateTxn) -> Result<RunOutput> {
+    // A durable store writes a file: keep that off the async workers.
+    let committed = if txn.blocks() {
+        tokio::task::spawn_blocking(move || txn.commit())
+            .await
+            .unwrap_or_else(|e| Err(CommitError::Io(format!("commit task failed: {e}"))))
+    } else {
+        txn.commit()
+    };
+    match committed {
+        Ok(()) => Ok(out),
+        Err(CommitError::Quota(m)) => Err(Error::exec(ExecFailure::StateQuota(m), out.logs)),
+        Err(e @ CommitError::Io(_)) => Err(Error::internal(e.to_string())),
     }
 }
 

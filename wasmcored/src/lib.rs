@@ -12,6 +12,7 @@
 //! - [`kinds`]: the host glue of each module kind (process, wasi, extism, component).
 //! - [`registry`]: compiled binaries, owner-scoped.
 //! - [`executor`]: one execution or a chain, with limits and accounting.
+//! - [`metrics`]: counters and histograms (a leaf), read by the `metrics` op.
 //! - [`state`]: plugin state behind `get_state` / `set_state` and Extism's vars.
 //! - [`store`]: persistence under the state directory; restores into the registry.
 //! - [`daemon`]: the shared state commands use.
@@ -33,6 +34,7 @@ pub mod error;
 pub mod executor;
 pub mod kinds;
 pub mod logging;
+pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod state;

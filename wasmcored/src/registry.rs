@@ -22,6 +22,7 @@ use crate::config::Live;
 use crate::engine::WasmEngine;
 use crate::error::{Error, Result};
 use crate::kinds::{Code, Kind, Linkers};
+use crate::metrics::{BinaryStats, Metrics, Refusal};
 use crate::state::StateStore;
 use crate::tenant::Tenant;
 
@@ -58,6 +59,8 @@ pub struct Binary {
     /// Extism plugins: what `config_get` reads; replaced whole by `configure`, and each
     /// execution takes the map as it was when it started.
     pub config: ArcSwap<PluginConfig>,
+    /// Errors, time, fuel, memory and a latency sketch of its executions.
+    pub stats: BinaryStats,
 }
 
 impl std::fmt::Debug for Binary {
@@ -241,6 +244,8 @@ pub struct Registry {
     /// be raced.
     per_owner: DashMap<u32, (usize, u64)>,
     seq: AtomicU64,
+    /// Where quota refusals are counted.
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -269,7 +274,22 @@ impl Registry {
             public_names: DashMap::new(),
             per_owner: DashMap::new(),
             seq: AtomicU64::new(0),
+            metrics: Arc::default(),
         })
+    }
+
+    /// Count quota refusals in `metrics` (the daemon's), not in a private set.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Binaries and module bytes per owner UID.
+    pub fn usage_by_owner(&self) -> Vec<(u32, usize, u64)> {
+        self.per_owner
+            .iter()
+            .map(|e| (*e.key(), e.value().0, e.value().1))
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -447,6 +467,7 @@ impl Registry {
             code: compiled.code,
             glue: compiled.glue,
             config: ArcSwap::from_pointee(opts.config),
+            stats: BinaryStats::default(),
         }
     }
 
@@ -455,12 +476,14 @@ impl Registry {
         let mut held = self.per_owner.entry(uid).or_insert((0, 0));
         let (n, bytes) = *held;
         if n >= quota.binaries {
+            self.metrics.refused(uid, Refusal::Binaries);
             return Err(Error::QuotaExceeded(format!(
                 "you already have {n} binaries loaded, your quota is {}; unload one first",
                 quota.binaries
             )));
         }
         if bytes + size > quota.module_bytes {
+            self.metrics.refused(uid, Refusal::ModuleBytes);
             return Err(Error::QuotaExceeded(format!(
                 "your binaries would use {} bytes of modules, your quota is {}; unload one first",
                 bytes + size,

@@ -17,6 +17,7 @@ use tokio::sync::{Semaphore, watch};
 use wasmcore_proto::{ErrorBody, ErrorCode, Response, encode_line};
 
 use crate::daemon::Daemon;
+use crate::metrics::Refusal;
 use crate::systemd::{self, Listener};
 use crate::tenant::Tenant;
 
@@ -228,6 +229,7 @@ async fn accept_loop(
         }
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             // At the limit: refuse cleanly rather than queue.
+            daemon.metrics.refused(tenant.uid, Refusal::MaxConnections);
             let msg = format!(
                 "the daemon is serving its maximum of {} connections; retry later",
                 daemon.config().server.max_connections

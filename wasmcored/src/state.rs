@@ -42,6 +42,8 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
     fn usage(&self, ns: &Namespace) -> u64;
     /// Bytes held by every namespace together.
     fn total_usage(&self) -> u64;
+    /// Bytes held per owner UID, over all of its namespaces.
+    fn usage_by_owner(&self) -> BTreeMap<u32, u64>;
     /// Apply `writes` atomically, refusing them all if the namespace would exceed `quota`.
     fn commit(&self, ns: &Namespace, writes: Vec<Write>, quota: u64) -> Result<(), CommitError>;
     /// Drop the state of every owner for `binary` (it was unloaded).
@@ -127,6 +129,14 @@ impl<P: Persist> StateStore for MapStateStore<P> {
 
     fn total_usage(&self) -> u64 {
         self.lock().values().map(|d| d.bytes).sum()
+    }
+
+    fn usage_by_owner(&self) -> BTreeMap<u32, u64> {
+        let mut by = BTreeMap::new();
+        for (ns, d) in self.lock().iter() {
+            *by.entry(ns.owner).or_insert(0) += d.bytes;
+        }
+        by
     }
 
     fn commit(&self, ns: &Namespace, writes: Vec<Write>, quota: u64) -> Result<(), CommitError> {

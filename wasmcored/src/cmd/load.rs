@@ -15,6 +15,7 @@ use wasmcore_proto::{LoadRequest, LoadResponse};
 
 use crate::daemon::Daemon;
 use crate::error::{Error, Result};
+use crate::metrics::Refusal;
 use crate::registry::LoadOptions;
 use crate::store::BinaryMeta;
 use crate::tenant::Tenant;
@@ -73,6 +74,7 @@ pub async fn apply(
     // ends: a compilation that outlives its deadline still occupies a CPU, so it still counts.
     let own_slot = daemon.admit_load(tenant)?;
     let slot = daemon.loads.clone().try_acquire_owned().map_err(|_| {
+        daemon.metrics.refused(tenant.uid, Refusal::CompileSlots);
         Error::Busy(
             "the daemon is compiling as many modules as it may at once (registry.max_concurrent_loads); retry later".into(),
         )
@@ -111,11 +113,19 @@ pub async fn apply(
         })?;
         Ok((bin, compile_ms))
     });
-    let (bin, compile_ms) = match tokio::time::timeout(max_compile, job).await {
-        Ok(Ok(r)) => r?,
-        Ok(Err(e)) => return Err(Error::internal(format!("load task failed: {e}"))),
-        Err(_) => return Err(too_slow(max_compile)),
+    let loaded = match tokio::time::timeout(max_compile, job).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(Error::internal(format!("load task failed: {e}"))),
+        Err(_) => Err(too_slow(max_compile)),
     };
+    daemon.metrics.load(
+        tenant.uid,
+        loaded
+            .as_ref()
+            .ok()
+            .map(|(_, ms)| std::time::Duration::from_secs_f64(ms / 1000.0)),
+    );
+    let (bin, compile_ms) = loaded?;
     log::info!(
         "loaded binary {} ({}, {}, {} bytes, sha256 {}) for uid {}{}",
         bin.id,

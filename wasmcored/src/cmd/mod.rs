@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use wasmcore_proto::{
-    Empty, ExecuteResponse, InfoResponse, ListResponse, LoadResponse, Request, StatusResponse,
+    Empty, ExecuteResponse, InfoResponse, ListResponse, LoadResponse, MetricsResponse, Request,
+    StatusResponse,
 };
 
 use crate::daemon::Daemon;
@@ -22,6 +23,7 @@ mod execute;
 mod info;
 mod list;
 mod load;
+mod metrics;
 mod status;
 mod unload;
 
@@ -34,6 +36,7 @@ pub enum Reply {
     List(ListResponse),
     Info(Box<InfoResponse>),
     Status(Box<StatusResponse>),
+    Metrics(Box<MetricsResponse>),
     Empty(Empty),
 }
 
@@ -67,6 +70,7 @@ pub async fn dispatch(
         Request::Configure(r) => Box::pin(configure::apply(daemon, tenant, r))
             .await
             .map(Reply::Empty),
+        Request::Metrics(r) => Ok(Reply::Metrics(Box::new(metrics::apply(daemon, tenant, r)))),
     }
 }
 
