@@ -90,11 +90,13 @@ fuzz:
 install:
 	install -Dm755 $(BIN)/wasmcored $(DESTDIR)$(PREFIX)/bin/wasmcored
 	install -Dm755 $(BIN)/wasmcorectl $(DESTDIR)$(PREFIX)/bin/wasmcorectl
-	install -Dm644 systemd/wasm-core.service $(DESTDIR)$(UNITDIR)/wasm-core.service
-	install -Dm644 systemd/wasm-core.socket $(DESTDIR)$(UNITDIR)/wasm-core.socket
+	install -Dm755 $(BIN)/wasm-core-metrics $(DESTDIR)$(PREFIX)/bin/wasm-core-metrics
+	for u in wasm-core.service wasm-core.socket wasm-core-metrics.service wasm-core-metrics.socket; do \
+	  install -Dm644 systemd/$$u $(DESTDIR)$(UNITDIR)/$$u; done
 	install -Dm644 systemd/wasm-core.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/wasm-core.conf
 	install -Dm644 systemd/config.toml $(DESTDIR)$(SYSCONFDIR)/wasm-core/config.toml
 	install -Dm644 man/wasmcored.8 $(DESTDIR)$(PREFIX)/share/man/man8/wasmcored.8
+	install -Dm644 man/wasm-core-metrics.8 $(DESTDIR)$(PREFIX)/share/man/man8/wasm-core-metrics.8
 	install -Dm644 man/wasm-core.toml.5 $(DESTDIR)$(PREFIX)/share/man/man5/wasm-core.toml.5
 	for f in man/wasmcorectl*.1; do install -Dm644 $$f $(DESTDIR)$(PREFIX)/share/man/man1/$$(basename $$f); done
 	install -Dm644 packaging/completions/wasmcorectl.bash $(DESTDIR)$(PREFIX)/share/bash-completion/completions/wasmcorectl

@@ -20,8 +20,10 @@ out=$(lintian "$deb" 2>&1 | grep -v 'running with root privileges' || true)
 if grep -qE '^(E|W):' <<<"$out"; then fail "lintian reports errors or warnings"; fi
 
 files=$(dpkg-deb -c "$deb" | awk '{print $6}')
-for f in ./usr/bin/wasmcored ./usr/bin/wasmcorectl \
+for f in ./usr/bin/wasmcored ./usr/bin/wasmcorectl ./usr/bin/wasm-core-metrics \
          ./lib/systemd/system/wasm-core.service ./lib/systemd/system/wasm-core.socket \
+         ./lib/systemd/system/wasm-core-metrics.service ./lib/systemd/system/wasm-core-metrics.socket \
+         ./usr/share/man/man8/wasm-core-metrics.8.gz \
          ./usr/lib/sysusers.d/wasm-core.conf ./etc/wasm-core/config.toml \
          ./usr/share/man/man8/wasmcored.8.gz ./usr/share/man/man1/wasmcorectl.1.gz \
          ./usr/share/man/man5/wasm-core.toml.5.gz \
@@ -43,4 +45,7 @@ if grep -q "deb-systemd-helper enable 'wasm-core.service'" "$ctl/postinst" && \
   fail "the service must be started by its socket, not enabled on its own"
 fi
 grep -q 'rm -rf /var/lib/wasm-core' "$ctl/postrm" || fail "purge does not remove /var/lib/wasm-core"
+if grep -q "deb-systemd-helper enable 'wasm-core-metrics" "$ctl/postinst"; then
+  fail "the metrics exporter's units must ship disabled"
+fi
 echo "check-deb: $deb ok ($(du -h "$deb" | cut -f1))"

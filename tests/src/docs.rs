@@ -1,4 +1,5 @@
-//! Generated documentation: the man pages of `wasmcored` and `wasmcorectl` and the shell
+//! Generated documentation: the man pages of `wasmcored`, `wasmcorectl` and
+//! `wasm-core-metrics` and the shell
 //! completions of `wasmcorectl`, all from the clap definitions. `wasmcore-gen-docs` writes
 //! them; a test checks the committed files are what the code generates.
 
@@ -16,6 +17,11 @@ pub fn generated() -> Vec<(PathBuf, Vec<u8>)> {
             "wasmcored".to_string(),
         ),
         (wasmcorectl::Cli::command(), "1", "wasmcorectl".to_string()),
+        (
+            wasmcorectl::exporter::Args::command(),
+            "8",
+            "wasm-core-metrics".to_string(),
+        ),
     ];
     // One page per wasmcorectl subcommand, as the main page refers to them.
     for sub in wasmcorectl::Cli::command().get_subcommands() {

@@ -6,9 +6,14 @@ use std::process::Command;
 
 use wasmcore_tests::repo;
 
-fn units() -> [std::path::PathBuf; 2] {
+fn units() -> [std::path::PathBuf; 4] {
     let dir = repo().join("systemd");
-    [dir.join("wasm-core.socket"), dir.join("wasm-core.service")]
+    [
+        dir.join("wasm-core.socket"),
+        dir.join("wasm-core.service"),
+        dir.join("wasm-core-metrics.socket"),
+        dir.join("wasm-core-metrics.service"),
+    ]
 }
 
 #[test]
@@ -27,7 +32,11 @@ fn the_units_verify() {
     // The daemon is not installed on the machine running the tests; anything else counts.
     let problems: Vec<&str> = text
         .lines()
-        .filter(|l| !l.trim().is_empty() && !l.contains("/usr/bin/wasmcored is not executable"))
+        .filter(|l| {
+            !l.trim().is_empty()
+                && !l.contains("/usr/bin/wasmcored is not executable")
+                && !l.contains("/usr/bin/wasm-core-metrics is not executable")
+        })
         .collect();
     assert!(problems.is_empty(), "systemd-analyze verify: {problems:?}");
 }
@@ -62,4 +71,29 @@ fn the_service_is_hardened() {
             "{key}: say why it is off"
         );
     }
+}
+
+#[test]
+fn the_metrics_exporter_is_hardened() {
+    let service = &units()[3];
+    let o = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes"])
+        .arg(service)
+        .output()
+        .expect("systemd-analyze");
+    let text = String::from_utf8_lossy(&o.stdout);
+    let score: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for wasm-core-metrics.service: ")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in: {text}"));
+    assert!(score <= 1.0, "exposure {score} > 1.0:\n{text}");
+    // Every tenant's figures are behind that port: the socket unit says so.
+    let socket = std::fs::read_to_string(&units()[2]).unwrap();
+    assert!(socket.contains("ListenStream=127.0.0.1:"), "loopback only");
+    assert!(socket.contains("sees every tenant's figures"));
 }
