@@ -47,8 +47,9 @@ dev: build plugins
 	wait $$pid
 
 # What the end-to-end tests run besides our binaries: systemd-socket-activate, setpriv,
-# useradd/groupadd, mount, and Debian's python3 as a client under other UIDs.
-TEST_DEBS := systemd util-linux passwd mount python3
+# useradd/groupadd, mount, Debian's python3 as a client under other UIDs, and curl and
+# promtool (prometheus) for the metrics exporter.
+TEST_DEBS := systemd util-linux passwd mount python3 curl prometheus
 
 test: build plugins
 	packaging/ensure-packages.sh $(TEST_DEBS)

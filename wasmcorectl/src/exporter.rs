@@ -70,13 +70,16 @@ impl Listener {
 /// The listener systemd passed, else the one `--listen` names (or the default).
 fn listener(args: &Args) -> anyhow::Result<Listener> {
     let mut fds = listenfd::ListenFd::from_env();
-    if let Some(l) = fds.take_tcp_listener(0)? {
-        l.set_nonblocking(true)?;
-        return Ok(Listener::Tcp(tokio::net::TcpListener::from_std(l)?));
-    }
-    if let Some(l) = fds.take_unix_listener(0)? {
-        l.set_nonblocking(true)?;
-        return Ok(Listener::Unix(tokio::net::UnixListener::from_std(l)?));
+    if fds.len() > 0 {
+        // The passed socket is TCP or Unix; asking for the wrong kind is an error.
+        if let Ok(Some(l)) = fds.take_tcp_listener(0) {
+            l.set_nonblocking(true)?;
+            return Ok(Listener::Tcp(tokio::net::TcpListener::from_std(l)?));
+        }
+        if let Some(l) = fds.take_unix_listener(0)? {
+            l.set_nonblocking(true)?;
+            return Ok(Listener::Unix(tokio::net::UnixListener::from_std(l)?));
+        }
     }
     let addr = args
         .listen

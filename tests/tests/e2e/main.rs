@@ -4,6 +4,7 @@ mod components;
 mod docs;
 mod extism;
 mod hostile;
+mod metrics;
 mod persistence;
 mod socket;
 mod systemd;
