@@ -48,8 +48,8 @@ dev: build plugins
 
 # What the end-to-end tests run besides our binaries: systemd-socket-activate, setpriv,
 # useradd/groupadd, mount, Debian's python3 as a client under other UIDs, and curl and
-# promtool (prometheus) for the metrics exporter.
-TEST_DEBS := systemd util-linux passwd mount python3 curl prometheus
+# promtool (prometheus) for the metrics exporter, and tmux as the terminal of `top`.
+TEST_DEBS := systemd util-linux passwd mount python3 curl prometheus tmux
 
 test: build plugins
 	packaging/ensure-packages.sh $(TEST_DEBS)

@@ -46,6 +46,9 @@ _wasmcorectl() {
             wasmcorectl,status)
                 cmd="wasmcorectl__subcmd__status"
                 ;;
+            wasmcorectl,top)
+                cmd="wasmcorectl__subcmd__top"
+                ;;
             wasmcorectl,unload)
                 cmd="wasmcorectl__subcmd__unload"
                 ;;
@@ -79,6 +82,9 @@ _wasmcorectl() {
             wasmcorectl__subcmd__help,status)
                 cmd="wasmcorectl__subcmd__help__subcmd__status"
                 ;;
+            wasmcorectl__subcmd__help,top)
+                cmd="wasmcorectl__subcmd__help__subcmd__top"
+                ;;
             wasmcorectl__subcmd__help,unload)
                 cmd="wasmcorectl__subcmd__help__subcmd__unload"
                 ;;
@@ -89,7 +95,7 @@ _wasmcorectl() {
 
     case "${cmd}" in
         wasmcorectl)
-            opts="-h -V --socket --json --help --version load execute chain list unload info configure status metrics bench help"
+            opts="-h -V --socket --json --help --version load execute chain list unload info configure status metrics top bench help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -295,7 +301,7 @@ _wasmcorectl() {
             return 0
             ;;
         wasmcorectl__subcmd__help)
-            opts="load execute chain list unload info configure status metrics bench help"
+            opts="load execute chain list unload info configure status metrics top bench help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -448,6 +454,20 @@ _wasmcorectl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        wasmcorectl__subcmd__help__subcmd__top)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         wasmcorectl__subcmd__help__subcmd__unload)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -549,6 +569,48 @@ _wasmcorectl() {
                 return 0
             fi
             case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        wasmcorectl__subcmd__top)
+            opts="-d -n -b -h --delay --iterations --batch --order --rows --socket --json --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --delay)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -d)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --iterations)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -n)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --order)
+                    COMPREPLY=($(compgen -W "executions errors p99 fuel memory name" -- "${cur}"))
+                    return 0
+                    ;;
+                --rows)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --socket)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

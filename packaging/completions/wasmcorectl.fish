@@ -37,6 +37,7 @@ complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "info" -d 'S
 complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "configure" -d 'Replace an Extism plugin\'s configuration without reloading it'
 complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "status" -d 'Show the daemon\'s version, counts and limits, and who it thinks you are'
 complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "metrics" -d 'Print the daemon\'s counters as OpenMetrics text (--json: the snapshot as the daemon sends it). A tenant sees its own figures; an admin sees every tenant\'s'
+complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "top" -d 'A live view of the binaries (rates, latency, fuel, memory), like systemd-cgtop'
 complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "bench" -d 'Measure every performance target against echo baselines in the same run'
 complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand load" -l name -d 'A name to refer to the binary by (unique among your binaries)' -r
@@ -84,6 +85,19 @@ complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand metrics" -l sock
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand metrics" -l prometheus -d 'Prometheus\' text format 0.0.4 instead of OpenMetrics'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand metrics" -l json -d 'Print the daemon\'s full JSON response instead of human output'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand metrics" -s h -l help -d 'Print help'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand top" -s d -l delay -d 'Seconds between refreshes' -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand top" -s n -l iterations -d 'Stop after this many refreshes (default: run until `q` or Ctrl-C)' -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand top" -l order -d 'The sort key' -r -f -a "executions\t''
+errors\t''
+p99\t''
+fuel\t''
+memory\t''
+name\t''"
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand top" -l rows -d 'At most this many rows (default: all in batch mode, what fits on a terminal)' -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand top" -l socket -d 'Daemon socket [default: /run/wasm-core/wasm-core.sock if present, else /tmp/wasm-core.sock]' -r -F
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand top" -s b -l batch -d 'Plain snapshots even on a terminal'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand top" -l json -d 'Print the daemon\'s full JSON response instead of human output'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand top" -s h -l help -d 'Print help'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l binary -d 'Binary to run (UUID or name)' -r
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l load -d 'Load this module for the run and unload it after' -r -F
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l input -d 'Input of every execution' -r
@@ -105,14 +119,15 @@ complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l socket
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l check -d 'Fail (exit status 1) on a gross regression of the throughput ratios'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l json -d 'Print the daemon\'s full JSON response instead of human output'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -s h -l help -d 'Print help'
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics bench help" -f -a "load" -d 'Load a module (.wasm, or .wat text) and print its UUID'
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics bench help" -f -a "execute" -d 'Run a binary; its output goes to stdout as raw bytes'
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics bench help" -f -a "chain" -d 'Run binaries in order, each one\'s output the next one\'s input'
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics bench help" -f -a "list" -d 'List your binaries and public ones'
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics bench help" -f -a "unload" -d 'Remove a binary and its plugin state'
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics bench help" -f -a "info" -d 'Show a binary\'s metadata, imports, exports and limits'
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics bench help" -f -a "configure" -d 'Replace an Extism plugin\'s configuration without reloading it'
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics bench help" -f -a "status" -d 'Show the daemon\'s version, counts and limits, and who it thinks you are'
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics bench help" -f -a "metrics" -d 'Print the daemon\'s counters as OpenMetrics text (--json: the snapshot as the daemon sends it). A tenant sees its own figures; an admin sees every tenant\'s'
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics bench help" -f -a "bench" -d 'Measure every performance target against echo baselines in the same run'
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics bench help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics top bench help" -f -a "load" -d 'Load a module (.wasm, or .wat text) and print its UUID'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics top bench help" -f -a "execute" -d 'Run a binary; its output goes to stdout as raw bytes'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics top bench help" -f -a "chain" -d 'Run binaries in order, each one\'s output the next one\'s input'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics top bench help" -f -a "list" -d 'List your binaries and public ones'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics top bench help" -f -a "unload" -d 'Remove a binary and its plugin state'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics top bench help" -f -a "info" -d 'Show a binary\'s metadata, imports, exports and limits'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics top bench help" -f -a "configure" -d 'Replace an Extism plugin\'s configuration without reloading it'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics top bench help" -f -a "status" -d 'Show the daemon\'s version, counts and limits, and who it thinks you are'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics top bench help" -f -a "metrics" -d 'Print the daemon\'s counters as OpenMetrics text (--json: the snapshot as the daemon sends it). A tenant sees its own figures; an admin sees every tenant\'s'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics top bench help" -f -a "top" -d 'A live view of the binaries (rates, latency, fuel, memory), like systemd-cgtop'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics top bench help" -f -a "bench" -d 'Measure every performance target against echo baselines in the same run'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics top bench help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

@@ -19,6 +19,7 @@ pub mod bench;
 pub mod client;
 pub mod exporter;
 pub mod openmetrics;
+pub mod top;
 
 use client::{Client, ClientError};
 
@@ -164,6 +165,8 @@ pub enum Command {
         #[arg(long)]
         prometheus: bool,
     },
+    /// A live view of the binaries (rates, latency, fuel, memory), like systemd-cgtop.
+    Top(top::TopArgs),
     /// Measure every performance target against echo baselines in the same run.
     Bench(bench::BenchArgs),
 }
@@ -349,6 +352,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             print_fields(&resp, &["ok"]);
             Ok(())
         }
+        Command::Top(args) => top::run(&mut c, &args, json),
         Command::Bench(_) => unreachable!("handled above"),
     }
 }
@@ -367,7 +371,7 @@ fn call(c: &mut Client, req: &Value) -> Result<Value, Failure> {
     check(resp)
 }
 
-fn check(resp: Value) -> Result<Value, Failure> {
+pub(crate) fn check(resp: Value) -> Result<Value, Failure> {
     if resp["ok"] == json!(true) {
         return Ok(resp);
     }

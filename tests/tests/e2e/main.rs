@@ -9,6 +9,7 @@ mod persistence;
 mod socket;
 mod systemd;
 mod tenancy;
+mod top;
 mod units;
 
 use serde_json::{Value, json};
