@@ -61,6 +61,31 @@ check "a component runs under the service" \
   test "$(printf 'b\na\n' | as alice wasmcorectl execute sort)" = "$(printf 'a\nb')"
 as alice wasmcorectl configure greet --config greeting=Howdy
 check "a chain mixes kinds" test "$(as alice wasmcorectl chain up greet:greet sort --input ann)" = "Howdy, ANN!"
+as alice wasmcorectl execute greet --function fail --input x >/dev/null 2>&1
+# Structured journal fields: one tenant's entries by field, and the failure's error code.
+sleep 1
+auid=$(id -u alice)
+check "journalctl TENANT_UID= finds alice's loads" \
+  sh -c "journalctl -u wasm-core.service TENANT_UID=$auid -o cat | grep -q 'loaded binary .*(greet,'"
+check "alice's entries are only alice's" \
+  sh -c "! journalctl -u wasm-core.service TENANT_UID=$auid -o cat | grep -q 'for uid $(id -u bob)'"
+check "the failure carries BINARY_NAME= and ERROR_CODE=" \
+  sh -c "journalctl -u wasm-core.service TENANT_UID=$auid BINARY_NAME=greet ERROR_CODE=plugin_error -o cat | grep -q 'refusing'"
+
+# The metrics exporter: shipped disabled; once its socket is started, Prometheus' scrape of
+# 127.0.0.1:9788 sees every tenant (bash's /dev/tcp: no HTTP client in a minimal system).
+check "the metrics exporter's socket is not enabled by the package" \
+  sh -c "! systemctl is-enabled --quiet wasm-core-metrics.socket"
+systemctl start wasm-core-metrics.socket
+scrape=$(timeout 10 bash -c 'exec 3<>/dev/tcp/127.0.0.1/9788; printf "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n" >&3; cat <&3')
+check "the exporter answers GET /metrics under systemd" grep -q '^HTTP/1.[01] 200' <<<"$scrape"
+check "the scrape shows alice's executions by kind" \
+  grep -q "wasm_core_executions_total{tenant_uid=\"$auid\",kind=\"extism\",outcome=\"plugin_error\"} 1" <<<"$scrape"
+check "the exporter runs as its own user" \
+  test "$(systemctl show -p User --value wasm-core-metrics.service)" = wasm-core-metrics
+check "alice's own metrics show only alice" \
+  sh -c "runuser -u alice -- wasmcorectl metrics | grep -q 'tenant_uid=\"$auid\"' && ! runuser -u alice -- wasmcorectl metrics | grep -q 'tenant_uid=\"0\"'"
+systemctl stop wasm-core-metrics.socket wasm-core-metrics.service
 for b in greet sort up; do as alice wasmcorectl unload $b; done
 
 # A wedged daemon (stopped with SIGSTOP) no longer pets the watchdog: systemd kills and

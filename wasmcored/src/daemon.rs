@@ -382,8 +382,9 @@ impl Daemon {
         self.registry.detached(0, compiled)
     }
 
-    /// Log an execution failure, at most FAILURE_LOG_BURST lines a minute.
-    pub fn note_failure(&self, tenant: &Tenant, what: &str, e: &Error) {
+    /// Log an execution failure of `bin` (`None`: a chain), at most FAILURE_LOG_BURST lines
+    /// a minute.
+    pub fn note_failure(&self, tenant: &Tenant, bin: Option<&Binary>, e: &Error) {
         let mut w = self.failure_log.lock().unwrap_or_else(|p| p.into_inner());
         if w.0.elapsed() > FAILURE_LOG_WINDOW {
             if w.1 > FAILURE_LOG_BURST {
@@ -395,12 +396,24 @@ impl Daemon {
             *w = (Instant::now(), 0);
         }
         w.1 += 1;
-        if w.1 <= FAILURE_LOG_BURST {
-            log::info!(
-                "execution of {what} for uid {} failed: {} ({e})",
-                tenant.uid,
-                e.code()
-            );
+        if w.1 > FAILURE_LOG_BURST {
+            return;
+        }
+        let code = e.code().as_str();
+        match bin {
+            Some(b) => {
+                let name = b.display_name();
+                log::info!(
+                    tenant_uid = tenant.uid, binary:% = b.id, binary_name = name.as_str(), error_code = code;
+                    "execution of {name} for uid {} failed: {code} ({e})",
+                    tenant.uid
+                );
+            }
+            None => log::info!(
+                tenant_uid = tenant.uid, error_code = code;
+                "execution of a chain for uid {} failed: {code} ({e})",
+                tenant.uid
+            ),
         }
     }
 

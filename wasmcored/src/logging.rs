@@ -1,5 +1,10 @@
-//! A `log` backend fit for the journal: `<N>` severity prefixes when stderr is connected to
-//! the journal (JOURNAL_STREAM set by systemd), plain `level: message` lines otherwise.
+//! Logging. Under journald (stderr connected to the journal, as systemd sets it up), entries
+//! go through the journal's native protocol with `systemd-journal-logger`: each carries the
+//! record's key-values as journal fields, so load, unload, configure, failure, refusal and
+//! quarantine entries have `TENANT_UID=`, `BINARY=`, `BINARY_NAME=` and `ERROR_CODE=`
+//! (`journalctl -u wasm-core TENANT_UID=1001`). The field names are the literal keys of the
+//! log calls, never built from tenant input. Otherwise: stderr, with `<N>` severity prefixes
+//! when stderr is some other journal stream, plain `wasmcored: level: message` lines else.
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use std::io::Write;
@@ -41,6 +46,15 @@ impl Log for Logger {
 
 /// Install the logger (once; later calls only change the level).
 pub fn init(level: LevelFilter) {
+    if systemd_journal_logger::connected_to_journal()
+        && let Ok(j) = systemd_journal_logger::JournalLog::new()
+        && j.with_syslog_identifier("wasmcored".into())
+            .install()
+            .is_ok()
+    {
+        log::set_max_level(level);
+        return;
+    }
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let _ = log::set_boxed_logger(Box::new(Logger { journal }));
     log::set_max_level(level);

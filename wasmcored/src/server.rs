@@ -217,6 +217,7 @@ async fn accept_loop(
         };
         if !daemon.may_connect(&tenant) {
             log::info!(
+                tenant_uid = tenant.uid, error_code = "forbidden";
                 "refused a connection from uid {}: not in access.allow_users/allow_groups",
                 tenant.uid
             );
@@ -240,7 +241,11 @@ async fn accept_loop(
         let slot = match daemon.open_connection(&tenant) {
             Ok(s) => s,
             Err(e) => {
-                log::info!("refused a connection from uid {}: {e}", tenant.uid);
+                log::info!(
+                    tenant_uid = tenant.uid, error_code = "busy";
+                    "refused a connection from uid {}: {e}",
+                    tenant.uid
+                );
                 tokio::spawn(refuse(stream, ErrorCode::Busy, e.to_string()));
                 continue;
             }

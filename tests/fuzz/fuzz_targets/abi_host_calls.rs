@@ -101,7 +101,7 @@ fuzz_target!(|data: &[u8]| {
         })
         .expect("limits");
     let r =
-        f.rt.block_on(f.exec.execute(&f.bin, 1000, data.to_vec(), &limits));
+        f.rt.block_on(f.exec.execute(&f.bin, None, 1000, data.to_vec(), &limits));
     if let Err(e) = r {
         let code = e.code();
         assert!(

@@ -47,7 +47,7 @@ pub async fn apply(daemon: &Daemon, tenant: &Tenant, req: ChainRequest) -> Resul
         .executor
         .chain(&stages, tenant.uid, input, &limits)
         .await
-        .inspect_err(|e| daemon.note_failure(tenant, "chain", e))?;
+        .inspect_err(|e| daemon.note_failure(tenant, None, e))?;
     let mut resp = ExecuteResponse {
         stats: out.stats,
         stages: out.stages,

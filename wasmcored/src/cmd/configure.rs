@@ -29,6 +29,7 @@ pub async fn apply(daemon: &Arc<Daemon>, tenant: &Tenant, req: ConfigureRequest)
     .await
     .map_err(|e| Error::internal(format!("configure task failed: {e}")))??;
     log::info!(
+        tenant_uid = tenant.uid, owner_uid = bin.owner, binary:% = bin.id, binary_name = bin.display_name().as_str();
         "configured binary {} ({}) owned by uid {}: {} entries, at the request of uid {}",
         bin.id,
         bin.display_name(),

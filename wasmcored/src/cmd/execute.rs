@@ -27,7 +27,7 @@ pub async fn apply(
         .executor
         .execute(&bin, function, tenant.uid, input, &limits)
         .await
-        .inspect_err(|e| daemon.note_failure(tenant, &bin.display_name(), e))?;
+        .inspect_err(|e| daemon.note_failure(tenant, Some(&bin), e))?;
     let mut resp = ExecuteResponse {
         stats: run.stats,
         logs: run.logs,

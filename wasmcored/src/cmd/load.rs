@@ -127,6 +127,7 @@ pub async fn apply(
     );
     let (bin, compile_ms) = loaded?;
     log::info!(
+        tenant_uid = tenant.uid, binary:% = bin.id, binary_name = bin.display_name().as_str(), kind = bin.kind.as_str();
         "loaded binary {} ({}, {}, {} bytes, sha256 {}) for uid {}{}",
         bin.id,
         bin.display_name(),

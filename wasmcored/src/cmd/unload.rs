@@ -21,6 +21,7 @@ pub async fn apply(daemon: &Arc<Daemon>, tenant: &Tenant, req: BinaryRequest) ->
         .map_err(|e| Error::internal(format!("removing binary {id} from disk: {e}")))?;
     let bin = daemon.registry.unload(tenant, &bin.id.to_string())?;
     log::info!(
+        tenant_uid = tenant.uid, owner_uid = bin.owner, binary:% = bin.id, binary_name = bin.display_name().as_str();
         "unloaded binary {} ({}) owned by uid {} at the request of uid {}",
         bin.id,
         bin.display_name(),

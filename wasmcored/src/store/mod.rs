@@ -374,25 +374,38 @@ pub fn restore(dir: &StateDir, registry: &crate::registry::Registry) -> io::Resu
     let hash = registry.engine().compat_hash();
     let mut report = RestoreReport::default();
     for entry in dir.list_binaries()? {
+        // The owner, when the entry's metadata could be read.
         let result = match entry {
-            Err((path, why)) => Err((path, why)),
-            Ok(stored) => {
-                restore_one(dir, registry, &stored, &hash).map_err(|why| (stored.dir.clone(), why))
-            }
+            Err((path, why)) => Err((path, why, None)),
+            Ok(stored) => restore_one(dir, registry, &stored, &hash)
+                .map_err(|why| (stored.dir.clone(), why, Some(stored.meta.owner))),
         };
         match result {
             Ok(recompiled) => {
                 report.restored += 1;
                 report.recompiled += usize::from(recompiled);
             }
-            Err((path, why)) => {
+            Err((path, why, owner)) => {
                 report.quarantined += 1;
+                let binary = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 match dir.quarantine(&path, &why) {
-                    Ok(dest) => log::warn!(
-                        "quarantined {} ({why}) to {}",
-                        path.display(),
-                        dest.display()
-                    ),
+                    Ok(dest) => match owner {
+                        Some(uid) => log::warn!(
+                            tenant_uid = uid, binary = binary.as_str();
+                            "quarantined {} ({why}) to {}",
+                            path.display(),
+                            dest.display()
+                        ),
+                        None => log::warn!(
+                            binary = binary.as_str();
+                            "quarantined {} ({why}) to {}",
+                            path.display(),
+                            dest.display()
+                        ),
+                    },
                     Err(e) => log::error!(
                         "cannot restore {} ({why}) nor quarantine it: {e}",
                         path.display()
