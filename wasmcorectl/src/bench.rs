@@ -368,12 +368,20 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
     );
     let mut results: Vec<(Kind, Measured, Measured)> = Vec::new();
     for s in &scenarios {
+        // On a terminal, what is being measured; cleared before the row is printed.
+        let progress = crate::progress::Progress::start(format!("measuring {}…", s.label));
         // Rounds alternate the three servers so that drift in the machine's load hits all
         // of them alike; each figure is the median round.
         let raw_echo = EchoProcess::start("raw", &s.reply)?;
         let json_echo = EchoProcess::start("json", &s.reply)?;
         let (mut raw, mut js, mut d) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..args.rounds.max(1) {
+        for round in 0..args.rounds.max(1) {
+            progress.set(format!(
+                "measuring {} (round {} of {}, raw echo, JSON echo, daemon)…",
+                s.label,
+                round + 1,
+                args.rounds.max(1)
+            ));
             let mut m = |path: &Path, pid: Option<i32>| match (s.kind, tenants.as_mut()) {
                 (Kind::Tenants10, Some(t)) => t.measure(path, pid, duration),
                 _ => measure(path, pid, &s.requests, s.connections, s.in_flight, duration),
@@ -383,6 +391,7 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
             d.push(m(socket, daemon_pid)?);
         }
         drop((raw_echo, json_echo));
+        drop(progress);
         let (raw, js, d) = (median_round(raw), median_round(js), median_round(d));
         let lat = |m: &Measured, v: f64| {
             if m.p50_us > 0.0 {

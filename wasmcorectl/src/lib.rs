@@ -19,6 +19,7 @@ pub mod bench;
 pub mod client;
 pub mod exporter;
 pub mod openmetrics;
+pub mod progress;
 pub mod top;
 
 use client::{Client, ClientError};
@@ -427,6 +428,8 @@ fn load(
         req["public"] = json!(true);
     }
     let is_text = file.extension().is_some_and(|e| e == "wat");
+    // On a terminal: the daemon answers once the module is compiled and stored.
+    let progress = progress::Progress::start(format!("compiling {}…", file.display()));
     let resp = if is_text || inline {
         let bytes = std::fs::read(&file).map_err(io_err)?;
         let bytes = if is_text {
@@ -444,6 +447,7 @@ fn load(
         req["fd"] = json!(true);
         c.call(&req, Some(f.as_fd()))?
     };
+    drop(progress);
     let resp = check(resp)?;
     if json {
         return print_json(&resp);

@@ -185,3 +185,48 @@ fn top_in_batch_mode_prints_the_same_rows() {
     let o = d.ctl(&["top", "-d", "0"]);
     assert_eq!(o.status.code(), Some(2), "a zero delay is a usage error");
 }
+
+#[test]
+fn progress_lines_never_reach_a_pipe() {
+    let d = Daemon::start();
+    let o = d.ctl(&[
+        "load",
+        plugin_path("greet").to_str().unwrap(),
+        "--name",
+        "g",
+    ]);
+    assert!(o.status.success());
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(out.lines().count(), 1, "{out:?}");
+    let up = d.ctl(&["load", plugin_path("uppercase").to_str().unwrap(), "--name", "up"]);
+    assert!(up.status.success());
+    let o = d.ctl(&[
+        "bench",
+        "--binary",
+        "up",
+        "--only",
+        "ping1",
+        "--duration-ms",
+        "50",
+        "--rounds",
+        "1",
+        "--executions",
+        "0",
+        "--copies",
+        "0",
+        "--rotate",
+        "0",
+        "--tenants",
+        "0",
+    ]);
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
