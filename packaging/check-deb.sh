@@ -45,7 +45,11 @@ if grep -q "deb-systemd-helper enable 'wasm-core.service'" "$ctl/postinst" && \
   fail "the service must be started by its socket, not enabled on its own"
 fi
 grep -q 'rm -rf /var/lib/wasm-core' "$ctl/postrm" || fail "purge does not remove /var/lib/wasm-core"
-if grep -q "deb-systemd-helper enable 'wasm-core-metrics" "$ctl/postinst"; then
-  fail "the metrics exporter's units must ship disabled"
-fi
+# Enabled again on upgrade only if the admin had enabled them (debhelper's --no-enable).
+for u in wasm-core-metrics.socket wasm-core-metrics.service; do
+  if grep -q "deb-systemd-helper enable '$u'" "$ctl/postinst" && \
+     ! grep -q "was-enabled '$u'" "$ctl/postinst"; then
+    fail "$u must ship disabled"
+  fi
+done
 echo "check-deb: $deb ok ($(du -h "$deb" | cut -f1))"
