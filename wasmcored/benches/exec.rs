@@ -37,6 +37,15 @@ fn daemonless(fuel: bool) -> Daemonless {
 
 fn daemonless_with(f: impl FnOnce(&mut Config)) -> Daemonless {
     let mut c = Config::default();
+    // A small pool fits under valgrind (`BENCH_POOL_INSTANCES=4 valgrind --tool=callgrind`),
+    // whose address space cannot hold the default pool's reservation.
+    if let Some(n) = std::env::var("BENCH_POOL_INSTANCES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        c.engine.pool_instances = n;
+        c.engine.max_unused_warm_slots = n;
+    }
     f(&mut c);
     let engine = WasmEngine::new(&c.engine, &c.limits).expect("engine");
     let state: Arc<dyn StateStore> = Arc::new(MemoryStateStore::default());

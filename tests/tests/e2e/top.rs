@@ -203,7 +203,12 @@ fn progress_lines_never_reach_a_pipe() {
     );
     let out = String::from_utf8(o.stdout).unwrap();
     assert_eq!(out.lines().count(), 1, "{out:?}");
-    let up = d.ctl(&["load", plugin_path("uppercase").to_str().unwrap(), "--name", "up"]);
+    let up = d.ctl(&[
+        "load",
+        plugin_path("uppercase").to_str().unwrap(),
+        "--name",
+        "up",
+    ]);
     assert!(up.status.success());
     let o = d.ctl(&[
         "bench",
