@@ -191,7 +191,7 @@ impl Collector for Snapshot {
         family(
             &mut enc,
             "wasm_core_connections_opened",
-            "Connections a tenant opened (refused ones included)",
+            "Connections a tenant opened (those refused for its own cap included)",
             None,
             MetricType::Counter,
             t.iter()

@@ -17,7 +17,6 @@
 //! A new kind is one new file with a `detect`/`prepare` pair and a [`Kind`] implementation,
 //! and one line in [`prepare`].
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -219,9 +218,6 @@ pub fn prepare(linkers: &Linkers, code: &Code) -> Result<Arc<dyn Kind>, PrepareE
     }
     Err("the module exports neither `process` (process ABI) nor `_start` (WASI command), imports nothing from `extism:host/env` and exports no `() -> i32` function (Extism plugin); see docs/PLUGIN_ABI.md".into())
 }
-
-/// An Extism plugin's configuration, as `config_get` reads it.
-pub type Config = Arc<BTreeMap<String, String>>;
 
 /// The checked export `f` of `instance` as a typed function.
 pub(crate) fn typed<P, R>(
