@@ -41,24 +41,31 @@ fn the_units_verify() {
     assert!(problems.is_empty(), "systemd-analyze verify: {problems:?}");
 }
 
-#[test]
-fn the_service_is_hardened() {
-    let service = &units()[1];
+/// `systemd-analyze security --offline=yes` of `service`: its exposure score, and the report.
+fn exposure(service: &std::path::Path) -> (f64, String) {
     let o = Command::new("systemd-analyze")
         .args(["security", "--offline=yes"])
         .arg(service)
         .output()
         .expect("systemd-analyze");
-    let text = String::from_utf8_lossy(&o.stdout);
-    let score: f64 = text
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let name = service.file_name().unwrap().to_string_lossy();
+    let score = text
         .lines()
         .find_map(|l| {
-            l.split("Overall exposure level for wasm-core.service: ")
+            l.split(&format!("Overall exposure level for {name}: "))
                 .nth(1)
         })
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no exposure level in: {text}"));
+    (score, text)
+}
+
+#[test]
+fn the_service_is_hardened() {
+    let service = &units()[1];
+    let (score, text) = exposure(service);
     assert!(score <= 1.0, "exposure {score} > 1.0:\n{text}");
     let unit = std::fs::read_to_string(service).unwrap();
     for key in ["MemoryDenyWriteExecute=", "PrivateUsers=", "LimitAS="] {
@@ -75,22 +82,7 @@ fn the_service_is_hardened() {
 
 #[test]
 fn the_metrics_exporter_is_hardened() {
-    let service = &units()[3];
-    let o = Command::new("systemd-analyze")
-        .args(["security", "--offline=yes"])
-        .arg(service)
-        .output()
-        .expect("systemd-analyze");
-    let text = String::from_utf8_lossy(&o.stdout);
-    let score: f64 = text
-        .lines()
-        .find_map(|l| {
-            l.split("Overall exposure level for wasm-core-metrics.service: ")
-                .nth(1)
-        })
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no exposure level in: {text}"));
+    let (score, text) = exposure(&units()[3]);
     assert!(score <= 1.0, "exposure {score} > 1.0:\n{text}");
     // Every tenant's figures are behind that port: the socket unit says so.
     let socket = std::fs::read_to_string(&units()[2]).unwrap();
