@@ -1,7 +1,8 @@
 //! The binary registry: UUID → compiled binary, with owner-scoped names.
 //!
-//! Loading validates, compiles once and prepares the kind's glue once ([`crate::kinds`]). Every lookup takes the caller's [`Tenant`]: the registry alone decides who may see,
-//! run or unload a binary. A binary belongs to the UID that loaded it; an admin may load it
+//! Loading validates, compiles once and prepares the kind's glue once ([`crate::kinds`]).
+//! Every lookup takes the caller's [`Tenant`]: the registry alone decides who may see, run
+//! or unload a binary. A binary belongs to the UID that loaded it; an admin may load it
 //! as public (everyone may run it, only admins unload it).
 
 use std::collections::BTreeMap;
@@ -52,7 +53,7 @@ pub struct Binary {
     /// Bytes it takes in the state directory (module + precompiled code), set when stored
     /// or restored so `info` and `status` need no disk access.
     pub stored_bytes: AtomicU64,
-    /// The compiled code, kept for `info` and the watchdog's probe.
+    /// The compiled code, kept for `info` (imports and exports).
     pub code: Code,
     /// The kind's glue, prepared at load.
     pub glue: Arc<dyn Kind>,
