@@ -321,9 +321,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Configure { binary, config } => {
-            let config: serde_json::Map<String, Value> =
-                config.into_iter().map(|(k, v)| (k, json!(v))).collect();
-            let req = json!({"op": "configure", "binary": binary, "config": config});
+            let req = json!({"op": "configure", "binary": binary, "config": config_object(config)});
             let resp = call(&mut c, &req)?;
             if json {
                 return print_json(&resp);
@@ -342,8 +340,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             } else {
                 openmetrics::Format::OpenMetrics
             };
-            print!("{}", openmetrics::render(&m, format));
-            Ok(())
+            write_stdout(openmetrics::render(&m, format).as_bytes())
         }
         Command::Status => {
             let resp = call(&mut c, &json!({"op": "status"}))?;
@@ -356,6 +353,16 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Top(args) => top::run(&mut c, &args, json),
         Command::Bench(_) => unreachable!("handled above"),
     }
+}
+
+/// `--config` entries as the wire's string map.
+fn config_object(entries: Vec<(String, String)>) -> Value {
+    Value::Object(
+        entries
+            .into_iter()
+            .map(|(k, v)| (k, Value::String(v)))
+            .collect(),
+    )
 }
 
 /// `KEY=VALUE` of `--config`; the value may be empty and may contain `=`.
@@ -417,9 +424,7 @@ fn load(
         |e: std::io::Error| Failure::new(exit::IO, format!("cannot read {}: {e}", file.display()));
     let mut req = json!({"op": "load"});
     if !config.is_empty() {
-        let map: serde_json::Map<String, Value> =
-            config.into_iter().map(|(k, v)| (k, json!(v))).collect();
-        req["config"] = Value::Object(map);
+        req["config"] = config_object(config);
     }
     if let Some(n) = name {
         req["name"] = json!(n);
