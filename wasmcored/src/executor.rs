@@ -477,7 +477,7 @@ impl Executor {
             ctx.logs.push_text(&p.stderr.contents());
             // Where stdout is not the output (a process or Extism plugin that imports
             // WASI), what it printed is logged.
-            if ctx.wasi.is_some() && job.bin.glue.stdio() == (Stdio::P1 { command: false }) {
+            if job.bin.glue.stdio() == (Stdio::P1 { command: false }) {
                 ctx.logs.push_text(&p.stdout.contents());
             }
         }

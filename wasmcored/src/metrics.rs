@@ -207,6 +207,12 @@ pub struct TenantStats {
     pub compile: Histogram,
 }
 
+impl Default for TenantStats {
+    fn default() -> Self {
+        TenantStats::new()
+    }
+}
+
 impl TenantStats {
     fn new() -> TenantStats {
         TenantStats {
@@ -254,6 +260,11 @@ impl Metrics {
             .entry(uid)
             .or_insert_with(|| Arc::new(TenantStats::new()))
             .clone()
+    }
+
+    /// The stats of tenant `uid` if it has any, without making an entry (for readers).
+    pub fn existing(&self, uid: u32) -> Option<Arc<TenantStats>> {
+        self.tenants.get(&uid).map(|t| t.clone())
     }
 
     /// Count one finished execution of `uid` (and of the binary, through `binary`).

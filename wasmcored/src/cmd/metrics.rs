@@ -42,7 +42,8 @@ pub fn apply(daemon: &Daemon, tenant: &Tenant, _req: MetricsRequest) -> MetricsR
     let tenants = uids
         .into_iter()
         .map(|uid| {
-            let stats = daemon.metrics.tenant(uid);
+            // Reading makes no entry: a tenant with binaries but no counters reads as zeros.
+            let stats = daemon.metrics.existing(uid).unwrap_or_default();
             let (running, open) = daemon.tenant_load(uid);
             let (binaries, binary_bytes) = by_owner.get(&uid).copied().unwrap_or_default();
             tenant_metrics(
