@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde_json::{Value, json};
 
-use crate::client::Client;
 use crate::{Failure, exit};
+use wasmcore_client::Client;
 
 /// Options of `bench`.
 #[derive(Debug, Args)]
@@ -210,7 +210,7 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
             ),
         ));
     }
-    let mut c = Client::connect(socket)?;
+    let mut c = Client::connect_to(socket)?;
     let (binary, loaded) = match (&args.binary, &args.load) {
         (Some(b), _) => (b.clone(), false),
         (None, Some(file)) => (load_file(&mut c, file, None)?.0, true),
@@ -452,7 +452,7 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
         memory(&mut c, socket, pid, &exec_req, module.as_deref(), args)?;
     }
     if loaded {
-        let _ = c.call(&json!({"op": "unload", "binary": binary}), None);
+        let _ = c.call_json(&json!({"op": "unload", "binary": binary}), None);
     }
     if args.check && !failed.is_empty() {
         return Err(Failure::new(
@@ -608,7 +608,7 @@ fn load_bytes(c: &mut Client, wasm: &[u8], name: Option<&str>) -> Result<String,
     if let Some(n) = name {
         req["name"] = json!(n);
     }
-    let resp = crate::check(c.call(&req, None)?)?;
+    let resp = crate::check(c.call_json(&req, None)?)?;
     Ok(resp["binary"].as_str().unwrap_or_default().to_string())
 }
 
@@ -626,7 +626,7 @@ fn unload_all(c: &mut Client, ids: &[String]) -> Result<(), Failure> {
 }
 
 fn unload(c: &mut Client, id: &str) -> Result<(), Failure> {
-    crate::check(c.call(&json!({"op": "unload", "binary": id}), None)?)?;
+    crate::check(c.call_json(&json!({"op": "unload", "binary": id}), None)?)?;
     Ok(())
 }
 
@@ -768,7 +768,7 @@ fn memory(
                 ids.push(load_bytes(c, wasm, Some(&name))?);
                 // Executed once each, as a cached binary in use would be.
                 let run = json!({"op": "execute", "binary": ids[i], "input": args.input});
-                crate::check(c.call(&run, None)?)?;
+                crate::check(c.call_json(&run, None)?)?;
             }
             let after = rss_kib(pid).unwrap_or(before);
             unload_all(c, &ids)?;
@@ -866,7 +866,7 @@ fn line(v: &Value) -> Vec<u8> {
 /// Run the request once and keep the daemon's exact response line for the echoes.
 fn sample(c: &mut Client, req: &[u8]) -> Result<Vec<u8>, Failure> {
     let v: Value = serde_json::from_slice(req).expect("valid json");
-    let resp = c.call(&v, None)?;
+    let resp = c.call_json(&v, None)?;
     let resp = crate::check(resp)?;
     Ok(line(&resp))
 }
@@ -1327,7 +1327,7 @@ impl Drop for TenantClients {
 /// the module, and the input of every execution), `run MS PATH`
 /// (measure against PATH; the result is kept for `report`) and `quit`, one line each way.
 pub fn serve_tenant_client(socket: &Path) -> Result<(), Failure> {
-    let mut c = Client::connect(socket)?;
+    let mut c = Client::connect_to(socket)?;
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
     let mut binary: Option<String> = None;

@@ -27,8 +27,8 @@ use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 
-use crate::client::{Client, resolve_socket};
 use crate::openmetrics::Format;
+use wasmcore_client::{Client, resolve_socket};
 
 /// The port of the packaged socket unit.
 pub const DEFAULT_PORT: u16 = 9788;
@@ -99,9 +99,9 @@ fn listener(args: &Args) -> anyhow::Result<Listener> {
 
 /// The daemon's snapshot as text in `format`.
 fn scrape(socket: &std::path::Path, format: Format) -> Result<String, String> {
-    let mut c = Client::connect(socket).map_err(|e| e.to_string())?;
+    let mut c = Client::connect_to(socket).map_err(|e| e.to_string())?;
     let resp = c
-        .call(&json!({"op": "metrics"}), None)
+        .call_json(&json!({"op": "metrics"}), None)
         .map_err(|e| e.to_string())?;
     if resp["ok"] != json!(true) {
         return Err(format!("the daemon refused: {}", resp["error"]));

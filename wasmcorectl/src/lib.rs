@@ -16,13 +16,12 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{Map, Value, json};
 
 pub mod bench;
-pub mod client;
 pub mod exporter;
 pub mod openmetrics;
 pub mod progress;
 pub mod top;
 
-use client::{Client, ClientError};
+use wasmcore_client::Client;
 
 const AFTER_HELP: &str = "\
 Exit status:
@@ -211,12 +210,14 @@ impl Failure {
     }
 }
 
-impl From<ClientError> for Failure {
-    fn from(e: ClientError) -> Self {
-        match e {
-            ClientError::Unavailable(m) => Failure::new(exit::UNAVAILABLE, m),
-            ClientError::Protocol(m) => Failure::new(exit::INTERNAL, m),
-        }
+impl From<wasmcore_client::Error> for Failure {
+    fn from(e: wasmcore_client::Error) -> Self {
+        let code = match &e {
+            e if e.is_unavailable() => exit::UNAVAILABLE,
+            wasmcore_client::Error::File { .. } => exit::IO,
+            _ => exit::INTERNAL,
+        };
+        Failure::new(code, e.to_string())
     }
 }
 
@@ -257,11 +258,11 @@ pub fn ctl_main() -> ExitCode {
 
 /// Run a parsed command.
 pub fn run(cli: Cli) -> Result<(), Failure> {
-    let socket = client::resolve_socket(cli.socket.as_deref());
+    let socket = wasmcore_client::resolve_socket(cli.socket.as_deref());
     if let Command::Bench(args) = &cli.command {
         return bench::run(&socket, args);
     }
-    let mut c = Client::connect(&socket)?;
+    let mut c = Client::connect_to(&socket)?;
     let json = cli.json;
     match cli.command {
         Command::Load {
@@ -375,7 +376,7 @@ fn parse_config_entry(s: &str) -> Result<(String, String), String> {
 
 /// Send, receive, and turn an error response into a [`Failure`].
 fn call(c: &mut Client, req: &Value) -> Result<Value, Failure> {
-    let resp = c.call(req, None)?;
+    let resp = c.call_json(req, None)?;
     check(resp)
 }
 
@@ -445,12 +446,12 @@ fn load(
             bytes
         };
         req["wasm_base64"] = json!(wasmcore_proto::encode_base64(&bytes));
-        c.call(&req, None)?
+        c.call_json(&req, None)?
     } else {
         // Opened as the caller: the daemon never opens tenants' paths itself.
         let f = File::open(&file).map_err(io_err)?;
         req["fd"] = json!(true);
-        c.call(&req, Some(f.as_fd()))?
+        c.call_json(&req, Some(f.as_fd()))?
     };
     drop(progress);
     let resp = check(resp)?;
@@ -497,7 +498,7 @@ fn add_input_and_limits(
 }
 
 fn execution(c: &mut Client, json: bool, req: &Value) -> Result<(), Failure> {
-    let resp = c.call(req, None)?;
+    let resp = c.call_json(req, None)?;
     if json {
         print_json(&resp)?;
         return if resp["ok"] == json!(true) {

@@ -16,8 +16,8 @@ use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
 use wasmcore_proto::{BinaryMetrics, MetricsResponse, sketch_quantile};
 
-use crate::client::Client;
 use crate::{Failure, exit};
+use wasmcore_client::Client;
 
 /// What the rows are sorted by (largest first; `name` alphabetically).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -72,7 +72,7 @@ struct View {
 }
 
 fn fetch(c: &mut Client) -> Result<MetricsResponse, Failure> {
-    let resp = crate::check(c.call(&json!({"op": "metrics"}), None)?)?;
+    let resp = crate::check(c.call_json(&json!({"op": "metrics"}), None)?)?;
     serde_json::from_value(resp)
         .map_err(|e| Failure::new(exit::INTERNAL, format!("unexpected metrics: {e}")))
 }

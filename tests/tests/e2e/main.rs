@@ -1,5 +1,6 @@
 //! End-to-end tests: the real `wasmcored` and `wasmcorectl`, real sockets, real UIDs.
 
+mod clients;
 mod components;
 mod docs;
 mod extism;
