@@ -1,23 +1,39 @@
 #!/usr/bin/env bash
-# Build the .deb from this checkout and check it: lintian (no errors, no warnings), the
-# file list, the conffile, and the maintainer scripts. Needs root for apt-get on a fresh
-# machine (debhelper, lintian and the plugin toolchain are installed when missing).
+# Build the .debs from this checkout (wasm-core and python3-wasmcore) and check them:
+# lintian (no errors, no warnings), the file lists, the conffile, and the maintainer
+# scripts. On a fresh machine it installs what the build needs (root then): dpkg-dev,
+# lintian, and every Build-Depends of debian/control (debhelper, dh-python, the plugin
+# toolchain) that dpkg-checkbuilddeps reports missing.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 
-"$top/packaging/ensure-packages.sh" debhelper lintian fakeroot
+"$top/packaging/ensure-packages.sh" dpkg-dev debhelper lintian fakeroot
+# dpkg-checkbuilddeps names each missing Build-Depends; version constraints and
+# alternatives are dropped (bookworm's own packages satisfy them).
+missing=$(dpkg-checkbuilddeps 2>&1 | sed -n 's/.*Unmet build dependencies: //p' |
+          sed -e 's/([^)]*)//g' -e 's/|[^ ]*//g' || true)
+# shellcheck disable=SC2086
+[ -z "$missing" ] || "$top/packaging/ensure-packages.sh" $missing
 
 dpkg-buildpackage -us -uc -b >/tmp/wasm-core-deb-build.log 2>&1 || { tail -40 /tmp/wasm-core-deb-build.log; exit 1; }
 version=$(dpkg-parsechangelog -S Version)
 arch=$(dpkg --print-architecture)
 deb="$top/../wasm-core_${version}_${arch}.deb"
+pydeb="$top/../python3-wasmcore_${version}_all.deb"
 fail() { echo "check-deb: $*" >&2; exit 1; }
 
 # lintian: errors and warnings fail; info-level notes are shown.
-out=$(lintian "$deb" 2>&1 | grep -v 'running with root privileges' || true)
+out=$(lintian "$deb" "$pydeb" 2>&1 | grep -v 'running with root privileges' || true)
 [ -z "$out" ] || echo "$out"
 if grep -qE '^(E|W):' <<<"$out"; then fail "lintian reports errors or warnings"; fi
+
+pyfiles=$(dpkg-deb -c "$pydeb" | awk '{print $6}')
+for f in __init__.py client.py errors.py py.typed; do
+  grep -qx "./usr/lib/python3/dist-packages/wasmcore/$f" <<<"$pyfiles" || fail "python3-wasmcore lacks wasmcore/$f"
+done
+grep -q '^./usr/lib/python3/dist-packages/wasmcore-.*\.dist-info/METADATA$' <<<"$pyfiles" || fail "python3-wasmcore lacks its dist-info"
+dpkg-deb -f "$pydeb" Depends | grep -q 'python3' || fail "python3-wasmcore does not depend on python3"
 
 files=$(dpkg-deb -c "$deb" | awk '{print $6}')
 for f in ./usr/bin/wasmcored ./usr/bin/wasmcorectl ./usr/bin/wasm-core-metrics \
@@ -53,3 +69,4 @@ for u in wasm-core-metrics.socket wasm-core-metrics.service; do
   fi
 done
 echo "check-deb: $deb ok ($(du -h "$deb" | cut -f1))"
+echo "check-deb: $pydeb ok ($(du -h "$pydeb" | cut -f1))"
