@@ -5,12 +5,15 @@
 #   make test    build everything and run every test (as root: the tests create users;
 #                Extism's own runtime from PyPI is the reference of the Extism tests),
 #                then every fuzz target for 10 s
-#   make check   rustfmt and clippy, as CI runs them
+#   make check   rustfmt and clippy, as CI runs them, and `cargo package` of the crates a
+#                registry would get (wasmcore-proto, wasmcore-client)
 #   make bench   the benchmarks (see docs/PERFORMANCE.md); make bench-guard: CI's short run
 #   make fuzz    every fuzz target for FUZZ_SECONDS (30) each (nightly + cargo-fuzz)
-#   make deb     build and check the .deb (dpkg-buildpackage, lintian)
-#   make rpm     build and check the .rpm (rpmbuild, rpmlint)
-#   make e2e     the .deb installed and exercised in a booted Debian 12 (systemd-nspawn)
+#   make deb     build and check the .debs: wasm-core and python3-wasmcore (dpkg-buildpackage,
+#                lintian; installs the build dependencies it lacks)
+#   make rpm     build and check the .rpms: wasm-core and python3-wasmcore (rpmbuild, rpmlint)
+#   make e2e     make deb, then the previous release's .deb installed, exercised, upgraded to
+#                this one, removed and purged in a booted Debian 12 (systemd-nspawn)
 #   make install install into DESTDIR/PREFIX (used by both package builds)
 
 CARGO      ?= cargo
@@ -48,8 +51,9 @@ dev: build plugins
 
 # What the end-to-end tests run besides our binaries: systemd-socket-activate, setpriv,
 # useradd/groupadd, mount, Debian's python3 as a client under other UIDs, and curl and
-# promtool (prometheus) for the metrics exporter, and tmux as the terminal of `top`.
-TEST_DEBS := systemd util-linux passwd mount python3 curl prometheus tmux
+# promtool (prometheus) for the metrics exporter, tmux as the terminal of `top`, and pytest
+# for the Python client's tests.
+TEST_DEBS := systemd util-linux passwd mount python3 curl prometheus tmux python3-pytest
 
 test: build plugins
 	packaging/ensure-packages.sh $(TEST_DEBS)
@@ -60,11 +64,13 @@ test: build plugins
 check:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) package --quiet --allow-dirty -p wasmcore-proto -p wasmcore-client
 
 bench: build plugins
 	$(CARGO) bench -p wasmcored --bench exec
 	$(CARGO) bench -p wasmcore-tests --bench restart
 	tests/bench-socket.sh
+	tests/bench-clients.py
 
 # A short socket benchmark that fails only on gross regressions of the ratios (CI): a ratio
 # below its floor (docs/PERFORMANCE.md, "Regression guard") in two runs in a row.
@@ -113,8 +119,9 @@ deb:
 rpm:
 	packaging/rpm/build.sh
 
-# Build the .deb, install it in a Debian 12 root and boot it with systemd-nspawn (root).
-e2e:
+# Build the .debs, install the previous release's in a Debian 12 root, boot it with
+# systemd-nspawn, upgrade, remove, purge (root).
+e2e: deb
 	packaging/e2e/run.sh
 
 docs:

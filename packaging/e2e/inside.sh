@@ -1,6 +1,7 @@
 #!/bin/bash
 # Runs inside the booted Debian 12 container as a oneshot unit after multi-user.target:
-# wasm-core installed from the .deb, exercised the way a user meets it. Writes one line per
+# the previous release of wasm-core installed from its .deb, exercised the way a user meets
+# it, then upgraded to this checkout's packages with apt, removed and purged. Writes one line per
 # check to stdout and PASS or FAIL to /e2e.result.
 set -u
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -128,5 +129,53 @@ check "systemd-analyze security: booted $score, offline $offline, both <= 1.0, b
 systemctl stop wasm-core.socket wasm-core.service
 check "stop leaves wasm-core.service not failed" sh -c '! systemctl is-failed --quiet wasm-core.service'
 check "no failed units" test -z "$(systemctl --failed --no-legend --plain | grep wasm-core)"
+
+# Upgrade: the previous release is what was installed; apt upgrades it to this checkout's
+# packages as an admin would. The running service is restarted by the package; binaries,
+# names, owners, UUIDs, plugin state and the admin's edit of the conffile are kept.
+listing() {
+  wasmcorectl --json list --all | python3 -c 'import json, sys
+for b in sorted(json.load(sys.stdin)["binaries"], key=lambda b: b["binary"]):
+    print(b["binary"], b.get("name"), b["owner_uid"], b["sha256"])'
+}
+systemctl start wasm-core.socket
+as bob wasmcorectl load $P/counter.wasm --name bobhits >/dev/null
+as bob wasmcorectl execute bobhits --input k >/dev/null
+hits=$(as alice wasmcorectl execute hits --input k)
+listed=$(listing)
+check "before the upgrade: three binaries of two users" test "$(echo "$listed" | wc -l)" = 3
+sed -i 's/^default_timeout_ms = 5000$/default_timeout_ms = 4321/' /etc/wasm-core/config.toml
+pid=$(systemctl show -p MainPID --value wasm-core.service)
+old=$(dpkg-query -W -f '${Version}' wasm-core)
+new=$(cat /e2e-new-version)
+DEBIAN_FRONTEND=noninteractive apt-get install -y -q /tmp/new/*.deb >/e2e-upgrade.log 2>&1
+check "apt upgrades wasm-core $old -> $new" test "$(dpkg-query -W -f '${Version}' wasm-core)" = "$new"
+check "apt upgrades python3-wasmcore to $new" test "$(dpkg-query -W -f '${Version}' python3-wasmcore)" = "$new"
+after=$(systemctl show -p MainPID --value wasm-core.service)
+check "the package restarted the running service (pid $pid -> $after)" test "$after" != 0 -a "$after" != "$pid"
+check "the upgrade keeps every binary, name, owner and UUID" test "$(listing)" = "$listed"
+check "alice's plugin state survives the upgrade" test "$(as alice wasmcorectl execute hits --input k)" = $((hits + 1))
+check "bob's plugin state survives the upgrade" test "$(as bob wasmcorectl execute bobhits --input k)" = 2
+check "the admin's edit of config.toml is kept" grep -qx 'default_timeout_ms = 4321' /etc/wasm-core/config.toml
+check "dpkg left no .dpkg-dist or .dpkg-old beside it" test -z "$(ls /etc/wasm-core | grep -v '^config.toml$')"
+check "the new daemon runs with the edited configuration" \
+  sh -c "wasmcorectl --json status | python3 -c 'import json,sys; assert json.load(sys.stdin)[\"default_limits\"][\"timeout_ms\"] == 4321'"
+# The Python client from the package, as a tenant.
+check "python3-wasmcore: bob executes and chains from Python" \
+  test "$(as bob python3 -c 'import wasmcore; c = wasmcore.Client(); c.load("'$P'/uppercase.wasm", name="py"); print(c.chain(["py", "py"], b"hi").text); c.unload("py")')" = HI
+
+# Removal keeps the state (and the conffile); purge removes both.
+DEBIAN_FRONTEND=noninteractive apt-get remove -y -q wasm-core >/e2e-remove.log 2>&1
+check "apt remove: wasm-core is removed, its config files kept" \
+  test "$(dpkg-query -W -f '${db:Status-Abbrev}' wasm-core)" = "rc "
+check "apt remove stops the socket and the service" \
+  sh -c '! systemctl is-active --quiet wasm-core.socket && ! systemctl is-active --quiet wasm-core.service'
+check "apt remove keeps /var/lib/wasm-core with the binaries" test -n "$(ls -A /var/lib/wasm-core 2>/dev/null)"
+check "apt remove keeps /etc/wasm-core/config.toml" test -f /etc/wasm-core/config.toml
+DEBIAN_FRONTEND=noninteractive apt-get purge -y -q wasm-core >/e2e-purge.log 2>&1
+check "apt purge removes the package" test -z "$(dpkg-query -W -f '${db:Status-Abbrev}' wasm-core 2>/dev/null | grep -v '^un')"
+check "apt purge removes /var/lib/wasm-core" test ! -e /var/lib/wasm-core
+check "apt purge removes /etc/wasm-core" test ! -e /etc/wasm-core
+check "no failed units after purge" test -z "$(systemctl --failed --no-legend --plain | grep wasm-core)"
 
 if [ $failed -eq 0 ]; then echo PASS > /e2e.result; else echo FAIL > /e2e.result; fi

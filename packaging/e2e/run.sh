@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The test that proves wasm-core works the way a user meets it: build the .deb from this
-# checkout, install it into a Debian 12 root (debootstrap, cached between runs), boot that
-# root with systemd-nspawn, and run packaging/e2e/inside.sh there as a unit.
+# The test that proves wasm-core works the way a user meets it: with this checkout's .debs
+# (built by `make deb`), build the previous release's from the same tree with a lower version; install the
+# previous one into a Debian 12 root (debootstrap, cached between runs), boot that root with
+# systemd-nspawn, and run packaging/e2e/inside.sh there as a unit: it exercises the
+# service, upgrades it to this checkout's packages with apt, then removes and purges it.
 # Needs root. Cache: $WASMCORE_E2E_CACHE (default /var/cache/wasm-core-e2e).
 set -euo pipefail
 top=$(cd "$(dirname "$0")/../.." && pwd)
@@ -11,27 +13,42 @@ start=$(date +%s)
 "$top/packaging/ensure-packages.sh" debootstrap systemd-container
 
 base="$cache/base"
-if [ ! -e "$base/.complete" ]; then
+include=systemd,systemd-sysv,dbus,util-linux,passwd,python3
+if [ "$(cat "$base/.complete" 2>/dev/null)" != "$include" ]; then
   echo "e2e: debootstrapping Debian 12 into $base (cached for later runs)"
   rm -rf "$base.new"
   mkdir -p "$cache"
-  debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,util-linux,passwd \
+  debootstrap --variant=minbase --include="$include" \
     bookworm "$base.new" >"$cache/debootstrap.log" 2>&1 || { tail -20 "$cache/debootstrap.log"; exit 1; }
-  touch "$base.new/.complete"
+  echo "$include" >"$base.new/.complete"
   rm -rf "$base"
   mv "$base.new" "$base"
 fi
 
-# Always the package of this checkout, built and checked.
-"$top/packaging/check-deb.sh"
+# This checkout's packages, built and checked by `make deb` (make e2e runs it first).
 version=$(cd "$top" && dpkg-parsechangelog -S Version)
-deb="$top/../wasm-core_${version}_$(dpkg --print-architecture).deb"
+arch=$(dpkg --print-architecture)
+for f in "$top/../wasm-core_${version}_${arch}.deb" "$top/../python3-wasmcore_${version}_all.deb"; do
+  [ -e "$f" ] || { echo "e2e: $f is missing: run make deb (make e2e does)" >&2; exit 1; }
+done
+# The previous release: this tree with a lower version (the changelog's first line edited
+# for the build, then restored).
+prev="${version}~prev"
+cp "$top/debian/changelog" "$cache/changelog.saved"
+restore() { cp "$cache/changelog.saved" "$top/debian/changelog"; }
+trap restore EXIT
+sed -i "1s/(${version})/(${prev})/" "$top/debian/changelog"
+(cd "$top" && dpkg-buildpackage -us -uc -b) >"$cache/build-prev.log" 2>&1 || { tail -40 "$cache/build-prev.log"; exit 1; }
+restore
 
 root="$cache/run"
 rm -rf "$root"
 cp -a "$base" "$root"
-cp "$deb" "$root/tmp/wasm-core.deb"
-chroot "$root" dpkg -i /tmp/wasm-core.deb >"$cache/install.log" 2>&1 || { cat "$cache/install.log"; exit 1; }
+mkdir -p "$root/tmp/prev" "$root/tmp/new"
+cp "$top/../wasm-core_${prev}_${arch}.deb" "$top/../python3-wasmcore_${prev}_all.deb" "$root/tmp/prev/"
+cp "$top/../wasm-core_${version}_${arch}.deb" "$top/../python3-wasmcore_${version}_all.deb" "$root/tmp/new/"
+echo "$version" >"$root/e2e-new-version"
+chroot "$root" sh -c 'dpkg -i /tmp/prev/*.deb' >"$cache/install.log" 2>&1 || { cat "$cache/install.log"; exit 1; }
 install -m 0755 "$top/packaging/e2e/inside.sh" "$root/usr/local/bin/wasm-core-e2e"
 systemd-analyze security --offline=yes "$top/systemd/wasm-core.service" >"$cache/security-offline.txt" 2>/dev/null || true
 sed -n 's/.*Overall exposure level for wasm-core.service: \([0-9.]*\).*/\1/p' "$cache/security-offline.txt" >"$root/e2e-offline-score"
