@@ -61,6 +61,8 @@ if grep -q "deb-systemd-helper enable 'wasm-core.service'" "$ctl/postinst" && \
   fail "the service must be started by its socket, not enabled on its own"
 fi
 grep -q 'rm -rf /var/lib/wasm-core' "$ctl/postrm" || fail "purge does not remove /var/lib/wasm-core"
+grep -q 'restart-after-upgrade' "$ctl/prerm" && grep -q 'start --no-block wasm-core.service' "$ctl/postinst" || \
+  fail "an upgrade does not start a service that was running again"
 # Enabled again on upgrade only if the admin had enabled them (debhelper's --no-enable).
 for u in wasm-core-metrics.socket wasm-core-metrics.service; do
   if grep -q "deb-systemd-helper enable '$u'" "$ctl/postinst" && \

@@ -148,10 +148,15 @@ sed -i 's/^default_timeout_ms = 5000$/default_timeout_ms = 4321/' /etc/wasm-core
 pid=$(systemctl show -p MainPID --value wasm-core.service)
 old=$(dpkg-query -W -f '${Version}' wasm-core)
 new=$(cat /e2e-new-version)
-DEBIAN_FRONTEND=noninteractive apt-get install -y -q /tmp/new/*.deb >/e2e-upgrade.log 2>&1
+DEBIAN_FRONTEND=noninteractive apt-get install -y -q /srv/e2e/new/*.deb >/e2e-upgrade.log 2>&1
 check "apt upgrades wasm-core $old -> $new" test "$(dpkg-query -W -f '${Version}' wasm-core)" = "$new"
 check "apt upgrades python3-wasmcore to $new" test "$(dpkg-query -W -f '${Version}' python3-wasmcore)" = "$new"
-after=$(systemctl show -p MainPID --value wasm-core.service)
+# Started again without blocking dpkg: give it a moment, before any client connects.
+for _ in $(seq 50); do
+  after=$(systemctl show -p MainPID --value wasm-core.service)
+  [ "$after" != 0 ] && [ "$after" != "$pid" ] && break
+  sleep 0.2
+done
 check "the package restarted the running service (pid $pid -> $after)" test "$after" != 0 -a "$after" != "$pid"
 check "the upgrade keeps every binary, name, owner and UUID" test "$(listing)" = "$listed"
 check "alice's plugin state survives the upgrade" test "$(as alice wasmcorectl execute hits --input k)" = $((hits + 1))

@@ -44,11 +44,12 @@ restore
 root="$cache/run"
 rm -rf "$root"
 cp -a "$base" "$root"
-mkdir -p "$root/tmp/prev" "$root/tmp/new"
-cp "$top/../wasm-core_${prev}_${arch}.deb" "$top/../python3-wasmcore_${prev}_all.deb" "$root/tmp/prev/"
-cp "$top/../wasm-core_${version}_${arch}.deb" "$top/../python3-wasmcore_${version}_all.deb" "$root/tmp/new/"
+# Not in /tmp: the booted container mounts a tmpfs there.
+mkdir -p "$root/srv/e2e/prev" "$root/srv/e2e/new"
+cp "$top/../wasm-core_${prev}_${arch}.deb" "$top/../python3-wasmcore_${prev}_all.deb" "$root/srv/e2e/prev/"
+cp "$top/../wasm-core_${version}_${arch}.deb" "$top/../python3-wasmcore_${version}_all.deb" "$root/srv/e2e/new/"
 echo "$version" >"$root/e2e-new-version"
-chroot "$root" sh -c 'dpkg -i /tmp/prev/*.deb' >"$cache/install.log" 2>&1 || { cat "$cache/install.log"; exit 1; }
+chroot "$root" sh -c 'dpkg -i /srv/e2e/prev/*.deb' >"$cache/install.log" 2>&1 || { cat "$cache/install.log"; exit 1; }
 install -m 0755 "$top/packaging/e2e/inside.sh" "$root/usr/local/bin/wasm-core-e2e"
 systemd-analyze security --offline=yes "$top/systemd/wasm-core.service" >"$cache/security-offline.txt" 2>/dev/null || true
 sed -n 's/.*Overall exposure level for wasm-core.service: \([0-9.]*\).*/\1/p' "$cache/security-offline.txt" >"$root/e2e-offline-score"

@@ -149,6 +149,7 @@ impl Client {
         }
         let result = pipeline(&self.stream, &mut self.buf, &self.out, n);
         self.broken = result.is_err();
+        wire::release(&mut self.out);
         result
     }
 

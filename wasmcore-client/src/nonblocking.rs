@@ -184,6 +184,7 @@ impl AsyncClient {
         };
         let result = with_timeout(self.timeout, work).await;
         self.broken = result.is_err();
+        wire::release(&mut self.out);
         result
     }
 

@@ -256,6 +256,14 @@ pub(crate) fn too_long() -> Error {
 /// smaller ones fit the socket buffers and are written before the replies are read.
 pub(crate) const INLINE_BATCH: usize = 64 * 1024;
 
+/// Drop a request buffer that a large batch grew, rather than keep its memory for the
+/// connection's lifetime.
+pub(crate) fn release(out: &mut Vec<u8>) {
+    if out.capacity() > 1 << 20 {
+        *out = Vec::new();
+    }
+}
+
 /// Passing `None` for a timeout means waiting as long as the daemon takes (it enforces its
 /// own execution deadlines).
 pub(crate) type Timeout = Option<Duration>;
