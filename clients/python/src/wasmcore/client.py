@@ -294,18 +294,18 @@ class Client:
         n = payload.count(b"\n")
         sock = self._live()
         writer: Optional[threading.Thread] = None
-        if len(payload) <= _INLINE_BATCH:
-            self._send(payload)
-        else:
-            def write() -> None:
-                try:
-                    sock.sendall(payload)
-                except OSError:
-                    pass  # the daemon closed the connection: the reader reports it
-            writer = threading.Thread(target=write, name="wasmcore-writer", daemon=True)
-            writer.start()
         results: List[Union[Output, errors.DaemonError]] = []
         try:
+            if len(payload) <= _INLINE_BATCH:
+                self._send(payload)
+            else:
+                def write() -> None:
+                    try:
+                        sock.sendall(payload)
+                    except OSError:
+                        pass  # the daemon closed the connection: the reader reports it
+                writer = threading.Thread(target=write, name="wasmcore-writer", daemon=True)
+                writer.start()
             readline = self._rfile.readline
             for _ in range(n):
                 reply = self._decode(readline(MAX_REPLY_LINE + 1))
@@ -313,6 +313,9 @@ class Client:
                     results.append(Output(reply))
                 else:
                     results.append(errors.from_reply(reply.get("error")))
+        except WasmCoreError:
+            self._abandon()
+            raise
         except socket.timeout:
             self._abandon()
             raise ClientTimeout("the daemon did not answer in time") from None
@@ -429,17 +432,19 @@ class Client:
         try:
             try:
                 self._send(data, fd)
+            except ClientTimeout:
+                raise
             except OSError:
                 # A refused connection (too many, not allowed) is closed by the daemon with
                 # an explanation, which is still readable.
                 pass
             reply = self._decode(self._rfile.readline(MAX_REPLY_LINE + 1))
-        except socket.timeout:
-            self._abandon()
-            raise ClientTimeout("the daemon did not answer in time") from None
         except WasmCoreError:
             self._abandon()
             raise
+        except socket.timeout:
+            self._abandon()
+            raise ClientTimeout("the daemon did not answer in time") from None
         except OSError as e:
             self._abandon()
             raise ProtocolError("talking to the daemon: %s" % e) from None
