@@ -141,12 +141,7 @@ impl Client {
         I::Item: AsRef<[u8]>,
     {
         self.usable()?;
-        self.out.clear();
-        let mut n = 0;
-        for input in inputs {
-            wire::execute_line(binary, input.as_ref(), opts, &mut self.out);
-            n += 1;
-        }
+        let n = wire::execute_lines(binary, inputs, opts, &mut self.out);
         let result = pipeline(&self.stream, &mut self.buf, &self.out, n);
         self.broken = result.is_err();
         wire::release(&mut self.out);
@@ -266,13 +261,7 @@ impl Client {
             self.broken = true;
             return Err(e);
         }
-        let line = self
-            .buf
-            .next_line()
-            .ok()
-            .flatten()
-            .ok_or_else(wire::too_long)?;
-        let decoded = decode(line);
+        let decoded = wire::take_reply(&mut self.buf, decode);
         if matches!(decoded, Err(Error::Protocol(_))) {
             self.broken = true;
         }
@@ -317,11 +306,7 @@ fn pipeline(
         let mut results = Vec::with_capacity(n);
         for _ in 0..n {
             read_line(stream, buf)?;
-            let line = buf.next_line().ok().flatten().ok_or_else(wire::too_long)?;
-            match wire::decode_output(line) {
-                Err(e @ Error::Protocol(_)) => return Err(e),
-                r => results.push(r),
-            }
+            results.push(wire::batch_reply(buf)?);
         }
         Ok(results)
     };

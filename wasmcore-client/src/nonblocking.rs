@@ -147,12 +147,7 @@ impl AsyncClient {
         I::Item: AsRef<[u8]>,
     {
         self.usable()?;
-        self.out.clear();
-        let mut n = 0;
-        for input in inputs {
-            wire::execute_line(binary, input.as_ref(), opts, &mut self.out);
-            n += 1;
-        }
+        let n = wire::execute_lines(binary, inputs, opts, &mut self.out);
         let (mut rd, mut wr) = self.stream.split();
         let buf = &mut self.buf;
         let lines = &self.out;
@@ -161,11 +156,7 @@ impl AsyncClient {
                 let mut results = Vec::with_capacity(n);
                 for _ in 0..n {
                     read_line(&mut rd, buf).await?;
-                    let line = buf.next_line().ok().flatten().ok_or_else(wire::too_long)?;
-                    match wire::decode_output(line) {
-                        Err(e @ Error::Protocol(_)) => return Err(e),
-                        r => results.push(r),
-                    }
+                    results.push(wire::batch_reply(buf)?);
                 }
                 Ok(results)
             };
@@ -309,13 +300,7 @@ impl AsyncClient {
             self.broken = true;
             return Err(e);
         }
-        let line = self
-            .buf
-            .next_line()
-            .ok()
-            .flatten()
-            .ok_or_else(wire::too_long)?;
-        let decoded = decode(line);
+        let decoded = wire::take_reply(&mut self.buf, decode);
         if matches!(decoded, Err(Error::Protocol(_))) {
             self.broken = true;
         }

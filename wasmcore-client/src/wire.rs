@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use wasmcore_proto::{
-    BinaryRequest, ErrorBody, ExecuteResponse, LimitsRequest, LoadRequest, Stats,
+    BinaryRequest, ErrorBody, ExecuteResponse, LimitsRequest, LineBuffer, LoadRequest, Stats,
 };
 
 use crate::Error;
@@ -202,6 +202,43 @@ pub(crate) fn chain_line(binaries: &[&str], input: &[u8], opts: &ExecOptions, ou
     line.function = None;
     line.binaries = Some(binaries);
     wasmcore_proto::encode_line_into(&line, out);
+}
+
+/// Append one `execute` line per input to `out` (cleared first); returns how many.
+pub(crate) fn execute_lines<I>(
+    binary: &str,
+    inputs: I,
+    opts: &ExecOptions,
+    out: &mut Vec<u8>,
+) -> usize
+where
+    I: IntoIterator,
+    I::Item: AsRef<[u8]>,
+{
+    out.clear();
+    inputs
+        .into_iter()
+        .map(|input| execute_line(binary, input.as_ref(), opts, out))
+        .count()
+}
+
+/// Decode the reply line `buf` holds (read until it holds one). [`Error::Protocol`] means
+/// the connection can no longer be trusted.
+pub(crate) fn take_reply<R>(
+    buf: &mut LineBuffer,
+    decode: impl FnOnce(&[u8]) -> Result<R, Error>,
+) -> Result<R, Error> {
+    let line = buf.next_line().ok().flatten().ok_or_else(too_long)?;
+    decode(line)
+}
+
+/// One result of a pipelined batch: the outer error ends the batch (the connection is
+/// broken), the inner one is the daemon's answer to that request.
+pub(crate) fn batch_reply(buf: &mut LineBuffer) -> Result<Result<Output, Error>, Error> {
+    match take_reply(buf, decode_output) {
+        Err(e @ Error::Protocol(_)) => Err(e),
+        r => Ok(r),
+    }
 }
 
 /// The part of every reply that says whether it succeeded.

@@ -2,13 +2,15 @@
 
 import base64
 import binascii
+import contextlib
 import json
 import os
 import pwd
 import socket
 import struct
 import threading
-from typing import (Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union)
+from typing import (Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence,
+                    Union)
 
 from . import errors
 from .errors import ClientTimeout, ProtocolError, Unavailable, UntrustedServer, WasmCoreError
@@ -296,36 +298,27 @@ class Client:
         writer: Optional[threading.Thread] = None
         results: List[Union[Output, errors.DaemonError]] = []
         try:
-            if len(payload) <= _INLINE_BATCH:
-                self._send(payload)
-            else:
-                def write() -> None:
-                    try:
-                        sock.sendall(payload)
-                    except OSError:
-                        pass  # the daemon closed the connection: the reader reports it
-                writer = threading.Thread(target=write, name="wasmcore-writer", daemon=True)
-                writer.start()
-            readline = self._rfile.readline
-            for _ in range(n):
-                reply = self._decode(readline(MAX_REPLY_LINE + 1))
-                if reply.get("ok") is True:
-                    results.append(Output(reply))
+            with self._guarded():
+                if len(payload) <= _INLINE_BATCH:
+                    self._send(payload)
                 else:
-                    results.append(errors.from_reply(reply.get("error")))
-        except WasmCoreError:
-            self._abandon()
-            raise
-        except socket.timeout:
-            self._abandon()
-            raise ClientTimeout("the daemon did not answer in time") from None
-        except OSError as e:
-            self._abandon()
-            raise ProtocolError("talking to the daemon: %s" % e) from None
-        except BaseException:
-            self._abandon()
-            raise
+                    def write() -> None:
+                        try:
+                            sock.sendall(payload)
+                        except OSError:
+                            pass  # the daemon closed the connection: the reader reports it
+                    writer = threading.Thread(target=write, name="wasmcore-writer",
+                                              daemon=True)
+                    writer.start()
+                readline = self._rfile.readline
+                for _ in range(n):
+                    reply = self._decode(readline(MAX_REPLY_LINE + 1))
+                    if reply.get("ok") is True:
+                        results.append(Output(reply))
+                    else:
+                        results.append(errors.from_reply(reply.get("error")))
         finally:
+            # After the guard gave the connection up, which wakes a blocked writer.
             if writer is not None:
                 writer.join()
         return results
@@ -398,6 +391,25 @@ class Client:
                 pass
         self.close()
 
+    @contextlib.contextmanager
+    def _guarded(self) -> Iterator[None]:
+        """Turn a failure while talking to the daemon into wasmcore's errors, and give the
+        connection up: after one, replies can no longer be matched to requests."""
+        try:
+            yield
+        except WasmCoreError:
+            self._abandon()
+            raise
+        except socket.timeout:
+            self._abandon()
+            raise ClientTimeout("the daemon did not answer in time") from None
+        except OSError as e:
+            self._abandon()
+            raise ProtocolError("talking to the daemon: %s" % e) from None
+        except BaseException:
+            self._abandon()
+            raise
+
     def _send(self, data: bytes, fd: Optional[int] = None) -> None:
         sock = self._live()
         try:
@@ -408,7 +420,6 @@ class Client:
                 if sent < len(data):
                     sock.sendall(data[sent:])
         except socket.timeout:
-            self._abandon()
             raise ClientTimeout("the daemon did not take the request in time") from None
 
     def _decode(self, line: bytes) -> Dict[str, Any]:
@@ -429,7 +440,7 @@ class Client:
     def _exchange(self, data: bytes, fd: Optional[int] = None,
                   check: bool = True) -> Dict[str, Any]:
         self._live()
-        try:
+        with self._guarded():
             try:
                 self._send(data, fd)
             except ClientTimeout:
@@ -439,15 +450,6 @@ class Client:
                 # an explanation, which is still readable.
                 pass
             reply = self._decode(self._rfile.readline(MAX_REPLY_LINE + 1))
-        except WasmCoreError:
-            self._abandon()
-            raise
-        except socket.timeout:
-            self._abandon()
-            raise ClientTimeout("the daemon did not answer in time") from None
-        except OSError as e:
-            self._abandon()
-            raise ProtocolError("talking to the daemon: %s" % e) from None
         if check and reply.get("ok") is not True:
             raise errors.from_reply(reply.get("error"))
         return reply
