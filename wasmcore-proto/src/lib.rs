@@ -528,6 +528,25 @@ pub struct StatusResponse {
     pub state_bytes: u64,
     /// The caller as the daemon sees it.
     pub tenant: TenantInfo,
+    /// Admins only: the live tenant workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<Vec<WorkerInfo>>,
+}
+
+/// A live tenant worker (the process that runs one tenant's code).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// The tenant it serves.
+    pub uid: u32,
+    pub pid: u32,
+    /// Connections it serves now.
+    pub connections: u64,
+    /// Resident memory.
+    pub rss_bytes: u64,
+    /// User plus system CPU time since it started, in microseconds.
+    pub cpu_us: u64,
+    /// Seconds since the Unix epoch.
+    pub started_at: u64,
 }
 
 /// A histogram: cumulative counts per upper bound (seconds), the total count and the sum.
@@ -570,6 +589,9 @@ pub struct TenantMetrics {
     pub refusals: BTreeMap<String, u64>,
     /// One entry per kind this tenant has executed.
     pub kinds: Vec<KindMetrics>,
+    /// Times this tenant's worker ended other than when told to (admins' view).
+    #[serde(default)]
+    pub worker_failures: u64,
 }
 
 /// One binary's figures, since it was loaded (or the daemon started).

@@ -70,6 +70,10 @@ pub struct Args {
     /// Exit after this many seconds without connections (for socket activation).
     #[arg(long, value_name = "SECONDS")]
     pub exit_idle_after: Option<u64>,
+    /// Run as the worker of tenant UID on the descriptors the daemon passes (started by the
+    /// daemon itself, not for humans).
+    #[arg(long, hide = true, value_name = "UID")]
+    pub worker: Option<u32>,
 }
 
 impl Args {

@@ -21,7 +21,7 @@ pub const DEFAULT_ADMIN_GROUP: &str = "wasm-core-admin";
 
 /// Execution limits: defaults applied when a request names none, and maxima a request may
 /// not exceed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct LimitsConfig {
     pub default_timeout_ms: u64,
     pub max_timeout_ms: u64,
@@ -63,7 +63,7 @@ impl Default for LimitsConfig {
 }
 
 /// Engine settings: decided at start, a change needs a restart.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct EngineConfig {
     /// Fuel metering instrumented into every compiled module (see docs/PERFORMANCE.md for
     /// its cost).
@@ -103,7 +103,7 @@ impl Default for EngineConfig {
 }
 
 /// Registry settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct RegistryConfig {
     /// Largest module accepted by `load`.
     pub max_module_bytes: usize,
@@ -127,7 +127,7 @@ impl Default for RegistryConfig {
 }
 
 /// What one tenant may hold and run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct Quota {
     /// Binaries loaded at once.
     pub binaries: usize,
@@ -157,7 +157,7 @@ impl Default for Quota {
 }
 
 /// Quotas: the default and per-user overrides.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct QuotaConfig {
     pub default: Quota,
     pub users: HashMap<u32, Quota>,
@@ -171,7 +171,7 @@ impl QuotaConfig {
 }
 
 /// Who may connect, and who is an admin.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct AccessConfig {
     /// Groups whose members are admins (root always is).
     pub admin_gids: Vec<u32>,
@@ -181,8 +181,26 @@ pub struct AccessConfig {
     pub allow_gids: Option<Vec<u32>>,
 }
 
+impl AccessConfig {
+    /// Whether `tenant` may use the daemon at all.
+    pub fn admits(&self, tenant: &crate::tenant::Tenant) -> bool {
+        if tenant.is_admin() || (self.allow_uids.is_none() && self.allow_gids.is_none()) {
+            return true;
+        }
+        let by_user = self
+            .allow_uids
+            .as_ref()
+            .is_some_and(|u| u.contains(&tenant.uid));
+        let by_group = self.allow_gids.as_ref().is_some_and(|g| {
+            g.iter()
+                .any(|g| *g == tenant.gid || tenant.groups.contains(g))
+        });
+        by_user || by_group
+    }
+}
+
 /// Server settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct ServerConfig {
     /// Socket paths to bind when no listener is passed by systemd.
     pub listen: Vec<PathBuf>,
@@ -213,6 +231,22 @@ impl Default for ServerConfig {
     }
 }
 
+/// Tenant workers.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct WorkersConfig {
+    /// A worker with no connection for this long exits (it starts again on its tenant's
+    /// next connection).
+    pub idle_timeout: Duration,
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        WorkersConfig {
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
 /// The running configuration, swapped whole on reload; readers take a snapshot per use.
 pub type Live = std::sync::Arc<arc_swap::ArcSwap<Config>>;
 
@@ -222,7 +256,7 @@ pub fn live(c: Config) -> Live {
 }
 
 /// All settings of a daemon.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct Config {
     pub state_dir: PathBuf,
     pub limits: LimitsConfig,
@@ -231,6 +265,7 @@ pub struct Config {
     pub quotas: QuotaConfig,
     pub access: AccessConfig,
     pub server: ServerConfig,
+    pub workers: WorkersConfig,
 }
 
 impl Default for Config {
@@ -247,6 +282,7 @@ impl Default for Config {
                 ..AccessConfig::default()
             },
             server: ServerConfig::default(),
+            workers: WorkersConfig::default(),
         }
     }
 }
@@ -451,6 +487,14 @@ struct RawConfig {
     registry: RawRegistry,
     #[serde(default)]
     quotas: RawQuotas,
+    #[serde(default)]
+    workers: RawWorkers,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkers {
+    idle_timeout_s: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -666,6 +710,12 @@ impl RawConfig {
             },
             access,
             server,
+            workers: WorkersConfig {
+                idle_timeout: self
+                    .workers
+                    .idle_timeout_s
+                    .map_or(d.workers.idle_timeout, Duration::from_secs),
+            },
         })
     }
 }

@@ -136,7 +136,7 @@ impl Connection {
             ),
             Ok(mut req) => {
                 let tag = req.take_tag();
-                match cmd::dispatch(daemon, tenant, req, fds).await {
+                match cmd::dispatch(daemon, tenant, req, fds, cmd::Origin::Client).await {
                     Ok(reply) => Response::success(tag, reply),
                     Err(e) => Response::failure(tag, e.to_body()),
                 }

@@ -1,8 +1,9 @@
-//! The daemon's shared state, as every command sees it: configuration, registry,
-//! executor, state directory, admission counters and quotas, the watchdog's probe.
+//! The shared state of one tenant's worker, as every command sees it: configuration,
+//! registry, executor, state directory, admission counters and quotas, and the way up to
+//! the broker for what crosses tenants ([`Upstream`]).
 //!
-//! Commands ([`crate::cmd`]) and the connection layer use it; the service loops in
-//! [`crate::server`] own it. It knows nothing of sockets or of any command.
+//! Commands ([`crate::cmd`]) and the connection layer use it; the worker's loops in
+//! [`crate::worker`] own it. It knows nothing of sockets or of any command.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -11,9 +12,9 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use tokio::sync::Semaphore;
-use wasmcore_proto::LimitsRequest;
 
 use crate::config::{self, Config, Live};
+use crate::control::Ask;
 use crate::engine::WasmEngine;
 use crate::error::Error;
 use crate::executor::Executor;
@@ -21,10 +22,18 @@ use crate::metrics::{Metrics, Refusal};
 use crate::registry::{Binary, Registry};
 use crate::state::{MapStateStore, StateStore};
 use crate::store::{self, RestoreReport, StateDir};
-use crate::tenant::Tenant;
+use crate::tenant::{Scope, Tenant};
 
-/// Re-reads the config (file plus command-line overrides) on SIGHUP.
-pub type ConfigLoader = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
+/// The way from a worker to the broker: what only the broker can answer (an admin's view
+/// of every tenant, a request about another tenant's binary, telling the other workers
+/// that public binaries changed). The answer is a wire response, relayed as it is.
+pub trait Upstream: Send + Sync {
+    fn ask(
+        &self,
+        tenant: &Tenant,
+        ask: Ask,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<serde_json::Value, Error>> + Send>>;
+}
 
 /// Shared state of a running daemon.
 pub struct Daemon {
@@ -51,14 +60,12 @@ pub struct Daemon {
     loading: Arc<PerTenant>,
     /// Slots for compilations running at once (`registry.max_concurrent_loads`).
     pub loads: Arc<Semaphore>,
-    /// Milliseconds since start of the last connection opened or closed (idle exit).
-    last_activity_ms: AtomicU64,
     /// Execution failures logged in the current rate-limit window, and the window's start.
     failure_log: std::sync::Mutex<(Instant, u32)>,
-    /// A minimal module run by the watchdog to prove the executor works; set up at the first
-    /// probe (see [`Daemon::probe`]).
-    probe: tokio::sync::OnceCell<Arc<Binary>>,
-    loader: Option<ConfigLoader>,
+    /// Whose binaries this process holds.
+    pub scope: Scope,
+    /// The broker, for a tenant's worker; `None` in one process for all (tests).
+    upstream: Option<Box<dyn Upstream>>,
     /// Held while a binary's configuration is stored and swapped (`configure`), so that
     /// concurrent changes land on disk and in memory in the same order.
     pub(crate) configuring: std::sync::Mutex<()>,
@@ -75,11 +82,6 @@ impl std::fmt::Debug for Daemon {
 /// Failure lines logged per window; the rest are counted and summarised.
 const FAILURE_LOG_BURST: u32 = 20;
 const FAILURE_LOG_WINDOW: Duration = Duration::from_secs(60);
-
-const PROBE_WAT: &str = r#"(module
-  (memory (export "memory") 1)
-  (func (export "alloc") (param i32) (result i32) (i32.const 0))
-  (func (export "process") (param i32 i32) (result i32) (i32.const 0)))"#;
 
 /// Counts per tenant with a cap each; entry-locked updates.
 #[derive(Debug, Default)]
@@ -149,28 +151,34 @@ impl Drop for TenantSlot {
 }
 
 impl Daemon {
-    /// Build the engine, registry and executor for `config`. `loader` re-reads the config
-    /// on SIGHUP (`None`: reload keeps the running config).
-    pub fn new(config: Config, loader: Option<ConfigLoader>) -> anyhow::Result<Arc<Daemon>> {
+    /// Build the engine, registry and executor for `config`, restoring the binaries of
+    /// `scope` from the state directory. A tenant's worker gets `upstream`, the broker; with
+    /// [`Scope::All`] this process opens (and cleans) the state directory itself.
+    pub fn new(
+        config: Config,
+        scope: Scope,
+        upstream: Option<Box<dyn Upstream>>,
+    ) -> anyhow::Result<Arc<Daemon>> {
         config
             .check()
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         let start = Instant::now();
-        let store = Arc::new(
-            StateDir::open(&config.state_dir)
-                .map_err(|e| anyhow::anyhow!("state directory: {e}"))?,
-        );
+        let opened = match scope {
+            Scope::All => StateDir::open(&config.state_dir),
+            Scope::Tenant(_) => StateDir::attach(&config.state_dir),
+        };
+        let store = Arc::new(opened.map_err(|e| anyhow::anyhow!("state directory: {e}"))?);
         let engine = WasmEngine::new(&config.engine, &config.limits)?;
         let live = config::live(config);
-        let ids = store::stored_ids(&store)
+        let ids = store::stored_ids(&store, scope)
             .map_err(|e| anyhow::anyhow!("reading stored binaries: {e}"))?;
-        let file_state = MapStateStore::open(store.clone(), &ids)
+        let file_state = MapStateStore::open(store.clone(), &ids, scope)
             .map_err(|e| anyhow::anyhow!("reading plugin state: {e}"))?;
         let state: Arc<dyn StateStore> = Arc::new(file_state);
         let metrics = Arc::new(Metrics::default());
         let registry = Registry::new(engine.clone(), live.clone(), state.clone())?
             .with_metrics(metrics.clone());
-        let report = store::restore(&store, &registry)
+        let report = store::restore(&store, &registry, scope)
             .map_err(|e| anyhow::anyhow!("restoring binaries: {e}"))?;
         // State of an entry that was quarantined has no binary any more.
         for id in ids {
@@ -179,8 +187,12 @@ impl Daemon {
                 let _ = store.remove_binary(id);
             }
         }
+        let whose = match scope {
+            Scope::All => String::new(),
+            Scope::Tenant(uid) => format!(" (uid {uid}'s and the public ones)"),
+        };
         log::info!(
-            "restored {} binaries from {} in {} ms ({} recompiled, {} quarantined)",
+            "restored {} binaries{whose} from {} in {} ms ({} recompiled, {} quarantined)",
             report.restored,
             store.root().display(),
             start.elapsed().as_millis(),
@@ -206,10 +218,9 @@ impl Daemon {
             running: PerTenant::default(),
             open: Arc::default(),
             loading: Arc::default(),
-            last_activity_ms: AtomicU64::new(0),
             failure_log: std::sync::Mutex::new((Instant::now(), 0)),
-            probe: tokio::sync::OnceCell::new(),
-            loader,
+            scope,
+            upstream,
             configuring: std::sync::Mutex::new(()),
         }))
     }
@@ -269,23 +280,6 @@ impl Daemon {
         })
     }
 
-    /// Whether `tenant` may use the daemon at all.
-    pub fn may_connect(&self, tenant: &Tenant) -> bool {
-        let access = &self.live.load().access;
-        if tenant.is_admin() || (access.allow_uids.is_none() && access.allow_gids.is_none()) {
-            return true;
-        }
-        let by_user = access
-            .allow_uids
-            .as_ref()
-            .is_some_and(|u| u.contains(&tenant.uid));
-        let by_group = access.allow_gids.as_ref().is_some_and(|g| {
-            g.iter()
-                .any(|g| *g == tenant.gid || tenant.groups.contains(g))
-        });
-        by_user || by_group
-    }
-
     /// Apply a new config; returns the keys that need a restart to change.
     pub fn apply(&self, new: Config) -> Vec<&'static str> {
         let (applied, restart) = self.config().reload_from(new);
@@ -294,92 +288,9 @@ impl Daemon {
         restart
     }
 
-    /// Re-read the config and apply it; an invalid file keeps the running config.
-    pub fn reload(&self) {
-        let Some(loader) = &self.loader else {
-            log::info!("reload: no config file in use; nothing to do");
-            return;
-        };
-        match loader() {
-            Ok(new) => {
-                let restart = self.apply(new);
-                if restart.is_empty() {
-                    log::info!("reload: configuration applied");
-                } else {
-                    log::warn!(
-                        "reload: applied; these keys changed but need a restart: {}",
-                        restart.join(", ")
-                    );
-                }
-            }
-            Err(e) => log::error!("reload: keeping the running configuration: {e}"),
-        }
-    }
-
-    /// Run the probe module: proves the engine, pool and executor still work.
-    pub async fn probe(self: &Arc<Self>) -> bool {
-        let probe = self
-            .probe
-            .get_or_try_init(|| {
-                let d = Arc::clone(self);
-                async move {
-                    tokio::task::spawn_blocking(move || d.prepare_probe())
-                        .await
-                        .map_err(|e| Error::internal(format!("preparing the probe: {e}")))?
-                }
-            })
-            .await;
-        let probe = match probe {
-            Ok(p) => p,
-            Err(e) => {
-                log::error!("watchdog probe: {e}");
-                return false;
-            }
-        };
-        let req = LimitsRequest {
-            timeout_ms: Some(1000),
-            ..LimitsRequest::default()
-        };
-        let Ok(limits) = self.executor.resolve_limits(&req) else {
-            return false;
-        };
-        self.executor
-            .execute(probe, None, 0, Vec::new(), &limits)
-            .await
-            .is_ok()
-    }
-
-    /// The probe module, from its artifact in the state directory when one matches this
-    /// engine, else compiled (and its artifact stored for the next start). Not done at start:
-    /// a daemon that compiles nothing until the first load keeps Cranelift's code (~6 MiB
-    /// of the binary) out of memory (docs/PERFORMANCE.md, "Restart and memory").
-    fn prepare_probe(&self) -> Result<Arc<Binary>, Error> {
-        let engine = self.executor.engine();
-        let hash = engine.compat_hash();
-        let stored = self
-            .store
-            .load_probe(engine.engine(), &hash)
-            .unwrap_or_else(|e| {
-                log::warn!("watchdog probe: stored artifact unusable ({e}); compiling it again");
-                None
-            });
-        let compiled = match stored {
-            Some(module) => self.registry.prepare(module, String::new(), 0)?,
-            None => {
-                let bytes = wat::parse_str(PROBE_WAT)
-                    .map_err(|e| Error::internal(format!("watchdog probe: {e}")))?;
-                let compiled = self.registry.compile(&bytes)?;
-                if let Err(e) = compiled.serialize().and_then(|a| {
-                    self.store
-                        .save_probe(&hash, &a)
-                        .map_err(|e| Error::internal(e.to_string()))
-                }) {
-                    log::warn!("watchdog probe: could not store its artifact: {e}");
-                }
-                compiled
-            }
-        };
-        self.registry.detached(0, compiled)
+    /// The broker, in a tenant's worker.
+    pub fn upstream(&self) -> Option<&dyn Upstream> {
+        self.upstream.as_deref()
     }
 
     /// Log an execution failure of `bin` (`None`: a chain), at most FAILURE_LOG_BURST lines
@@ -415,24 +326,5 @@ impl Daemon {
                 tenant.uid
             ),
         }
-    }
-
-    pub(crate) fn touch(&self) {
-        self.last_activity_ms
-            .store(self.started.elapsed().as_millis() as u64, Relaxed);
-    }
-
-    pub(crate) fn idle_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_activity_ms.load(Relaxed));
-        self.started.elapsed().saturating_sub(last)
-    }
-
-    pub(crate) fn status_line(&self) -> String {
-        format!(
-            "{} binaries, {} executions, {} connections",
-            self.registry.len(),
-            self.executions.load(Relaxed),
-            self.connections.load(Relaxed)
-        )
     }
 }

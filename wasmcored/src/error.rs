@@ -28,6 +28,10 @@ pub enum Error {
     Internal(String),
     #[error("{}", .0.failure)]
     Execution(Box<ExecError>),
+    /// A failure another worker answered (an admin's request about another tenant's
+    /// binary), passed on as it was.
+    #[error("{}", .0.message)]
+    Relayed(Box<ErrorBody>),
 }
 
 /// A failed execution: what went wrong, which chain stage, and the guest's logs so far.
@@ -97,6 +101,7 @@ impl Error {
             Error::QuotaExceeded(_) => ErrorCode::QuotaExceeded,
             Error::Busy(_) => ErrorCode::Busy,
             Error::Internal(_) => ErrorCode::Internal,
+            Error::Relayed(b) => b.code,
             Error::Execution(e) => match e.failure {
                 ExecFailure::Timeout { .. } => ErrorCode::Timeout,
                 ExecFailure::OutOfFuel { .. } => ErrorCode::OutOfFuel,
@@ -114,6 +119,9 @@ impl Error {
 
     /// The wire form of this error.
     pub fn to_body(&self) -> ErrorBody {
+        if let Error::Relayed(body) = self {
+            return (**body).clone();
+        }
         let mut body = ErrorBody::new(self.code(), self.to_string());
         if let Error::Execution(e) = self {
             if let Some(stage) = e.stage {

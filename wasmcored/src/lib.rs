@@ -1,8 +1,12 @@
 //! wasmcored: the wasm-core daemon as a library.
 //!
-//! Data flows one way: socket → [`connection`] (line codec) → [`cmd`] (one file per op) →
-//! [`registry`] / [`executor`] → response. The binary in `main.rs` only parses flags, takes
-//! the listeners and calls [`run`].
+//! One process per role. The *broker* ([`server`], [`broker`]) takes the listeners, accepts,
+//! reads each peer's credentials into a [`Tenant`] and hands the connection (SCM_RIGHTS) to
+//! that tenant's *worker* ([`worker`]): a process of its own, started from this same binary,
+//! which serves the connection from then on. Inside a worker data flows one way: socket →
+//! [`connection`] (line codec) → [`cmd`] (one file per op) → [`registry`] / [`executor`] →
+//! response. The binary in `main.rs` only parses flags, takes the listeners and calls [`run`]
+//! (or [`worker::main`]).
 //!
 //! - [`config`]: validated settings.
 //! - [`tenant`]: the caller's identity from SO_PEERCRED.
@@ -15,19 +19,24 @@
 //! - [`metrics`]: counters and histograms (a leaf), read by the `metrics` op.
 //! - [`state`]: plugin state behind `get_state` / `set_state` and Extism's vars.
 //! - [`store`]: persistence under the state directory; restores into the registry.
-//! - [`daemon`]: the shared state commands use.
-//! - [`server`], [`connection`], [`cmd`]: the socket service.
+//! - [`control`]: the broker ↔ worker channels and messages.
+//! - [`daemon`]: the shared state commands use (one tenant's, in its worker).
+//! - [`connection`], [`cmd`]: serving a connection, in a worker.
+//! - [`worker`]: a tenant's worker process.
+//! - [`broker`], [`server`]: the broker: workers, accept loops, life cycle.
 //! - [`systemd`]: listeners and readiness notification.
 //!
 //! Imports point down this list's dependency order: `cmd` uses `daemon`, never `server`;
 //! the registry knows nothing of the store; `sys` (the unsafe code) imports no crate module.
 
 pub mod blocks;
+pub mod broker;
 pub mod cli;
 pub mod cmd;
 pub mod config;
 pub mod connection;
 pub mod context;
+pub mod control;
 pub mod daemon;
 pub mod engine;
 pub mod error;
@@ -42,9 +51,10 @@ pub mod store;
 mod sys;
 pub mod systemd;
 pub mod tenant;
+pub mod worker;
 
 pub use config::Config;
 pub use daemon::Daemon;
 pub use error::{Error, Result};
-pub use server::{Signals, Stopped, run};
+pub use server::{ConfigLoader, Signals, Stopped, run};
 pub use tenant::Tenant;

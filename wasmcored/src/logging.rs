@@ -11,6 +11,8 @@ use std::io::Write;
 
 struct Logger {
     journal: bool,
+    /// What plain lines start with: `wasmcored`, or `wasmcored[worker uid N]`.
+    name: String,
 }
 
 impl Log for Logger {
@@ -32,7 +34,8 @@ impl Log for Logger {
             format!("<{prio}>{}\n", record.args())
         } else {
             format!(
-                "wasmcored: {}: {}\n",
+                "{}: {}: {}\n",
+                self.name,
                 record.level().as_str().to_lowercase(),
                 record.args()
             )
@@ -44,11 +47,13 @@ impl Log for Logger {
     fn flush(&self) {}
 }
 
-/// Install the logger (once; later calls only change the level).
-pub fn init(level: LevelFilter) {
+/// Install the logger (once; later calls only change the level). `worker`: the tenant
+/// whose worker this process is; its entries say so (`WORKER_UID=` in the journal).
+pub fn init(level: LevelFilter, worker: Option<u32>) {
     if systemd_journal_logger::connected_to_journal()
         && let Ok(j) = systemd_journal_logger::JournalLog::new()
         && j.with_syslog_identifier("wasmcored".into())
+            .with_extra_fields(worker.map(|uid| ("WORKER_UID", uid.to_string())))
             .install()
             .is_ok()
     {
@@ -56,6 +61,10 @@ pub fn init(level: LevelFilter) {
         return;
     }
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
-    let _ = log::set_boxed_logger(Box::new(Logger { journal }));
+    let name = match worker {
+        Some(uid) => format!("wasmcored[worker uid {uid}]"),
+        None => "wasmcored".to_string(),
+    };
+    let _ = log::set_boxed_logger(Box::new(Logger { journal, name }));
     log::set_max_level(level);
 }

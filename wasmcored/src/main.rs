@@ -1,14 +1,22 @@
 //! wasmcored: parse flags, take the listeners before any thread starts, build the runtime,
-//! run the daemon.
+//! run the broker (or, with `--worker`, a tenant's worker, which the broker starts).
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
 
 fn main() -> ExitCode {
     let args = wasmcored::cli::Args::parse();
-    wasmcored::logging::init(args.log_level.unwrap_or(log::LevelFilter::Info));
-    match real_main(args) {
+    wasmcored::logging::init(
+        args.log_level.unwrap_or(log::LevelFilter::Info),
+        args.worker,
+    );
+    let result = match args.worker {
+        Some(uid) => wasmcored::worker::main(uid).map(|()| ExitCode::SUCCESS),
+        None => real_main(args),
+    };
+    match result {
         Ok(code) => code,
         Err(e) => {
             log::error!("{e:#}");
@@ -38,16 +46,39 @@ fn real_main(args: wasmcored::cli::Args) -> anyhow::Result<ExitCode> {
         wasmcored::Signals::install()?
     };
     let reload_args = args.clone();
-    let loader: wasmcored::daemon::ConfigLoader = Box::new(move || reload_args.load_config());
-    let daemon = wasmcored::Daemon::new(config, Some(loader))?;
+    let loader: wasmcored::ConfigLoader = Box::new(move || reload_args.load_config());
+    // The state directory is checked once, here, before any worker reads it.
+    let store = wasmcored::store::StateDir::open(&config.state_dir)
+        .map_err(|e| anyhow::anyhow!("state directory: {e}"))?;
+    let scan = wasmcored::store::scan(&store)
+        .map_err(|e| anyhow::anyhow!("reading stored binaries: {e}"))?;
+    let mut owners: Vec<u32> = scan.binaries.iter().map(|m| m.owner).collect();
+    owners.sort_unstable();
+    owners.dedup();
+    log::info!(
+        "found {} stored binaries of {} tenants in {} ({} quarantined); each tenant's worker restores its own",
+        scan.binaries.len(),
+        owners.len(),
+        store.root().display(),
+        scan.quarantined
+    );
     if listeners.is_empty() {
-        for path in &daemon.config().server.listen {
+        for path in &config.server.listen {
             listeners.push(wasmcored::systemd::bind(path)?);
         }
     }
+    let broker = {
+        let _in_runtime = runtime.enter();
+        wasmcored::broker::Broker::new(wasmcored::config::live(config), Arc::new(store))?
+    };
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    runtime.block_on(wasmcored::run(daemon, listeners, signals, stop_rx))?;
-    // Guests still running past the grace period are abandoned with the runtime.
+    runtime.block_on(wasmcored::run(
+        broker,
+        listeners,
+        signals,
+        Some(loader),
+        stop_rx,
+    ))?;
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     Ok(ExitCode::SUCCESS)
 }

@@ -441,6 +441,24 @@ impl Registry {
         }
     }
 
+    /// Drop a binary that another process removed from the state directory (a public
+    /// binary unloaded in another tenant's worker): no access check, nothing on disk.
+    /// Running executions keep their `Arc` and finish.
+    pub fn forget(&self, id: Uuid) -> Option<Arc<Binary>> {
+        let (_, bin) = self.binaries.remove(&id)?;
+        self.release_names(&bin);
+        self.release_slot(bin.owner, bin.size);
+        self.state.remove_binary(bin.id);
+        Some(bin)
+    }
+
+    /// Every registered binary, in load order.
+    pub fn all(&self) -> Vec<Arc<Binary>> {
+        let mut v: Vec<Arc<Binary>> = self.binaries.iter().map(|b| b.clone()).collect();
+        v.sort_by_key(|b| b.seq);
+        v
+    }
+
     /// A binary that is not registered: nobody can look it up (the watchdog's probe).
     pub fn detached(&self, owner: u32, compiled: Compiled) -> Result<Arc<Binary>> {
         Ok(Arc::new(self.make_binary(

@@ -1,11 +1,16 @@
-//! The service: the accept loops and the life cycle (ready, status,
-//! watchdog, reload, idle exit, shutdown).
+//! The broker's service: the accept loops, the handover of each connection to its tenant's
+//! worker ([`crate::broker`]), and the life cycle (ready, status, watchdog, reload, idle
+//! exit, shutdown).
 //!
-//! One shutdown mechanism: a `watch` channel raced in every accept loop and every idle
-//! connection. On SIGTERM/SIGINT the daemon tells systemd STOPPING=1, stops accepting, lets
+//! At accept the broker reads the peer's credentials (SO_PEERCRED, SO_PEERGROUPS) into a
+//! [`Tenant`], applies the access rules and the connection limits, and passes the
+//! connection to the tenant's worker, which serves it from then on.
+//!
+//! One shutdown mechanism: a `watch` channel raced in every accept loop. On SIGTERM/SIGINT
+//! the daemon tells systemd STOPPING=1, stops accepting, tells every worker to let
 //! in-flight requests finish within `shutdown_grace`, and returns; a second signal exits at
-//! once. SIGHUP reloads the config file: what can change live changes, the rest is named in
-//! the log, and an invalid file keeps the running config.
+//! once. SIGHUP reloads the config file: what can change live changes (in the workers too),
+//! the rest is named in the log, and an invalid file keeps the running config.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,10 +21,14 @@ use tokio::net::UnixListener;
 use tokio::sync::{Semaphore, watch};
 use wasmcore_proto::{ErrorBody, ErrorCode, Response, encode_line};
 
-use crate::daemon::Daemon;
+use crate::broker::Broker;
+use crate::config::Config;
 use crate::metrics::Refusal;
 use crate::systemd::{self, Listener};
 use crate::tenant::Tenant;
+
+/// Re-reads the config (file plus command-line overrides) on SIGHUP.
+pub type ConfigLoader = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
 
 /// Why `run` returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,10 +61,12 @@ impl Signals {
 }
 
 /// Serve `listeners` until SIGTERM/SIGINT, idle exit, or until `stop` turns true.
+/// `loader` re-reads the config on SIGHUP (`None`: reload keeps the running config).
 pub async fn run(
-    daemon: Arc<Daemon>,
+    broker: Arc<Broker>,
     listeners: Vec<Listener>,
     signals: Signals,
+    loader: Option<ConfigLoader>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Stopped> {
     let Signals {
@@ -65,7 +76,7 @@ pub async fn run(
     } = signals;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let max_conn = daemon.config().server.max_connections;
+    let max_conn = broker.config().server.max_connections;
     let conn_limit = Arc::new(Semaphore::new(max_conn));
     let mut accept_tasks = Vec::new();
     let mut bound: Vec<PathBuf> = Vec::new();
@@ -75,17 +86,17 @@ pub async fn run(
         log::info!("listening on {}", l.describe);
         bound.extend(l.bound_path);
         accept_tasks.push(tokio::spawn(accept_loop(
-            daemon.clone(),
+            broker.clone(),
             listener,
             conn_limit.clone(),
             shutdown_rx.clone(),
         )));
     }
-    daemon.touch();
-    systemd::notify_ready(&daemon.status_line());
-    log::info!("ready: {}", daemon.status_line());
+    broker.touch();
+    systemd::notify_ready(&broker.status_line());
+    log::info!("ready: {}", broker.status_line());
 
-    let background = tokio::spawn(background(daemon.clone(), shutdown_rx.clone()));
+    let background = tokio::spawn(background(broker.clone(), shutdown_rx.clone()));
     let mut idle_check = tokio::time::interval(Duration::from_secs(1));
     let reason = loop {
         tokio::select! {
@@ -94,17 +105,16 @@ pub async fn run(
             _ = hup.recv() => {
                 log::info!("SIGHUP received: reloading the configuration");
                 systemd::notify_reloading();
-                daemon.reload();
-                systemd::notify_ready(&daemon.status_line());
+                reload(&broker, loader.as_ref());
+                systemd::notify_ready(&broker.status_line());
             }
             r = stop.changed() => {
                 if r.is_err() || *stop.borrow() { break Stopped::Requested; }
             }
             _ = idle_check.tick() => {
-                if let Some(after) = daemon.config().server.exit_idle_after
-                    && daemon.connections.load(Relaxed) == 0
-                    && daemon.executor.engine().running_count() == 0
-                    && daemon.idle_for() >= after
+                if let Some(after) = broker.config().server.exit_idle_after
+                    && broker.connections.load(Relaxed) == 0
+                    && broker.idle_for() >= after
                 {
                     log::info!("no connection for {after:?}: exiting (socket activation starts the daemon again)");
                     break Stopped::Idle;
@@ -113,7 +123,7 @@ pub async fn run(
         }
     };
 
-    let grace = daemon.config().server.shutdown_grace;
+    let grace = broker.config().server.shutdown_grace;
     log::info!("shutting down: no new connections; in-flight requests get {grace:?}");
     systemd::notify_stopping();
     let _ = shutdown_tx.send(true);
@@ -121,17 +131,15 @@ pub async fn run(
         let _ = t.await;
     }
     background.abort();
-    // Every connection holds a permit: all permits back means all connections are done.
     let drained = tokio::select! {
-        r = conn_limit.acquire_many(max_conn as u32) => r.is_ok(),
-        _ = tokio::time::sleep(grace) => false,
+        () = broker.shutdown(grace) => true,
         _ = term.recv() => { log::warn!("second signal: exiting at once"); false }
         _ = int.recv() => { log::warn!("second signal: exiting at once"); false }
     };
-    if !drained {
+    if !drained || broker.connections.load(Relaxed) > 0 {
         log::warn!(
             "{} connections still open at exit",
-            daemon.connections.load(Relaxed)
+            broker.connections.load(Relaxed)
         );
     }
     // Only sockets this process bound; never one systemd handed over.
@@ -142,15 +150,42 @@ pub async fn run(
     Ok(reason)
 }
 
-/// Periodic STATUS= and, when systemd asks for it, WATCHDOG=1 after a successful probe.
-async fn background(daemon: Arc<Daemon>, mut shutdown: watch::Receiver<bool>) {
+/// Re-read the config and apply it here and in every worker; an invalid file keeps the
+/// running config.
+fn reload(broker: &Broker, loader: Option<&ConfigLoader>) {
+    let Some(loader) = loader else {
+        log::info!("reload: no config file in use; nothing to do");
+        return;
+    };
+    match loader() {
+        Ok(new) => {
+            let (applied, restart) = broker.config().reload_from(new);
+            log::set_max_level(applied.server.log_level);
+            broker.reload(&applied);
+            broker.apply(applied);
+            if restart.is_empty() {
+                log::info!("reload: configuration applied");
+            } else {
+                log::warn!(
+                    "reload: applied; these keys changed but need a restart: {}",
+                    restart.join(", ")
+                );
+            }
+        }
+        Err(e) => log::error!("reload: keeping the running configuration: {e}"),
+    }
+}
+
+/// Periodic STATUS=, the workers' upkeep (idle stop, hung workers), and, when systemd asks
+/// for it, WATCHDOG=1 while this loop runs.
+async fn background(broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
     let watchdog = systemd::watchdog_interval().map(|d| d / 2);
     if let Some(every) = watchdog {
-        log::info!("watchdog enabled: probing the executor every {every:?}");
+        log::info!("watchdog enabled: notifying every {every:?}");
     }
     let every = watchdog
-        .unwrap_or(Duration::from_secs(5))
-        .min(Duration::from_secs(5));
+        .unwrap_or(Duration::from_secs(1))
+        .min(Duration::from_secs(1));
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
@@ -158,18 +193,15 @@ async fn background(daemon: Arc<Daemon>, mut shutdown: watch::Receiver<bool>) {
             _ = shutdown.changed() => return,
         }
         if watchdog.is_some() {
-            if daemon.probe().await {
-                systemd::notify_watchdog();
-            } else {
-                log::error!("watchdog probe failed: not petting the watchdog");
-            }
+            systemd::notify_watchdog();
         }
-        systemd::notify_status(&daemon.status_line());
+        broker.tend().await;
+        systemd::notify_status(&broker.status_line());
     }
 }
 
 async fn accept_loop(
-    daemon: Arc<Daemon>,
+    broker: Arc<Broker>,
     listener: UnixListener,
     limit: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
@@ -208,14 +240,15 @@ async fn accept_loop(
                 continue;
             }
         };
-        let tenant = match Tenant::from_peer(&stream, &daemon.config().access.admin_gids) {
+        let config = broker.config();
+        let tenant = match Tenant::from_peer(&stream, &config.access.admin_gids) {
             Ok(t) => t,
             Err(e) => {
                 log::warn!("could not read peer credentials, closing connection: {e}");
                 continue;
             }
         };
-        if !daemon.may_connect(&tenant) {
+        if !config.access.admits(&tenant) {
             log::info!(
                 tenant_uid = tenant.uid, error_code = "forbidden";
                 "refused a connection from uid {}: not in access.allow_users/allow_groups",
@@ -230,37 +263,23 @@ async fn accept_loop(
         }
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             // At the limit: refuse cleanly rather than queue.
-            daemon.metrics.refused(tenant.uid, Refusal::MaxConnections);
+            broker.metrics.refused(tenant.uid, Refusal::MaxConnections);
             let msg = format!(
                 "the daemon is serving its maximum of {} connections; retry later",
-                daemon.config().server.max_connections
+                config.server.max_connections
             );
             tokio::spawn(refuse(stream, ErrorCode::Busy, msg));
             continue;
         };
-        let slot = match daemon.open_connection(&tenant) {
-            Ok(s) => s,
-            Err(e) => {
-                log::info!(
-                    tenant_uid = tenant.uid, error_code = "busy";
-                    "refused a connection from uid {}: {e}",
-                    tenant.uid
-                );
-                tokio::spawn(refuse(stream, ErrorCode::Busy, e.to_string()));
-                continue;
-            }
-        };
-        let d = daemon.clone();
-        let rx = shutdown.clone();
-        tokio::spawn(async move {
-            d.connections.fetch_add(1, Relaxed);
-            d.touch();
-            crate::connection::serve(d.clone(), stream, tenant, rx).await;
-            d.connections.fetch_sub(1, Relaxed);
-            d.touch();
-            drop(slot);
-            drop(permit);
-        });
+        // The worker owns the connection from here; this process closes its copy.
+        if let Err(r) = broker.hand_over(&stream, &tenant, permit) {
+            log::info!(
+                tenant_uid = tenant.uid, error_code = r.code.as_str();
+                "refused a connection from uid {}: {}",
+                tenant.uid, r.message
+            );
+            tokio::spawn(refuse(stream, r.code, r.message));
+        }
     }
 }
 

@@ -205,3 +205,58 @@ where
         }
     }
 }
+
+/// Make `cmd` start its child with `fds[i].0` at descriptor `fds[i].1` (open across exec,
+/// every other descriptor keeps its close-on-exec flag) and with SIGKILL as its
+/// parent-death signal, so that a worker never outlives the broker that started it.
+pub fn map_fds_and_die_with_parent(cmd: &mut std::process::Command, fds: [(RawFd, RawFd); 2]) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and calls only
+    // async-signal-safe functions (fcntl, dup2, close, prctl); it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            use nix::libc;
+            // First out of the way of every target number (a source may sit on another's
+            // target), then into place; dup2 leaves the new descriptor open across exec.
+            let mut high = [-1; 2];
+            for (i, &(from, _)) in fds.iter().enumerate() {
+                high[i] = libc::fcntl(from, libc::F_DUPFD_CLOEXEC, 64);
+                if high[i] < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (i, &(_, to)) in fds.iter().enumerate() {
+                if libc::dup2(high[i], to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(high[i]);
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Take ownership of descriptor `fd`, inherited from the parent at a fixed number; an
+/// error if it is not open.
+pub fn inherited_fd(fd: RawFd) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: fcntl(F_GETFD) only inspects the descriptor table.
+    let flags = unsafe { nix::libc::fcntl(fd, nix::libc::F_GETFD) };
+    if flags < 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "descriptor {fd} is not open (wasmcored --worker is started by the daemon, not by hand)"
+            ),
+        ));
+    }
+    // SAFETY: `fd` is open (checked above) and nothing else in this process owns it: it was
+    // placed there by the parent for this process alone, and is taken once at start.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: as above; sets close-on-exec on a descriptor this process owns.
+    unsafe { nix::libc::fcntl(fd, nix::libc::F_SETFD, flags | nix::libc::FD_CLOEXEC) };
+    Ok(owned)
+}

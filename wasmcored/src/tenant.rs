@@ -28,6 +28,18 @@ impl Tenant {
         }
     }
 
+    /// A tenant whose identity and admin standing another part of the daemon already
+    /// established from the kernel's credentials: the broker, for a connection it handed to
+    /// a worker ([`crate::control::TenantWire`]).
+    pub fn established(uid: u32, gid: u32, groups: Vec<u32>, is_admin: bool) -> Self {
+        Tenant {
+            uid,
+            gid,
+            groups,
+            is_admin,
+        }
+    }
+
     /// Root or a member of an admin group.
     pub fn is_admin(&self) -> bool {
         self.is_admin
@@ -44,6 +56,34 @@ impl Tenant {
         let cred = getsockopt(sock, PeerCredentials).map_err(std::io::Error::from)?;
         let groups = peer_groups(sock).unwrap_or_default();
         Ok(Tenant::new(cred.uid(), cred.gid(), groups, admin_gids))
+    }
+}
+
+/// Whose binaries a daemon process holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every tenant's (one process for all: in-process tests and benchmarks).
+    All,
+    /// A tenant's worker: the binaries `uid` owns, the public binaries, and `uid`'s plugin
+    /// state.
+    Tenant(u32),
+}
+
+impl Scope {
+    /// Whether a binary of `owner` (public or not) belongs in this process.
+    pub fn holds(self, owner: u32, public: bool) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Tenant(uid) => public || owner == uid,
+        }
+    }
+
+    /// Whether plugin state of tenant `uid` belongs in this process.
+    pub fn holds_state_of(self, uid: u32) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Tenant(t) => t == uid,
+        }
     }
 }
 

@@ -152,5 +152,6 @@ fn tenant_metrics(
             .map(|(r, n)| (r.to_string(), n))
             .collect(),
         kinds,
+        worker_failures: 0,
     }
 }

@@ -9,12 +9,14 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use wasmcore_proto::{
-    Empty, ExecuteResponse, InfoResponse, ListResponse, LoadResponse, MetricsResponse, Request,
-    StatusResponse,
+    BinaryRequest, ConfigureRequest, Empty, ErrorBody, ErrorCode, ExecuteResponse, InfoResponse,
+    ListResponse, LoadResponse, MetricsResponse, Request, StatusResponse,
 };
 
+use crate::control::Ask;
 use crate::daemon::Daemon;
 use crate::error::{Error, Result};
+use crate::registry::Access;
 use crate::tenant::Tenant;
 
 mod chain;
@@ -38,20 +40,120 @@ pub enum Reply {
     Status(Box<StatusResponse>),
     Metrics(Box<MetricsResponse>),
     Empty(Empty),
+    /// The body of a response the broker or another worker made (an admin's view across
+    /// tenants), passed on as it was.
+    Relayed(serde_json::Map<String, serde_json::Value>),
+}
+
+/// Who a request comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A client on a connection this process serves.
+    Client,
+    /// The broker, for an admin connected to another worker: answered here, never passed on.
+    Broker,
 }
 
 /// Run one request for `tenant`. `fds` are the descriptors that arrived with its line.
+///
+/// In a tenant's worker, what crosses tenants goes to the broker: an admin's `list --all`,
+/// `metrics` and `status`, and an admin's request naming (by UUID) a binary this worker
+/// does not hold, which runs in the worker of its owner. A change to a public binary is
+/// seen by every other worker before the caller is answered.
 pub async fn dispatch(
     daemon: &Arc<Daemon>,
     tenant: &Tenant,
     req: Request,
     fds: Vec<OwnedFd>,
+    origin: Origin,
 ) -> Result<Reply> {
     if !fds.is_empty() && !matches!(&req, Request::Load(l) if l.fd) {
         return Err(Error::bad_request(
             "file descriptors were passed with a request that takes none (only load with \"fd\": true does)",
         ));
     }
+    let up = match daemon.upstream() {
+        Some(up) if origin == Origin::Client => up,
+        _ => return run(daemon, tenant, req, fds).await,
+    };
+    if tenant.is_admin() {
+        let ask = match &req {
+            Request::List(l) if l.all => Some(Ask::ListAll),
+            Request::Metrics(_) => Some(Ask::Metrics),
+            Request::Status(r) => Some(Ask::Status {
+                own: Box::new(status::apply(daemon, tenant, r.clone())),
+            }),
+            _ => foreign_binary(daemon, &req).map(|binary| Ask::Forward {
+                binary,
+                request: Box::new(req.clone()),
+            }),
+        };
+        if let Some(ask) = ask {
+            return relayed(up.ask(tenant, ask).await?);
+        }
+    }
+    let public_change = match &req {
+        Request::Load(l) => l.public,
+        Request::Unload(BinaryRequest { binary, .. })
+        | Request::Configure(ConfigureRequest { binary, .. }) => daemon
+            .registry
+            .resolve(tenant, binary, Access::Use)
+            .is_ok_and(|b| b.public),
+        _ => false,
+    };
+    let reply = run(daemon, tenant, req, fds).await?;
+    if public_change {
+        relayed(up.ask(tenant, Ask::PublicChanged).await?)?;
+    }
+    Ok(reply)
+}
+
+/// The binary (by UUID) that `req` names first and this process does not hold.
+fn foreign_binary(daemon: &Daemon, req: &Request) -> Option<uuid::Uuid> {
+    let refs: &[String] = match req {
+        Request::Execute(r) => std::slice::from_ref(&r.binary),
+        Request::Info(r) | Request::Unload(r) => std::slice::from_ref(&r.binary),
+        Request::Configure(r) => std::slice::from_ref(&r.binary),
+        Request::Chain(r) => &r.binaries,
+        _ => return None,
+    };
+    refs.iter()
+        .filter_map(|r| uuid::Uuid::parse_str(r).ok())
+        .find(|id| daemon.registry.get(*id).is_none())
+}
+
+/// A wire response made elsewhere, as this process's result.
+fn relayed(response: serde_json::Value) -> Result<Reply> {
+    let serde_json::Value::Object(mut body) = response else {
+        return Err(Error::internal(
+            "the broker answered something other than a response",
+        ));
+    };
+    body.remove("tag");
+    match body.remove("ok") {
+        Some(serde_json::Value::Bool(true)) => Ok(Reply::Relayed(body)),
+        _ => {
+            let error = body
+                .remove("error")
+                .and_then(|e| serde_json::from_value::<ErrorBody>(e).ok())
+                .unwrap_or_else(|| {
+                    ErrorBody::new(
+                        ErrorCode::Internal,
+                        "the broker answered a malformed failure",
+                    )
+                });
+            Err(Error::Relayed(Box::new(error)))
+        }
+    }
+}
+
+/// Run `req` in this process.
+async fn run(
+    daemon: &Arc<Daemon>,
+    tenant: &Tenant,
+    req: Request,
+    fds: Vec<OwnedFd>,
+) -> Result<Reply> {
     // The future of a request is as large as that of its largest op, and every request
     // moves it: the rare, heavy ops (a load's compilation and storage, an unload's
     // storage) are boxed so that an execution's future stays small (docs/PERFORMANCE.md).
@@ -72,6 +174,17 @@ pub async fn dispatch(
             .map(Reply::Empty),
         Request::Metrics(r) => Ok(Reply::Metrics(Box::new(metrics::apply(daemon, tenant, r)))),
     }
+}
+
+/// Every figure this process holds, as an admin sees them: a worker's part of an admin's
+/// `metrics`, which the broker merges with the other workers'.
+pub fn metrics_of_all(daemon: &Daemon) -> MetricsResponse {
+    let uid = match daemon.scope {
+        crate::tenant::Scope::Tenant(uid) => uid,
+        crate::tenant::Scope::All => 0,
+    };
+    let admin = Tenant::established(uid, uid, Vec::new(), true);
+    metrics::apply(daemon, &admin, wasmcore_proto::MetricsRequest::default())
 }
 
 /// The input bytes of `execute` / `chain`: `input` (UTF-8) or `input_base64`, not both.

@@ -42,5 +42,6 @@ pub fn apply(daemon: &Daemon, tenant: &Tenant, _req: StatusRequest) -> StatusRes
             gid: tenant.gid,
             admin: tenant.is_admin(),
         },
+        workers: None,
     }
 }

@@ -12,7 +12,6 @@
 //! STATE/state/<uuid>/<uid>.state        plugin state of tenant <uid> for binary <uuid>
 //! STATE/tmp/                            entries being written or removed; emptied at start
 //! STATE/quarantine/                     entries that could not be read, with the reason
-//! STATE/probe/<hash>.cwasm              the watchdog's probe module, precompiled (and .sha256)
 //! ```
 //!
 //! Every write is: temp file, fsync, rename, fsync of the directory. A binary's entry is
@@ -32,6 +31,7 @@ use uuid::Uuid;
 use wasmcore_proto::ModuleKind;
 
 use crate::kinds::Code;
+use crate::tenant::Scope;
 
 mod state_files;
 pub use state_files::FilePersist;
@@ -102,7 +102,7 @@ impl StateDir {
         b.recursive(true).mode(0o700);
         b.create(root)
             .map_err(ctx(format!("creating state directory {}", root.display())))?;
-        for sub in ["binaries", "state", "tmp", "quarantine", "probe"] {
+        for sub in ["binaries", "state", "tmp", "quarantine"] {
             b.create(root.join(sub))
                 .map_err(ctx(format!("creating {}", root.join(sub).display())))?;
         }
@@ -144,8 +144,31 @@ impl StateDir {
         Ok(dir)
     }
 
+    /// Use a state directory that the broker opened (and cleaned) at start, from a worker:
+    /// only its format is checked; `tmp/` is shared with the other workers and left alone
+    /// (temp names carry the process id).
+    pub fn attach(root: &Path) -> io::Result<StateDir> {
+        let format = root.join("FORMAT");
+        match fs::read_to_string(&format) {
+            Ok(s) if s == FORMAT_LINE => Ok(StateDir {
+                root: root.to_path_buf(),
+                seq: AtomicU64::new(0),
+            }),
+            Ok(s) => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} says {:?}", format.display(), s.trim()),
+            )),
+            Err(e) => Err(ctx(format!("reading {}", format.display()))(e)),
+        }
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The metadata of stored binary `id`; `None` when it is not stored (or unreadable).
+    pub fn read_meta(&self, id: Uuid) -> Option<BinaryMeta> {
+        read_entry(&self.binary_dir(id)).ok().map(|b| b.meta)
     }
 
     fn tmp_path(&self, tag: &str) -> PathBuf {
@@ -201,25 +224,6 @@ impl StateDir {
             ));
         }
         write_atomic(self, &dir, META, &json)
-    }
-
-    /// The watchdog's probe module as stored for the engine whose hash is `engine_hash`;
-    /// `None` when none is stored.
-    pub fn load_probe(
-        &self,
-        engine: &wasmtime::Engine,
-        engine_hash: &str,
-    ) -> Result<Option<Code>, String> {
-        open_artifact(
-            engine,
-            &self.root.join("probe").join(artifact_name(engine_hash)),
-            false,
-        )
-    }
-
-    /// Store the probe's artifact for `engine_hash`, and drop those of other engines.
-    pub fn save_probe(&self, engine_hash: &str, artifact: &[u8]) -> io::Result<()> {
-        self.put_artifact(&self.root.join("probe"), engine_hash, artifact)
     }
 
     /// Replace the artifacts of a stored binary with one for `engine_hash`.
@@ -358,25 +362,145 @@ impl BinaryMeta {
     }
 }
 
-/// The ids of the readable binary entries (before restoring them).
-pub fn stored_ids(dir: &StateDir) -> io::Result<Vec<Uuid>> {
+/// The ids of the readable binary entries in `scope` (before restoring them).
+pub fn stored_ids(dir: &StateDir, scope: Scope) -> io::Result<Vec<Uuid>> {
     Ok(dir
         .list_binaries()?
         .into_iter()
-        .filter_map(|e| e.ok().map(|b| b.meta.id))
+        .filter_map(|e| e.ok().map(|b| b.meta))
+        .filter(|m| scope.holds(m.owner, m.public))
+        .map(|m| m.id)
         .collect())
+}
+
+/// What the broker found in the state directory at start.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Every readable binary entry.
+    pub binaries: Vec<BinaryMeta>,
+    /// Entries and state directories moved to `quarantine/`.
+    pub quarantined: usize,
+}
+
+/// The broker's check of the state directory at start, before any worker reads it: every
+/// binary entry whose metadata cannot be read, and every plugin-state directory of a binary
+/// that is not stored, is quarantined (never fatal), so that workers find only entries they
+/// can restore and no state without its binary.
+pub fn scan(dir: &StateDir) -> io::Result<Scan> {
+    let mut scan = Scan::default();
+    for entry in dir.list_binaries()? {
+        match entry {
+            Ok(stored) => scan.binaries.push(stored.meta),
+            Err((path, why)) => {
+                scan.quarantined += 1;
+                quarantine_logged(dir, &path, &why, None);
+            }
+        }
+    }
+    let state = dir.root.join("state");
+    for entry in fs::read_dir(&state).map_err(ctx(format!("reading {}", state.display())))? {
+        let path = entry?.path();
+        let binary = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| Uuid::parse_str(n).ok());
+        let why = match binary {
+            None => "not a binary's state directory",
+            Some(id) if !scan.binaries.iter().any(|m| m.id == id) => {
+                "state of a binary that is not stored"
+            }
+            Some(_) => continue,
+        };
+        quarantine_logged(dir, &path, why, None);
+    }
+    Ok(scan)
+}
+
+fn quarantine_logged(dir: &StateDir, path: &Path, why: &str, owner: Option<u32>) {
+    let binary = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match dir.quarantine(path, why) {
+        Ok(dest) => match owner {
+            Some(uid) => log::warn!(
+                tenant_uid = uid, binary = binary.as_str();
+                "quarantined {} ({why}) to {}",
+                path.display(),
+                dest.display()
+            ),
+            None => log::warn!(
+                binary = binary.as_str();
+                "quarantined {} ({why}) to {}",
+                path.display(),
+                dest.display()
+            ),
+        },
+        Err(e) => log::error!(
+            "cannot restore {} ({why}) nor quarantine it: {e}",
+            path.display()
+        ),
+    }
+}
+
+/// Bring the public binaries of `registry` in line with the state directory after another
+/// worker loaded, configured or unloaded one: register the new ones, forget the removed
+/// ones, take changed configurations. Returns how many changed.
+pub fn sync_public(dir: &StateDir, registry: &crate::registry::Registry) -> io::Result<usize> {
+    let hash = registry.engine().compat_hash();
+    let stored: Vec<StoredBinary> = dir
+        .list_binaries()?
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|b| b.meta.public)
+        .collect();
+    let mut changed = 0;
+    for bin in registry.all() {
+        if !bin.public {
+            continue;
+        }
+        match stored.iter().find(|s| s.meta.id == bin.id) {
+            None => {
+                registry.forget(bin.id);
+                changed += 1;
+            }
+            Some(s) if **bin.config.load() != s.meta.config => {
+                bin.config.store(std::sync::Arc::new(s.meta.config.clone()));
+                changed += 1;
+            }
+            Some(_) => {}
+        }
+    }
+    for s in &stored {
+        if registry.get(s.meta.id).is_none() {
+            match restore_one(dir, registry, s, &hash) {
+                Ok(_) => changed += 1,
+                Err(why) => log::warn!("public binary {} could not be read: {why}", s.meta.id),
+            }
+        }
+    }
+    Ok(changed)
 }
 
 /// Register every stored binary with its UUID, name and owner: from the precompiled
 /// artifact when it matches this engine, else by compiling the original bytes (and storing
 /// a new artifact). An entry that cannot be restored is quarantined, never fatal.
-pub fn restore(dir: &StateDir, registry: &crate::registry::Registry) -> io::Result<RestoreReport> {
+///
+/// A tenant's worker (`scope` of one tenant) restores that tenant's and the public binaries
+/// and passes over unreadable entries: the broker's [`scan`] quarantined those at start.
+pub fn restore(
+    dir: &StateDir,
+    registry: &crate::registry::Registry,
+    scope: Scope,
+) -> io::Result<RestoreReport> {
     let hash = registry.engine().compat_hash();
     let mut report = RestoreReport::default();
     for entry in dir.list_binaries()? {
         // The owner, when the entry's metadata could be read.
         let result = match entry {
+            Err(_) if scope != Scope::All => continue,
             Err((path, why)) => Err((path, why, None)),
+            Ok(stored) if !scope.holds(stored.meta.owner, stored.meta.public) => continue,
             Ok(stored) => restore_one(dir, registry, &stored, &hash)
                 .map_err(|why| (stored.dir.clone(), why, Some(stored.meta.owner))),
         };
@@ -387,30 +511,7 @@ pub fn restore(dir: &StateDir, registry: &crate::registry::Registry) -> io::Resu
             }
             Err((path, why, owner)) => {
                 report.quarantined += 1;
-                let binary = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                match dir.quarantine(&path, &why) {
-                    Ok(dest) => match owner {
-                        Some(uid) => log::warn!(
-                            tenant_uid = uid, binary = binary.as_str();
-                            "quarantined {} ({why}) to {}",
-                            path.display(),
-                            dest.display()
-                        ),
-                        None => log::warn!(
-                            binary = binary.as_str();
-                            "quarantined {} ({why}) to {}",
-                            path.display(),
-                            dest.display()
-                        ),
-                    },
-                    Err(e) => log::error!(
-                        "cannot restore {} ({why}) nor quarantine it: {e}",
-                        path.display()
-                    ),
-                }
+                quarantine_logged(dir, &path, &why, owner);
             }
         }
     }
@@ -615,35 +716,38 @@ mod tests {
     }
 
     #[test]
-    fn probe_artifact_round_trip_checksum_and_other_engines() {
-        let root = tmpdir("probe");
+    fn artifact_round_trip_checksum_and_other_engines() {
+        let root = tmpdir("artifact");
         let s = StateDir::open(&root).unwrap();
         let engine = wasmtime::Engine::default();
-        assert!(s.load_probe(&engine, "h1").unwrap().is_none());
-        let module = wasmtime::Module::new(
-            &engine,
-            wat::parse_str("(module (func (export \"f\")))").unwrap(),
-        )
-        .unwrap();
+        let wasm = wat::parse_str("(module (func (export \"f\")))").unwrap();
+        let module = wasmtime::Module::new(&engine, &wasm).unwrap();
         let artifact = module.serialize().unwrap();
-        s.save_probe("h0", &artifact).unwrap();
-        s.save_probe("h1", &artifact).unwrap();
+        let id = Uuid::new_v4();
+        s.save_binary(&meta(id), &wasm, "h0", &artifact).unwrap();
+        let b = s.list_binaries().unwrap().pop().unwrap().unwrap();
+        s.replace_artifact(&b, "h1", &artifact).unwrap();
         // The artifact of another engine is gone; this one's loads.
-        assert!(!root.join("probe/h0.cwasm").exists());
-        assert!(!root.join("probe/h0.cwasm.sha256").exists());
-        let Some(Code::Module(m)) = s.load_probe(&engine, "h1").unwrap() else {
-            panic!("the probe is a module");
+        assert!(!b.artifact_path("h0").exists());
+        assert!(!b.dir.join("h0.cwasm.sha256").exists());
+        let Some(Code::Module(m)) = open_artifact(&engine, &b.artifact_path("h1"), false).unwrap()
+        else {
+            panic!("the artifact is a module");
         };
         assert!(m.get_export("f").is_some());
         // (The module maps its file: written in place below, it must be gone first.)
         drop(m);
         // A torn artifact is refused by its checksum, never handed to Wasmtime.
-        fs::write(root.join("probe/h1.cwasm"), &artifact[..artifact.len() / 2]).unwrap();
-        let e = s.load_probe(&engine, "h1").unwrap_err();
+        fs::write(b.artifact_path("h1"), &artifact[..artifact.len() / 2]).unwrap();
+        let e = open_artifact(&engine, &b.artifact_path("h1"), false).unwrap_err();
         assert!(e.contains("checksum mismatch"), "{e}");
         // Saving again repairs it.
-        s.save_probe("h1", &artifact).unwrap();
-        assert!(s.load_probe(&engine, "h1").unwrap().is_some());
+        s.replace_artifact(&b, "h1", &artifact).unwrap();
+        assert!(
+            open_artifact(&engine, &b.artifact_path("h1"), false)
+                .unwrap()
+                .is_some()
+        );
         fs::remove_dir_all(&root).unwrap();
     }
 

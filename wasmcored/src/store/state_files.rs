@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use super::{StateDir, write_atomic};
 use crate::state::{Entries, MapStateStore, Namespace, Persist};
+use crate::tenant::Scope;
 
 /// Plugin state files under the state directory: `state/<binary>/<uid>.state`.
 #[derive(Debug)]
@@ -38,9 +39,9 @@ impl Persist for FilePersist {
 }
 
 impl MapStateStore<FilePersist> {
-    /// Open the plugin state under `dir`, keeping only namespaces of `binaries`; files that
-    /// cannot be read are quarantined (logged, never fatal).
-    pub fn open(dir: Arc<StateDir>, binaries: &[Uuid]) -> io::Result<Self> {
+    /// Open the plugin state under `dir`, keeping only namespaces of `binaries` of the
+    /// tenants in `scope`; files that cannot be read are quarantined (logged, never fatal).
+    pub fn open(dir: Arc<StateDir>, binaries: &[Uuid], scope: Scope) -> io::Result<Self> {
         let root = dir.root().join("state");
         let mut data = HashMap::new();
         for entry in std::fs::read_dir(&root)? {
@@ -54,11 +55,24 @@ impl MapStateStore<FilePersist> {
                 continue;
             };
             if !binaries.contains(&binary) {
-                quarantine(&dir, &path, "state of a binary that is not registered");
+                // Another tenant's binary: that worker's to read. In one process for all,
+                // state without its binary (the broker's scan quarantines it too).
+                if scope == Scope::All {
+                    quarantine(&dir, &path, "state of a binary that is not registered");
+                }
                 continue;
             }
             for f in std::fs::read_dir(&path)? {
                 let file = f?.path();
+                let of_scope = file
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_suffix(".state"))
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .is_none_or(|uid| scope.holds_state_of(uid));
+                if !of_scope {
+                    continue;
+                }
                 match read_state_file(&file) {
                     Ok((owner, entries)) => {
                         data.insert(Namespace { owner, binary }, entries);
@@ -176,22 +190,39 @@ mod tests {
             owner: 5,
             binary: id,
         };
-        let store = MapStateStore::open(dir.clone(), &[id]).unwrap();
+        let store = MapStateStore::open(dir.clone(), &[id], Scope::All).unwrap();
         assert!(store.blocks());
         store
             .commit(&n, vec![(b"a".to_vec(), Some(b"1".to_vec()))], 100)
             .unwrap();
         drop(store);
         std::fs::write(dir.state_dir_of(id).join("6.state"), b"garbage").unwrap();
-        let store = MapStateStore::open(dir.clone(), &[id]).unwrap();
+        let store = MapStateStore::open(dir.clone(), &[id], Scope::All).unwrap();
         assert_eq!(store.get(&n, b"a").as_deref(), Some(&b"1"[..]));
         assert_eq!(
             std::fs::read_dir(root.join("quarantine")).unwrap().count(),
             2,
             "file + reason"
         );
+        // A tenant's worker reads its own namespaces only and moves nothing of others'.
+        let other = Namespace {
+            owner: 7,
+            binary: id,
+        };
+        let all = MapStateStore::open(dir.clone(), &[id], Scope::All).unwrap();
+        all.commit(&other, vec![(b"b".to_vec(), Some(b"2".to_vec()))], 100)
+            .unwrap();
+        let mine = MapStateStore::open(dir.clone(), &[id], Scope::Tenant(5)).unwrap();
+        assert_eq!(mine.get(&n, b"a").as_deref(), Some(&b"1"[..]));
+        assert_eq!(mine.get(&other, b"b"), None);
+        let theirs = MapStateStore::open(dir.clone(), &[], Scope::Tenant(7)).unwrap();
+        assert_eq!(theirs.total_usage(), 0);
+        assert!(
+            dir.state_dir_of(id).join("7.state").exists(),
+            "left in place"
+        );
         // State of a binary that is gone is moved aside, not loaded.
-        let store = MapStateStore::open(dir, &[]).unwrap();
+        let store = MapStateStore::open(dir, &[], Scope::All).unwrap();
         assert_eq!(store.total_usage(), 0);
         std::fs::remove_dir_all(&root).unwrap();
     }

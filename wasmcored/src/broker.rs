@@ -1,0 +1,1021 @@
+//! The broker's tenant workers: one process per tenant (`wasmcored --worker`), started on
+//! the tenant's first connection, handed each accepted connection of that tenant, asked
+//! for what crosses tenants, stopped when idle, restarted (with backoff) when they fail.
+//!
+//! The broker holds no engine and runs no tenant code: after a handover the worker serves
+//! the connection itself. What the broker answers (an admin's view of every tenant, a
+//! request about another tenant's binary) it builds from the workers' answers over the
+//! control channel ([`crate::control`]) and the stored metadata.
+//!
+//! Locks: `workers` and each worker's tables are `std::sync::Mutex`es held for map updates
+//! only, never across an `.await`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::sys::socket::{
+    AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, sendmsg, socketpair,
+};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use wasmcore_proto::{
+    BinaryInfo, BinaryMetrics, ErrorBody, ErrorCode, HistogramData, KindMetrics, ListResponse,
+    MetricsResponse, Response, StatusResponse, TenantMetrics, WorkerInfo, sketch_quantile,
+};
+
+use std::os::unix::process::CommandExt;
+
+use crate::config::{Config, Live};
+use crate::control::{self, Ask, Call, FromWorker, Handover, TenantWire, ToWorker, WorkerCounts};
+use crate::metrics::{Metrics, Refusal};
+use crate::store::StateDir;
+use crate::sys;
+use crate::tenant::Tenant;
+
+/// How long a call to a worker may take before the broker gives up on it (a forwarded
+/// request runs as long as its own timeout allows instead).
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A worker that fails this soon after it started counts towards its tenant's backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
+
+/// The broker's view of the tenant workers.
+pub struct Broker {
+    live: Live,
+    /// The state directory, read for the owners of stored binaries.
+    pub store: Arc<StateDir>,
+    /// The program to start workers from: this very binary.
+    exe: PathBuf,
+    workers: Mutex<HashMap<u32, Arc<Worker>>>,
+    /// Consecutive failures per tenant and when its worker may start again.
+    failures: Mutex<HashMap<u32, Backoff>>,
+    /// Connection refusals and worker failures the broker counts.
+    pub metrics: Metrics,
+    /// Connections handed over and not yet closed, over all workers.
+    pub connections: AtomicU64,
+    next_conn: AtomicU64,
+    pub started: Instant,
+    /// Milliseconds since start of the last connection opened or closed (idle exit).
+    last_activity_ms: AtomicU64,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("workers", &self.live_workers().len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    failures: u32,
+    total: u64,
+    until: Instant,
+}
+
+/// One live worker process.
+pub struct Worker {
+    pub uid: u32,
+    pub pid: u32,
+    started: Instant,
+    started_at: u64,
+    handover: OwnedFd,
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    calls: Mutex<HashMap<u64, oneshot::Sender<serde_json::Value>>>,
+    next_call: AtomicU64,
+    /// Connections handed over and not yet closed, each holding its `max_connections` permit.
+    conns: Mutex<HashMap<u64, OwnedSemaphorePermit>>,
+    /// Milliseconds (since the worker started) when it last had no connection.
+    idle_since_ms: AtomicU64,
+    /// Told to stop (idle or shutdown): its end is not a failure.
+    stopping: AtomicBool,
+}
+
+impl Worker {
+    pub fn connections(&self) -> u64 {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).len() as u64
+    }
+
+    fn send(&self, msg: &ToWorker) -> bool {
+        self.tx.send(control::encode(msg)).is_ok()
+    }
+
+    /// Ask the worker something; `None` if it did not answer in time or went away.
+    async fn call(&self, call: Call, timeout: Option<Duration>) -> Option<serde_json::Value> {
+        let id = self.next_call.fetch_add(1, Relaxed);
+        let (done, answer) = oneshot::channel();
+        self.calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, done);
+        if !self.send(&ToWorker::Call { id, call }) {
+            return None;
+        }
+        let r = match timeout {
+            Some(t) => tokio::time::timeout(t, answer).await.ok()?.ok(),
+            None => answer.await.ok(),
+        };
+        if r.is_none() {
+            self.calls
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+        }
+        r
+    }
+
+    fn info(&self) -> WorkerInfo {
+        let (rss_bytes, cpu_us) = proc_usage(self.pid);
+        WorkerInfo {
+            uid: self.uid,
+            pid: self.pid,
+            connections: self.connections(),
+            rss_bytes,
+            cpu_us,
+            started_at: self.started_at,
+        }
+    }
+}
+
+/// Why a connection could not be handed to its tenant's worker.
+#[derive(Debug)]
+pub struct Refused {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Broker {
+    /// The broker over the state directory of `live`'s config, which the caller opened
+    /// (and checked) as `store`.
+    pub fn new(live: Live, store: Arc<StateDir>) -> anyhow::Result<Arc<Broker>> {
+        // /proc/self/exe: the binary this process runs, also after a package upgrade
+        // replaced the file on disk, so broker and workers are always the same version.
+        let exe = PathBuf::from("/proc/self/exe");
+        Ok(Arc::new(Broker {
+            live,
+            store,
+            exe,
+            workers: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
+            metrics: Metrics::default(),
+            connections: AtomicU64::new(0),
+            next_conn: AtomicU64::new(0),
+            started: Instant::now(),
+            last_activity_ms: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.live.load_full()
+    }
+
+    /// Put `config` in force for the connections accepted from now on.
+    pub fn apply(&self, config: Config) {
+        self.live.store(Arc::new(config));
+    }
+
+    /// Every live worker.
+    pub fn live_workers(&self) -> Vec<Arc<Worker>> {
+        let mut v: Vec<_> = self
+            .workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by_key(|w| w.uid);
+        v
+    }
+
+    fn live_worker(&self, uid: u32) -> Option<Arc<Worker>> {
+        self.workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&uid)
+            .cloned()
+    }
+
+    pub(crate) fn touch(&self) {
+        self.last_activity_ms
+            .store(self.started.elapsed().as_millis() as u64, Relaxed);
+    }
+
+    pub(crate) fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_activity_ms.load(Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+
+    pub(crate) fn status_line(&self) -> String {
+        format!(
+            "{} workers, {} connections",
+            self.live_workers().len(),
+            self.connections.load(Relaxed)
+        )
+    }
+
+    /// Hand `stream`, accepted from `tenant`, to the tenant's worker (started if it has
+    /// none). `permit` is the connection's place under `server.max_connections`.
+    pub fn hand_over(
+        self: &Arc<Self>,
+        stream: &impl AsFd,
+        tenant: &Tenant,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<(), Refused> {
+        let worker = self.worker_for(tenant.uid)?;
+        let quota = self.live.load().quotas.for_uid(tenant.uid).connections;
+        let conn = self.next_conn.fetch_add(1, Relaxed);
+        {
+            let mut conns = worker.conns.lock().unwrap_or_else(|p| p.into_inner());
+            if conns.len() >= quota {
+                self.metrics.refused(tenant.uid, Refusal::Connections);
+                return Err(Refused {
+                    code: ErrorCode::Busy,
+                    message: format!(
+                        "you already have {} connections open, your limit is {quota}; close one and retry",
+                        conns.len()
+                    ),
+                });
+            }
+            conns.insert(conn, permit);
+        }
+        self.metrics
+            .tenant(tenant.uid)
+            .connections_opened
+            .fetch_add(1, Relaxed);
+        let msg = control::encode(&Handover {
+            conn,
+            tenant: TenantWire::from(tenant),
+        });
+        let fds = [stream.as_fd().as_raw_fd()];
+        let sent = sendmsg::<()>(
+            worker.handover.as_raw_fd(),
+            &[std::io::IoSlice::new(&msg)],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            None,
+        );
+        if let Err(e) = sent {
+            worker
+                .conns
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&conn);
+            return Err(Refused {
+                code: ErrorCode::Busy,
+                message: format!(
+                    "your worker (uid {}) is not taking connections now ({e}); retry later",
+                    tenant.uid
+                ),
+            });
+        }
+        self.connections.fetch_add(1, Relaxed);
+        self.touch();
+        Ok(())
+    }
+
+    /// The live worker of `uid`, or a new one.
+    fn worker_for(self: &Arc<Self>, uid: u32) -> Result<Arc<Worker>, Refused> {
+        let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = workers.get(&uid) {
+            return Ok(w.clone());
+        }
+        if let Some(b) = self
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&uid)
+            && b.until > Instant::now()
+        {
+            let wait = b.until - Instant::now();
+            return Err(Refused {
+                code: ErrorCode::Busy,
+                message: format!(
+                    "the worker of uid {uid} failed {} times in a row; the next start is in {} ms",
+                    b.failures,
+                    wait.as_millis() + 1
+                ),
+            });
+        }
+        let w = self.spawn(uid).map_err(|e| {
+            log::error!(tenant_uid = uid; "starting the worker of uid {uid}: {e}");
+            Refused {
+                code: ErrorCode::Internal,
+                message: format!("the daemon could not start a worker for uid {uid}: {e}"),
+            }
+        })?;
+        workers.insert(uid, w.clone());
+        Ok(w)
+    }
+
+    /// Start the worker of `uid`: two socketpairs, the process, the hello, the reader.
+    fn spawn(self: &Arc<Self>, uid: u32) -> std::io::Result<Arc<Worker>> {
+        let (handover, their_handover) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        let (control, their_control) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        let mut cmd = std::process::Command::new(&self.exe);
+        cmd.arg("--worker")
+            .arg(uid.to_string())
+            .arg0("wasmcored-worker")
+            .stdin(std::process::Stdio::null());
+        sys::map_fds_and_die_with_parent(
+            &mut cmd,
+            [
+                (their_handover.as_raw_fd(), control::HANDOVER_FD),
+                (their_control.as_raw_fd(), control::CONTROL_FD),
+            ],
+        );
+        let mut child = cmd.spawn()?;
+        drop((their_handover, their_control));
+        let pid = child.id();
+        let control = std::os::unix::net::UnixStream::from(control);
+        control.set_nonblocking(true)?;
+        let (rd, mut wr) = tokio::net::UnixStream::from_std(control)?.into_split();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let worker = Arc::new(Worker {
+            uid,
+            pid,
+            started: Instant::now(),
+            started_at: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            handover,
+            tx,
+            calls: Mutex::new(HashMap::new()),
+            next_call: AtomicU64::new(0),
+            conns: Mutex::new(HashMap::new()),
+            idle_since_ms: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+        });
+        worker.send(&ToWorker::Hello {
+            uid,
+            config: Box::new((*self.config()).clone()),
+        });
+        tokio::spawn(async move {
+            while let Some(msg) = rx.recv().await {
+                if wr.write_all(&msg).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let (broker, w) = (self.clone(), worker.clone());
+        tokio::spawn(async move {
+            broker.read_worker(&w, rd).await;
+            broker.worker_gone(&w, &mut child).await;
+        });
+        log::info!(tenant_uid = uid; "started the worker of uid {uid} (pid {pid})");
+        Ok(worker)
+    }
+
+    /// Read what worker `w` says until its channel ends.
+    async fn read_worker(self: &Arc<Self>, w: &Arc<Worker>, rd: tokio::net::unix::OwnedReadHalf) {
+        let mut reader = BufReader::new(rd);
+        let mut line = Vec::new();
+        loop {
+            match control::read_line(&mut reader, &mut line).await {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    log::error!(tenant_uid = w.uid; "the worker of uid {} sent an unreadable message ({e}); stopping it", w.uid);
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(w.pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    return;
+                }
+            }
+            let msg = match serde_json::from_slice::<FromWorker>(&line) {
+                Ok(m) => m,
+                Err(e) => {
+                    log::error!(tenant_uid = w.uid; "the worker of uid {} sent an unknown message: {e}", w.uid);
+                    continue;
+                }
+            };
+            match msg {
+                FromWorker::Ready => {
+                    log::debug!("the worker of uid {} is ready", w.uid);
+                }
+                FromWorker::Closed { conn } => {
+                    let mut conns = w.conns.lock().unwrap_or_else(|p| p.into_inner());
+                    if conns.remove(&conn).is_some() {
+                        self.connections.fetch_sub(1, Relaxed);
+                    }
+                    if conns.is_empty() {
+                        w.idle_since_ms
+                            .store(w.started.elapsed().as_millis() as u64, Relaxed);
+                    }
+                    drop(conns);
+                    self.touch();
+                }
+                FromWorker::Reply { id, response } => {
+                    let waiting = w
+                        .calls
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&id);
+                    if let Some(done) = waiting {
+                        let _ = done.send(response);
+                    }
+                }
+                FromWorker::Ask { id, tenant, ask } => {
+                    let (broker, w) = (self.clone(), w.clone());
+                    tokio::spawn(async move {
+                        let response = broker.answer(&w, tenant, ask).await;
+                        w.send(&ToWorker::Answer { id, response });
+                    });
+                }
+            }
+        }
+    }
+
+    /// Worker `w` ended: forget it, free its connections, reap it, and count a failure
+    /// unless it was told to stop.
+    async fn worker_gone(&self, w: &Arc<Worker>, child: &mut std::process::Child) {
+        {
+            let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+            if workers.get(&w.uid).is_some_and(|x| Arc::ptr_eq(x, w)) {
+                workers.remove(&w.uid);
+            }
+        }
+        let lost = {
+            let mut conns = w.conns.lock().unwrap_or_else(|p| p.into_inner());
+            let n = conns.len() as u64;
+            conns.clear();
+            n
+        };
+        self.connections.fetch_sub(lost, Relaxed);
+        w.calls.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.touch();
+        // The control channel closes as the process exits: the wait is short.
+        let pid = w.pid;
+        let status = {
+            let mut status = None;
+            for _ in 0..200 {
+                match child.try_wait() {
+                    Ok(Some(s)) => {
+                        status = Some(s);
+                        break;
+                    }
+                    Ok(None) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    Err(_) => break,
+                }
+            }
+            if status.is_none() {
+                let _ = child.kill();
+                status = child.wait().ok();
+            }
+            status
+        };
+        let clean = w.stopping.load(Relaxed) && status.is_some_and(|s| s.success());
+        if clean {
+            log::info!(tenant_uid = w.uid; "the worker of uid {} (pid {pid}) exited", w.uid);
+            return;
+        }
+        let how = status.map_or("could not be waited for".to_string(), |s| s.to_string());
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let b = failures.entry(w.uid).or_insert(Backoff {
+            failures: 0,
+            total: 0,
+            until: Instant::now(),
+        });
+        if w.started.elapsed() >= STABLE_AFTER {
+            b.failures = 0;
+        }
+        b.failures += 1;
+        b.total += 1;
+        // The first failure restarts at the next connection; repeated ones wait longer.
+        let delay = match b.failures {
+            1 => Duration::ZERO,
+            n => Duration::from_millis(250u64 << (n - 2).min(7)).min(Duration::from_secs(30)),
+        };
+        b.until = Instant::now() + delay;
+        log::warn!(
+            tenant_uid = w.uid, error_code = "internal";
+            "the worker of uid {} (pid {pid}) ended: {how}; {lost} connections closed; {} failures in a row, next start {}",
+            w.uid,
+            b.failures,
+            if delay.is_zero() { "at the next connection".to_string() } else { format!("in {} ms at the earliest", delay.as_millis()) }
+        );
+    }
+
+    /// Stop workers without a connection for `workers.idle_timeout_s`; kill workers that no
+    /// longer answer (they are restarted at their tenant's next connection).
+    pub async fn tend(self: &Arc<Self>) {
+        let idle = self.live.load().workers.idle_timeout;
+        for w in self.live_workers() {
+            let now_ms = w.started.elapsed().as_millis() as u64;
+            let idle_for =
+                Duration::from_millis(now_ms.saturating_sub(w.idle_since_ms.load(Relaxed)));
+            if w.connections() == 0
+                && idle_for >= idle
+                && w.calls.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+            {
+                self.stop(&w);
+                log::info!(tenant_uid = w.uid; "the worker of uid {} had no connection for {idle:?}: stopping it", w.uid);
+                continue;
+            }
+            if w.call(Call::Counts, Some(CALL_TIMEOUT)).await.is_none() && !w.stopping.load(Relaxed)
+            {
+                log::error!(tenant_uid = w.uid; "the worker of uid {} (pid {}) did not answer for {CALL_TIMEOUT:?}: killing it", w.uid, w.pid);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(w.pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+
+    /// Take `w` out of service and tell it to finish.
+    fn stop(&self, w: &Arc<Worker>) {
+        {
+            let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+            if workers.get(&w.uid).is_some_and(|x| Arc::ptr_eq(x, w)) {
+                workers.remove(&w.uid);
+            }
+        }
+        w.stopping.store(true, Relaxed);
+        w.send(&ToWorker::Shutdown);
+    }
+
+    /// Tell every worker to finish its connections' requests and exit; wait up to `grace`.
+    pub async fn shutdown(&self, grace: Duration) {
+        let all = self.live_workers();
+        for w in &all {
+            self.stop(w);
+        }
+        let deadline = Instant::now() + grace + Duration::from_millis(500);
+        while all.iter().any(|w| {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(w.pid as i32), None).is_ok()
+                && !w.tx.is_closed()
+        }) && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Pass a reloaded configuration to every worker.
+    pub fn reload(&self, config: &Config) {
+        for w in self.live_workers() {
+            w.send(&ToWorker::Reload {
+                config: Box::new(config.clone()),
+            });
+        }
+    }
+
+    /// Answer what worker `from` asks for `tenant`: a wire response.
+    async fn answer(
+        self: &Arc<Self>,
+        from: &Arc<Worker>,
+        tenant: TenantWire,
+        ask: Ask,
+    ) -> serde_json::Value {
+        let result = match ask {
+            Ask::Forward { binary, request } => self.forward(from, tenant, binary, request).await,
+            Ask::ListAll => self.list_all().await,
+            Ask::Metrics => self.metrics_all().await,
+            Ask::Status { own } => self.status_all(*own).await,
+            Ask::PublicChanged => {
+                for w in self.live_workers() {
+                    if !Arc::ptr_eq(&w, from)
+                        && w.call(Call::Refresh, Some(CALL_TIMEOUT)).await.is_none()
+                    {
+                        log::warn!(tenant_uid = w.uid; "the worker of uid {} did not take the public binaries' change", w.uid);
+                    }
+                }
+                Ok(serde_json::json!({"ok": true}))
+            }
+        };
+        result.unwrap_or_else(|e| {
+            serde_json::to_value(Response::<wasmcore_proto::Empty>::failure(None, e))
+                .unwrap_or_default()
+        })
+    }
+
+    /// An admin's request about `binary`, run in its owner's worker.
+    async fn forward(
+        self: &Arc<Self>,
+        from: &Arc<Worker>,
+        tenant: TenantWire,
+        binary: uuid::Uuid,
+        request: Box<wasmcore_proto::Request>,
+    ) -> Result<serde_json::Value, ErrorBody> {
+        let store = self.store.clone();
+        let meta = tokio::task::spawn_blocking(move || store.read_meta(binary))
+            .await
+            .ok()
+            .flatten();
+        let Some(meta) = meta.filter(|m| m.owner != from.uid) else {
+            return Err(ErrorBody::new(
+                ErrorCode::NotFound,
+                format!(
+                    "no binary {binary:?} is visible to you (uid {})",
+                    tenant.uid
+                ),
+            ));
+        };
+        let owner = self
+            .worker_for(meta.owner)
+            .map_err(|r| ErrorBody::new(r.code, r.message))?;
+        owner
+            .call(Call::Request { tenant, request }, None)
+            .await
+            .ok_or_else(|| {
+                ErrorBody::new(
+                    ErrorCode::Internal,
+                    format!("the worker of uid {} ended before it answered", meta.owner),
+                )
+            })
+    }
+
+    /// Every stored binary: as its owner's live worker reports it (with its executions),
+    /// else from its stored metadata.
+    async fn list_all(self: &Arc<Self>) -> Result<serde_json::Value, ErrorBody> {
+        let store = self.store.clone();
+        let metas = tokio::task::spawn_blocking(move || {
+            store.list_binaries().map(|v| {
+                v.into_iter()
+                    .filter_map(Result::ok)
+                    .map(|b| b.meta)
+                    .collect::<Vec<_>>()
+            })
+        })
+        .await
+        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| {
+            ErrorBody::new(
+                ErrorCode::Internal,
+                format!("reading the stored binaries: {e}"),
+            )
+        })?;
+        let mut reported: HashMap<String, BinaryInfo> = HashMap::new();
+        for w in self.live_workers() {
+            if let Some(v) = w.call(Call::Owned, Some(CALL_TIMEOUT)).await
+                && let Ok(owned) = serde_json::from_value::<Vec<BinaryInfo>>(v)
+            {
+                reported.extend(owned.into_iter().map(|b| (b.binary.clone(), b)));
+            }
+        }
+        let mut binaries: Vec<BinaryInfo> = metas
+            .into_iter()
+            .map(|m| {
+                reported.remove(&m.id.to_string()).unwrap_or(BinaryInfo {
+                    binary: m.id.to_string(),
+                    name: m.name,
+                    owner_uid: m.owner,
+                    size: m.size,
+                    sha256: m.sha256,
+                    kind: m.kind,
+                    public: m.public,
+                    loaded_at: m.loaded_at,
+                    executions: 0,
+                })
+            })
+            .collect();
+        binaries.sort_by(|a, b| {
+            a.loaded_at
+                .cmp(&b.loaded_at)
+                .then_with(|| a.binary.cmp(&b.binary))
+        });
+        Ok(
+            serde_json::to_value(Response::success(None, ListResponse { binaries }))
+                .unwrap_or_default(),
+        )
+    }
+
+    /// Every live worker's figures, merged, with the broker's own.
+    async fn metrics_all(self: &Arc<Self>) -> Result<serde_json::Value, ErrorBody> {
+        let mut parts = Vec::new();
+        for w in self.live_workers() {
+            if let Some(v) = w.call(Call::Metrics, Some(CALL_TIMEOUT)).await
+                && let Ok(m) = serde_json::from_value::<MetricsResponse>(v)
+            {
+                parts.push(m);
+            }
+        }
+        let mut merged = merge_metrics(parts);
+        merged.uptime_seconds = self.started.elapsed().as_secs_f64();
+        merged.connections_open = Some(self.connections.load(Relaxed));
+        // What only the broker saw: connection refusals, connections opened, failures.
+        for (uid, stats) in self.metrics.tenants() {
+            let t = tenant_entry(&mut merged.tenants, uid);
+            t.connections_opened = t
+                .connections_opened
+                .max(stats.connections_opened.load(Relaxed));
+            for (why, n) in stats.refusals() {
+                *t.refusals.entry(why.to_string()).or_default() += n;
+            }
+        }
+        for (uid, b) in self
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            tenant_entry(&mut merged.tenants, *uid).worker_failures = b.total;
+        }
+        for t in &mut merged.tenants {
+            t.connections_open = self.live_worker(t.uid).map_or(0, |w| w.connections());
+        }
+        merged.tenants.sort_by_key(|t| t.uid);
+        Ok(serde_json::to_value(Response::success(None, merged)).unwrap_or_default())
+    }
+
+    /// An admin's `status`: the asking worker's answer with the daemon-wide counts.
+    async fn status_all(
+        self: &Arc<Self>,
+        mut own: StatusResponse,
+    ) -> Result<serde_json::Value, ErrorBody> {
+        let dir = self.store.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            let metas: Vec<_> = dir
+                .list_binaries()
+                .ok()?
+                .into_iter()
+                .filter_map(Result::ok)
+                .collect();
+            let bytes = metas
+                .iter()
+                .map(|b| dir.stored_bytes(b.meta.id))
+                .sum::<u64>();
+            Some((metas.len() as u64, bytes))
+        })
+        .await
+        .ok()
+        .flatten();
+        let (binaries, stored_bytes) = stored.unwrap_or((own.binaries, own.stored_bytes));
+        let mut counts = WorkerCounts::default();
+        let workers = self.live_workers();
+        for w in &workers {
+            if let Some(v) = w.call(Call::Counts, Some(CALL_TIMEOUT)).await
+                && let Ok(c) = serde_json::from_value::<WorkerCounts>(v)
+            {
+                counts.executions += c.executions;
+                counts.executions_running += c.executions_running;
+                counts.state_bytes += c.state_bytes;
+            }
+        }
+        own.uptime_s = self.started.elapsed().as_secs();
+        own.binaries = binaries;
+        own.stored_bytes = stored_bytes;
+        own.executions = counts.executions;
+        own.executions_running = counts.executions_running;
+        own.state_bytes = counts.state_bytes;
+        own.connections = self.connections.load(Relaxed);
+        own.workers = Some(workers.iter().map(|w| w.info()).collect());
+        Ok(serde_json::to_value(Response::success(None, own)).unwrap_or_default())
+    }
+
+    /// The tenant workers as `status` lists them.
+    pub fn worker_infos(&self) -> Vec<WorkerInfo> {
+        self.live_workers().iter().map(|w| w.info()).collect()
+    }
+}
+
+/// Resident bytes and user+system CPU microseconds of process `pid` (zeros if unreadable).
+fn proc_usage(pid: u32) -> (u64, u64) {
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64;
+    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64;
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * page);
+    // Fields after the command name (which may hold spaces) start after its ')'.
+    let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .map_or(0, |ticks| ticks * 1_000_000 / tick.max(1));
+    (rss, cpu)
+}
+
+fn tenant_entry(tenants: &mut Vec<TenantMetrics>, uid: u32) -> &mut TenantMetrics {
+    if let Some(i) = tenants.iter().position(|t| t.uid == uid) {
+        return &mut tenants[i];
+    }
+    tenants.push(TenantMetrics {
+        uid,
+        connections_open: 0,
+        connections_opened: 0,
+        executions_running: 0,
+        binaries: 0,
+        binary_bytes: 0,
+        state_bytes: 0,
+        loads_ok: 0,
+        loads_failed: 0,
+        compile_seconds: HistogramData::default(),
+        refusals: BTreeMap::new(),
+        kinds: Vec::new(),
+        worker_failures: 0,
+    });
+    tenants.last_mut().expect("just pushed")
+}
+
+/// Workers' admin views merged into one: counters added; a tenant's binaries, bytes and
+/// state taken from the largest report (its own worker's: others hold only its public
+/// binaries); a public binary's figures added over the workers that ran it.
+fn merge_metrics(parts: Vec<MetricsResponse>) -> MetricsResponse {
+    let mut out = MetricsResponse {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        wasmtime_version: String::new(),
+        protocol: wasmcore_proto::PROTOCOL_VERSION,
+        uptime_seconds: 0.0,
+        all_tenants: true,
+        connections_open: Some(0),
+        executions_running: Some(0),
+        pool: None,
+        restore: None,
+        tenants: Vec::new(),
+        binaries: Vec::new(),
+    };
+    for part in parts {
+        out.wasmtime_version = part.wasmtime_version;
+        *out.executions_running.get_or_insert(0) += part.executions_running.unwrap_or(0);
+        if let Some(p) = part.pool {
+            let o = out.pool.get_or_insert(wasmcore_proto::PoolMetrics {
+                capacity: 0,
+                core_instances: 0,
+                component_instances: 0,
+                memories: 0,
+                tables: 0,
+                unused_warm_memories: 0,
+            });
+            o.capacity += p.capacity;
+            o.core_instances += p.core_instances;
+            o.component_instances += p.component_instances;
+            o.memories += p.memories;
+            o.tables += p.tables;
+            o.unused_warm_memories += p.unused_warm_memories;
+        }
+        if let Some(r) = part.restore {
+            let o = out.restore.get_or_insert(wasmcore_proto::RestoreMetrics {
+                restored: 0,
+                recompiled: 0,
+                quarantined: 0,
+            });
+            o.restored += r.restored;
+            o.recompiled += r.recompiled;
+            o.quarantined += r.quarantined;
+        }
+        for t in part.tenants {
+            let o = tenant_entry(&mut out.tenants, t.uid);
+            o.connections_opened += t.connections_opened;
+            o.executions_running += t.executions_running;
+            o.binaries = o.binaries.max(t.binaries);
+            o.binary_bytes = o.binary_bytes.max(t.binary_bytes);
+            o.state_bytes = o.state_bytes.max(t.state_bytes);
+            o.loads_ok += t.loads_ok;
+            o.loads_failed += t.loads_failed;
+            add_histogram(&mut o.compile_seconds, &t.compile_seconds);
+            for (why, n) in t.refusals {
+                *o.refusals.entry(why).or_default() += n;
+            }
+            for k in t.kinds {
+                match o.kinds.iter_mut().find(|x| x.kind == k.kind) {
+                    None => o.kinds.push(k),
+                    Some(x) => add_kind(x, &k),
+                }
+            }
+        }
+        for b in part.binaries {
+            match out.binaries.iter_mut().find(|x| x.binary == b.binary) {
+                None => out.binaries.push(b),
+                Some(x) => add_binary(x, &b),
+            }
+        }
+    }
+    out
+}
+
+fn add_histogram(into: &mut HistogramData, h: &HistogramData) {
+    if into.buckets.is_empty() {
+        *into = h.clone();
+        return;
+    }
+    for (o, b) in into.buckets.iter_mut().zip(&h.buckets) {
+        o.1 += b.1;
+    }
+    into.count += h.count;
+    into.sum += h.sum;
+}
+
+fn add_kind(into: &mut KindMetrics, k: &KindMetrics) {
+    for (outcome, n) in &k.executions {
+        *into.executions.entry(outcome.clone()).or_default() += n;
+    }
+    into.fuel_total += k.fuel_total;
+    into.memory_peak_bytes = into.memory_peak_bytes.max(k.memory_peak_bytes);
+    add_histogram(&mut into.latency_seconds, &k.latency_seconds);
+}
+
+fn add_binary(into: &mut BinaryMetrics, b: &BinaryMetrics) {
+    into.executions += b.executions;
+    into.errors += b.errors;
+    into.wall_seconds_total += b.wall_seconds_total;
+    into.fuel_total += b.fuel_total;
+    into.memory_peak_bytes = into.memory_peak_bytes.max(b.memory_peak_bytes);
+    let mut sketch: BTreeMap<u32, u64> = into.sketch.iter().copied().collect();
+    for (i, n) in &b.sketch {
+        *sketch.entry(*i).or_default() += n;
+    }
+    into.sketch = sketch.into_iter().collect();
+    into.p50_seconds = sketch_quantile(&into.sketch, 0.5);
+    into.p99_seconds = sketch_quantile(&into.sketch, 0.99);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hist(counts: &[u64]) -> HistogramData {
+        HistogramData {
+            buckets: counts
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (i as f64, *c))
+                .collect(),
+            count: *counts.last().unwrap_or(&0),
+            sum: 1.0,
+        }
+    }
+
+    #[test]
+    fn metrics_of_workers_add_up_and_public_binaries_merge() {
+        let part = |uid: u32, binaries: u64, execs: u64| MetricsResponse {
+            version: "v".into(),
+            wasmtime_version: "w".into(),
+            protocol: 1,
+            uptime_seconds: 1.0,
+            all_tenants: true,
+            connections_open: Some(1),
+            executions_running: Some(1),
+            pool: None,
+            restore: None,
+            tenants: vec![{
+                let mut t = tenant_entry(&mut Vec::new(), uid).clone();
+                t.binaries = binaries;
+                t.kinds = vec![KindMetrics {
+                    kind: wasmcore_proto::ModuleKind::Process,
+                    executions: BTreeMap::from([("ok".to_string(), execs)]),
+                    fuel_total: 10,
+                    memory_peak_bytes: 100 * execs,
+                    latency_seconds: hist(&[execs, execs]),
+                }];
+                t
+            }],
+            binaries: vec![BinaryMetrics {
+                binary: "p".into(),
+                name: None,
+                owner_uid: 0,
+                kind: wasmcore_proto::ModuleKind::Process,
+                executions: execs,
+                errors: 0,
+                wall_seconds_total: 0.5,
+                fuel_total: 1,
+                memory_peak_bytes: 7,
+                p50_seconds: None,
+                p99_seconds: None,
+                sketch: vec![(3, execs)],
+            }],
+        };
+        // Two workers report uid 0 (its own worker: 3 binaries; another: its 1 public one).
+        let m = merge_metrics(vec![part(0, 3, 2), part(0, 1, 5), part(7, 1, 1)]);
+        assert_eq!(m.executions_running, Some(3));
+        let root = m.tenants.iter().find(|t| t.uid == 0).unwrap();
+        assert_eq!(root.binaries, 3);
+        assert_eq!(root.kinds[0].executions["ok"], 7);
+        assert_eq!(root.kinds[0].latency_seconds.count, 7);
+        assert_eq!(root.kinds[0].memory_peak_bytes, 500);
+        assert_eq!(m.binaries.len(), 1);
+        assert_eq!(m.binaries[0].executions, 8);
+        assert_eq!(m.binaries[0].sketch, vec![(3, 8)]);
+        assert!(m.binaries[0].p50_seconds.is_some());
+    }
+
+    #[test]
+    fn proc_usage_reads_this_process() {
+        let (rss, _cpu) = proc_usage(std::process::id());
+        assert!(rss > 0);
+    }
+}

@@ -1,0 +1,287 @@
+//! A tenant's worker: the process that runs one tenant's code (`wasmcored --worker`, started
+//! by the broker, never by hand).
+//!
+//! It reads its tenant and the configuration from the control channel
+//! ([`crate::control`]), restores that tenant's binaries and the public ones into a
+//! [`Daemon`] of its own (engine, pool, registry, executor, metrics), confines itself, and
+//! then serves every connection the broker hands over with the same connection and command
+//! code as always: the broker is off the request path. It answers the broker's calls (an
+//! admin's request about its binaries, its figures, a refresh of the public binaries) and
+//! asks the broker for what crosses tenants ([`crate::daemon::Upstream`]).
+//!
+//! It exits when the broker says so (idle, shutdown), and at once when the broker is gone
+//! (end of the control channel; the kernel's parent-death signal covers a broker killed
+//! before that is seen).
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncWriteExt, BufReader, Interest};
+use tokio::sync::{mpsc, oneshot, watch};
+use wasmcore_proto::{BinaryInfo, Response};
+
+use crate::cmd::{self, Origin};
+use crate::control::{
+    self, Ask, Call, FromWorker, Handover, MAX_HANDOVER, TenantWire, ToWorker, WorkerCounts,
+};
+use crate::daemon::{Daemon, Upstream};
+use crate::error::Error;
+use crate::sys;
+use crate::tenant::{Scope, Tenant};
+
+/// Run the worker of tenant `uid` on the descriptors the broker passed; returns when told
+/// to stop or when the broker is gone.
+pub fn main(uid: u32) -> anyhow::Result<()> {
+    let handover = sys::inherited_fd(control::HANDOVER_FD)?;
+    let control = sys::inherited_fd(control::CONTROL_FD)?;
+    // The same number of threads in every worker: the kernel's scheduler then shares the
+    // CPU between tenants, not between connections.
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .thread_name("wasmcored-worker")
+        .build()?;
+    let r = runtime.block_on(run(uid, handover, control));
+    // Guests still running past the grace period are abandoned with the runtime.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    r
+}
+
+/// Calls to the broker waiting for their answer.
+#[derive(Default)]
+struct Pending {
+    next: AtomicU64,
+    waiting: Mutex<HashMap<u64, oneshot::Sender<serde_json::Value>>>,
+}
+
+/// The worker's end of the control channel, as the commands' [`Upstream`].
+struct Link {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    pending: Arc<Pending>,
+}
+
+impl Upstream for Link {
+    fn ask(
+        &self,
+        tenant: &Tenant,
+        ask: Ask,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<serde_json::Value, Error>> + Send>>
+    {
+        let id = self.pending.next.fetch_add(1, Relaxed);
+        let (done, answer) = oneshot::channel();
+        self.pending
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, done);
+        let sent = self.tx.send(control::encode(&FromWorker::Ask {
+            id,
+            tenant: TenantWire::from(tenant),
+            ask,
+        }));
+        Box::pin(async move {
+            sent.map_err(|_| Error::internal("the broker is gone"))?;
+            answer
+                .await
+                .map_err(|_| Error::internal("the broker did not answer"))
+        })
+    }
+}
+
+async fn run(uid: u32, handover: OwnedFd, control: OwnedFd) -> anyhow::Result<()> {
+    let control = std::os::unix::net::UnixStream::from(control);
+    control.set_nonblocking(true)?;
+    let (rd, mut wr) = tokio::net::UnixStream::from_std(control)?.into_split();
+    let mut reader = BufReader::new(rd);
+    let mut line = Vec::new();
+    if !control::read_line(&mut reader, &mut line).await? {
+        anyhow::bail!("the broker closed the control channel before saying hello");
+    }
+    let config = match serde_json::from_slice(&line)? {
+        ToWorker::Hello { uid: u, config } if u == uid => *config,
+        other => anyhow::bail!("expected the broker's hello for uid {uid}, got {other:?}"),
+    };
+    log::set_max_level(config.server.log_level);
+
+    // One writer: every message to the broker is a whole line.
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            if wr.write_all(&msg).await.is_err() {
+                return;
+            }
+        }
+    });
+    let pending = Arc::new(Pending::default());
+    let link = Link {
+        tx: tx.clone(),
+        pending: pending.clone(),
+    };
+    let grace = config.server.shutdown_grace;
+    // Restoring may compile (a changed engine): off the async threads.
+    let daemon = tokio::task::spawn_blocking(move || {
+        Daemon::new(config, Scope::Tenant(uid), Some(Box::new(link)))
+    })
+    .await??;
+    let _ = tx.send(control::encode(&FromWorker::Ready));
+
+    // A SOCK_SEQPACKET socket: message boundaries, read like datagrams.
+    let handover = std::os::unix::net::UnixDatagram::from(handover);
+    handover.set_nonblocking(true)?;
+    let handover = tokio::net::UnixDatagram::from_std(handover)?;
+    let mut buf = vec![0u8; MAX_HANDOVER];
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    loop {
+        tokio::select! {
+            r = handover.readable() => {
+                r?;
+                let fd = handover.as_raw_fd();
+                match handover.try_io(Interest::READABLE, || sys::recv_with_fds(fd, &mut buf)) {
+                    Ok(got) if got.bytes == 0 && got.fds.is_empty() => {
+                        log::debug!("worker of uid {uid}: the broker closed the handover channel");
+                        break;
+                    }
+                    Ok(got) => take_connection(&daemon, &tx, &shutdown_rx, &buf[..got.bytes], got),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => anyhow::bail!("receiving a connection from the broker: {e}"),
+                }
+            }
+            r = control::read_line(&mut reader, &mut line) => {
+                if !r? {
+                    log::debug!("worker of uid {uid}: the broker is gone");
+                    return Ok(());
+                }
+                match serde_json::from_slice::<ToWorker>(&line)? {
+                    ToWorker::Call { id, call } => {
+                        let (d, tx) = (daemon.clone(), tx.clone());
+                        tokio::spawn(async move {
+                            let response = answer(&d, uid, call).await;
+                            let _ = tx.send(control::encode(&FromWorker::Reply { id, response }));
+                        });
+                    }
+                    ToWorker::Answer { id, response } => {
+                        let waiting = pending.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                        if let Some(w) = waiting {
+                            let _ = w.send(response);
+                        }
+                    }
+                    ToWorker::Reload { config } => {
+                        let _ = daemon.apply(*config);
+                    }
+                    ToWorker::Shutdown => break,
+                    ToWorker::Hello { .. } => anyhow::bail!("a second hello from the broker"),
+                }
+            }
+        }
+    }
+    // Stop: connections finish the request they are in, then close.
+    let _ = shutdown_tx.send(true);
+    let deadline = tokio::time::Instant::now() + grace;
+    while daemon.connections.load(Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// Serve a handed-over connection; tell the broker when it ends.
+fn take_connection(
+    daemon: &Arc<Daemon>,
+    tx: &mpsc::UnboundedSender<Vec<u8>>,
+    shutdown: &watch::Receiver<bool>,
+    msg: &[u8],
+    got: sys::Received,
+) {
+    let handover: Handover = match serde_json::from_slice(msg) {
+        Ok(h) => h,
+        Err(e) => {
+            log::error!("a handover from the broker could not be read ({e}); dropped");
+            return;
+        }
+    };
+    let conn = handover.conn;
+    let mut fds = got.fds;
+    let stream = match (fds.pop(), fds.is_empty(), got.truncated) {
+        (Some(fd), true, false) => std::os::unix::net::UnixStream::from(fd),
+        _ => {
+            log::error!("handover {conn} did not carry exactly one descriptor; dropped");
+            let _ = tx.send(control::encode(&FromWorker::Closed { conn }));
+            return;
+        }
+    };
+    let stream = match stream
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixStream::from_std(stream))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("handover {conn}: {e}");
+            let _ = tx.send(control::encode(&FromWorker::Closed { conn }));
+            return;
+        }
+    };
+    let tenant = handover.tenant.tenant();
+    let (d, tx, rx) = (daemon.clone(), tx.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        // Counted here for the tenant's own figures; the broker enforces the quota.
+        let slot = d.open_connection(&tenant);
+        d.connections.fetch_add(1, Relaxed);
+        crate::connection::serve(d.clone(), stream, tenant, rx).await;
+        d.connections.fetch_sub(1, Relaxed);
+        drop(slot);
+        let _ = tx.send(control::encode(&FromWorker::Closed { conn }));
+    });
+}
+
+/// Answer a call of the broker.
+async fn answer(daemon: &Arc<Daemon>, uid: u32, call: Call) -> serde_json::Value {
+    let value = match call {
+        Call::Request { tenant, request } => {
+            let tenant = tenant.tenant();
+            let response =
+                match cmd::dispatch(daemon, &tenant, *request, Vec::new(), Origin::Broker).await {
+                    Ok(reply) => Response::success(None, reply),
+                    Err(e) => Response::failure(None, e.to_body()),
+                };
+            return serde_json::to_value(response).unwrap_or_default();
+        }
+        Call::Owned => {
+            let owned: Vec<BinaryInfo> = daemon
+                .registry
+                .all()
+                .iter()
+                .filter(|b| b.owner == uid)
+                .map(|b| b.info())
+                .collect();
+            serde_json::to_value(owned)
+        }
+        Call::Metrics => serde_json::to_value(cmd::metrics_of_all(daemon)),
+        Call::Counts => serde_json::to_value(WorkerCounts {
+            executions: daemon.executions.load(Relaxed),
+            executions_running: daemon.executor.engine().running_count() as u64,
+            state_bytes: daemon.registry.state().total_usage(),
+        }),
+        Call::Refresh => {
+            let d = daemon.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                crate::store::sync_public(&d.store, &d.registry)
+            })
+            .await;
+            match r {
+                Ok(Ok(_)) => Ok(serde_json::Value::Null),
+                Ok(Err(e)) => {
+                    log::error!("worker of uid {uid}: reading the public binaries: {e}");
+                    Ok(serde_json::Value::Null)
+                }
+                Err(e) => {
+                    log::error!("worker of uid {uid}: refresh failed: {e}");
+                    Ok(serde_json::Value::Null)
+                }
+            }
+        }
+    };
+    value.unwrap_or_default()
+}
