@@ -34,7 +34,7 @@ use crate::control::{self, Ask, Call, FromWorker, Handover, TenantWire, ToWorker
 use crate::metrics::{Metrics, Refusal};
 use crate::store::StateDir;
 use crate::sys;
-use crate::tenant::Tenant;
+use crate::tenant::{Scope, Tenant};
 
 /// How long a call to a worker may take before the broker gives up on it (a forwarded
 /// request runs as long as its own timeout allows instead).
@@ -314,6 +314,7 @@ impl Broker {
 
     /// Start the worker of `uid`: two socketpairs, the process, the hello, the reader.
     fn spawn(self: &Arc<Self>, uid: u32) -> std::io::Result<Arc<Worker>> {
+        self.store.prepare_tenant(uid)?;
         let (handover, their_handover) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -645,7 +646,7 @@ impl Broker {
     async fn list_all(self: &Arc<Self>) -> Result<serde_json::Value, ErrorBody> {
         let store = self.store.clone();
         let metas = tokio::task::spawn_blocking(move || {
-            store.list_binaries().map(|v| {
+            store.list_binaries(Scope::All).map(|v| {
                 v.into_iter()
                     .filter_map(Result::ok)
                     .map(|b| b.meta)
@@ -741,14 +742,14 @@ impl Broker {
         let dir = self.store.clone();
         let stored = tokio::task::spawn_blocking(move || {
             let metas: Vec<_> = dir
-                .list_binaries()
+                .list_binaries(Scope::All)
                 .ok()?
                 .into_iter()
                 .filter_map(Result::ok)
                 .collect();
             let bytes = metas
                 .iter()
-                .map(|b| dir.stored_bytes(b.meta.id))
+                .map(|b| crate::store::stored_bytes(&b.dir))
                 .sum::<u64>();
             Some((metas.len() as u64, bytes))
         })

@@ -165,14 +165,14 @@ impl Daemon {
         let start = Instant::now();
         let opened = match scope {
             Scope::All => StateDir::open(&config.state_dir),
-            Scope::Tenant(_) => StateDir::attach(&config.state_dir),
+            Scope::Tenant(uid) => StateDir::attach(&config.state_dir, uid),
         };
         let store = Arc::new(opened.map_err(|e| anyhow::anyhow!("state directory: {e}"))?);
         let engine = WasmEngine::new(&config.engine, &config.limits)?;
         let live = config::live(config);
         let ids = store::stored_ids(&store, scope)
             .map_err(|e| anyhow::anyhow!("reading stored binaries: {e}"))?;
-        let file_state = MapStateStore::open(store.clone(), &ids, scope)
+        let file_state = MapStateStore::open(store.clone(), &ids)
             .map_err(|e| anyhow::anyhow!("reading plugin state: {e}"))?;
         let state: Arc<dyn StateStore> = Arc::new(file_state);
         let metrics = Arc::new(Metrics::default());
@@ -184,7 +184,9 @@ impl Daemon {
         for id in ids {
             if registry.get(id).is_none() {
                 state.remove_binary(id);
-                let _ = store.remove_binary(id);
+                for (holder, _) in store.state_roots().unwrap_or_default() {
+                    let _ = store.remove_state(holder, id);
+                }
             }
         }
         let whose = match scope {

@@ -77,14 +77,6 @@ impl Scope {
             Scope::Tenant(uid) => public || owner == uid,
         }
     }
-
-    /// Whether plugin state of tenant `uid` belongs in this process.
-    pub fn holds_state_of(self, uid: u32) -> bool {
-        match self {
-            Scope::All => true,
-            Scope::Tenant(t) => t == uid,
-        }
-    }
 }
 
 /// SO_PEERGROUPS (Linux ≥ 4.13): the peer's supplementary groups at connect time.

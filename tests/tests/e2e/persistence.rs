@@ -154,8 +154,9 @@ fn unload_removes_the_binary_and_its_state_from_disk() {
     let mut d = Daemon::start();
     let id = load(&d, "counter", "c", false);
     ok(&execute(&d, "c", "k"));
-    let entry = d.state_dir().join("binaries").join(&id);
-    let state = d.state_dir().join("state").join(&id);
+    // Root's binary and plugin state, in root's subtree (format 2).
+    let entry = d.state_dir().join("tenants/0/binaries").join(&id);
+    let state = d.state_dir().join("tenants/0/state").join(&id);
     assert!(entry.join("meta.json").exists() && entry.join("module.wasm").exists());
     assert!(state.exists());
     ok(&d.client().call(&json!({"op": "unload", "binary": "c"})));
@@ -171,15 +172,13 @@ fn unreadable_entries_are_quarantined_and_stale_temp_files_cleaned() {
     let bad = load(&d, "hash", "hash", false);
     d.terminate();
     let state = d.state_dir();
-    std::fs::write(
-        state.join("binaries").join(&bad).join("meta.json"),
-        b"{ torn",
-    )
-    .unwrap();
-    let stray = state.join("binaries").join("not-a-uuid");
+    let binaries = state.join("tenants/0/binaries");
+    std::fs::write(binaries.join(&bad).join("meta.json"), b"{ torn").unwrap();
+    let stray = binaries.join("not-a-uuid");
     std::fs::create_dir(&stray).unwrap();
     std::fs::write(state.join("tmp").join("half-written"), b"x").unwrap();
-    let artifact = std::fs::read_dir(state.join("binaries").join(&good))
+    std::fs::write(state.join("tenants/0/tmp").join("half-written"), b"x").unwrap();
+    let artifact = std::fs::read_dir(binaries.join(&good))
         .unwrap()
         .map(|e| e.unwrap().path())
         .find(|p| p.extension().is_some_and(|e| e == "cwasm"))
@@ -215,7 +214,9 @@ fn unreadable_entries_are_quarantined_and_stale_temp_files_cleaned() {
         q.iter().any(|n| n.starts_with(&bad)) && q.iter().any(|n| n.ends_with(".reason")),
         "{q:?}"
     );
-    assert_eq!(std::fs::read_dir(state.join("tmp")).unwrap().count(), 0);
+    for tmp in ["tmp", "tenants/0/tmp"] {
+        assert_eq!(std::fs::read_dir(state.join(tmp)).unwrap().count(), 0);
+    }
 }
 
 /// xorshift: reproducible randomness without a dependency.
@@ -437,7 +438,9 @@ fn a_full_disk_fails_a_load_cleanly() {
     assert_eq!(listed, loaded);
     ok(&c.call(&json!({"op": "execute", "binary": loaded[0], "input": "a"})));
     assert_eq!(
-        std::fs::read_dir(state.join("tmp")).unwrap().count(),
+        std::fs::read_dir(state.join("tenants/0/tmp"))
+            .unwrap()
+            .count(),
         0,
         "no staging left behind"
     );
@@ -488,6 +491,6 @@ fn an_unusable_state_directory_is_a_clear_startup_error() {
         newer.to_str().unwrap(),
     ]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("format 1"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("formats 1 and 2"), "{}", stderr(&o));
     assert!(!sock.exists(), "no socket is left behind by a failed start");
 }

@@ -14,8 +14,8 @@ pub async fn apply(daemon: &Arc<Daemon>, tenant: &Tenant, req: BinaryRequest) ->
         .registry
         .resolve(tenant, &req.binary, Access::Manage)?;
     // Durable removal first: if it fails, the binary stays loaded and the caller is told.
-    let (d, id) = (daemon.clone(), bin.id);
-    tokio::task::spawn_blocking(move || d.store.remove_binary(id))
+    let (d, id, owner, public) = (daemon.clone(), bin.id, bin.owner, bin.public);
+    tokio::task::spawn_blocking(move || d.store.remove_binary(owner, public, id))
         .await
         .map_err(|e| Error::internal(format!("unload task failed: {e}")))?
         .map_err(|e| Error::internal(format!("removing binary {id} from disk: {e}")))?;

@@ -1,22 +1,28 @@
 //! Persistence under the state directory: binaries (metadata, original bytes, precompiled
 //! artifacts) and the files behind plugin state.
 //!
-//! Layout (format 1, documented in wasmcored(8) and docs/PERSISTENCE.md):
+//! Layout (format 2, documented in wasmcored(8) and docs/PERSISTENCE.md): one subtree per
+//! tenant, so that each tenant's worker can be given its own part and nothing else.
 //!
 //! ```text
-//! STATE/FORMAT                          "wasm-core-state 1"
-//! STATE/binaries/<uuid>/meta.json       metadata (versioned JSON)
-//! STATE/binaries/<uuid>/module.wasm     the original bytes
-//! STATE/binaries/<uuid>/<hash>.cwasm    precompiled for the engine whose compatibility hash is <hash>
-//! STATE/binaries/<uuid>/<hash>.cwasm.sha256
-//! STATE/state/<uuid>/<uid>.state        plugin state of tenant <uid> for binary <uuid>
-//! STATE/tmp/                            entries being written or removed; emptied at start
-//! STATE/quarantine/                     entries that could not be read, with the reason
+//! STATE/FORMAT                                   "wasm-core-state 2"
+//! STATE/tenants/<uid>/binaries/<uuid>/meta.json  a private binary of <uid>: metadata (versioned JSON)
+//! STATE/tenants/<uid>/binaries/<uuid>/module.wasm            the original bytes
+//! STATE/tenants/<uid>/binaries/<uuid>/<hash>.cwasm           precompiled for the engine whose compatibility hash is <hash>
+//! STATE/tenants/<uid>/binaries/<uuid>/<hash>.cwasm.sha256
+//! STATE/tenants/<uid>/state/<uuid>/<owner>.state plugin state kept by <uid>'s worker: namespace <owner> of binary <uuid>
+//! STATE/tenants/<uid>/tmp/                       that worker's entries being written or removed
+//! STATE/tenants/<uid>/quarantine/                what that worker could not read
+//! STATE/public/binaries/<uuid>/…                 public binaries (owner in meta.json), stored once
+//! STATE/public/tmp/, STATE/public/quarantine/
+//! STATE/tmp/, STATE/quarantine/                  the daemon's own (start-up checks, upconvert)
 //! ```
 //!
-//! Every write is: temp file, fsync, rename, fsync of the directory. A binary's entry is
-//! built complete in `tmp/` and renamed into `binaries/` in one step, so after a crash an
-//! entry is either all there or not there. Removal renames the entry back into `tmp/` first.
+//! Every write is: temp file, fsync, rename, fsync of the directory, with the temp file in
+//! the `tmp/` of the same subtree. A binary's entry is built complete in `tmp/` and renamed
+//! into `binaries/` in one step, so after a crash an entry is either all there or not there.
+//! Removal renames the entry back into `tmp/` first. A format-1 directory (one `binaries/`
+//! and one `state/` for everyone) is moved into this layout at start ([`StateDir::open`]).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -36,9 +42,13 @@ use crate::tenant::Scope;
 mod state_files;
 pub use state_files::FilePersist;
 
-/// The on-disk format this daemon writes and reads.
-pub const FORMAT: u32 = 1;
-const FORMAT_LINE: &str = "wasm-core-state 1\n";
+/// The layout of the state directory this daemon writes and reads (`STATE/FORMAT`).
+pub const FORMAT: u32 = 2;
+const FORMAT_LINE: &str = "wasm-core-state 2\n";
+/// The layout this daemon moves into [`FORMAT`] at start.
+const FORMAT_1_LINE: &str = "wasm-core-state 1\n";
+/// The version of `meta.json` (unchanged by the move to layout 2).
+pub const META_FORMAT: u32 = 1;
 const META: &str = "meta.json";
 const MODULE: &str = "module.wasm";
 
@@ -86,6 +96,9 @@ fn artifact_name(engine_hash: &str) -> String {
 #[derive(Debug)]
 pub struct StateDir {
     root: PathBuf,
+    /// The tenant whose worker this is: its plugin state lives in its own subtree, and what
+    /// it cannot read is quarantined there. `None`: the broker (or one process for all).
+    holder: Option<u32>,
     /// Makes temp names unique within this process.
     seq: AtomicU64,
 }
@@ -94,36 +107,91 @@ fn ctx(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> io::Error {
     move |e| io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
+/// The subdirectories of an area (a tenant's subtree, `public/`).
+const AREA_DIRS: [&str; 3] = ["binaries", "tmp", "quarantine"];
+
+fn mkdirs(path: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(ctx(format!("creating {}", path.display())))
+}
+
+/// Empty a `tmp/` directory (what a crash left half-written).
+fn empty_dir(dir: &Path) -> io::Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(ctx(format!("reading {}", dir.display()))(e)),
+    };
+    for entry in entries {
+        let p = entry?.path();
+        let r = if p.is_dir() {
+            fs::remove_dir_all(&p)
+        } else {
+            fs::remove_file(&p)
+        };
+        r.map_err(ctx(format!("removing stale {}", p.display())))?;
+    }
+    Ok(())
+}
+
+/// Bytes of the files in `dir` (a binary's entry).
+pub fn stored_bytes(dir: &Path) -> u64 {
+    fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 impl StateDir {
-    /// Open (creating if needed) the state directory, check the format and that it is
-    /// writable, and empty `tmp/`.
+    /// Open (creating if needed) the state directory for the broker: check the format, move
+    /// a format-1 directory into this layout, check that it is writable, and empty every
+    /// `tmp/`. Only the broker opens it, before any worker starts.
     pub fn open(root: &Path) -> io::Result<StateDir> {
-        let mut b = fs::DirBuilder::new();
-        b.recursive(true).mode(0o700);
-        b.create(root)
-            .map_err(ctx(format!("creating state directory {}", root.display())))?;
-        for sub in ["binaries", "state", "tmp", "quarantine"] {
-            b.create(root.join(sub))
-                .map_err(ctx(format!("creating {}", root.join(sub).display())))?;
-        }
+        mkdirs(root).map_err(ctx(format!("creating state directory {}", root.display())))?;
         let dir = StateDir {
             root: root.to_path_buf(),
+            holder: None,
             seq: AtomicU64::new(0),
         };
+        for sub in ["tmp", "quarantine", "tenants"] {
+            mkdirs(&root.join(sub))?;
+        }
+        empty_dir(&root.join("tmp"))?;
         let format = root.join("FORMAT");
         match fs::read_to_string(&format) {
             Ok(s) if s == FORMAT_LINE => {}
+            Ok(s) if s == FORMAT_1_LINE => {
+                let moved = dir.upconvert(usize::MAX)?;
+                log::info!(
+                    "state directory {}: moved {moved} entries from format 1 into format {FORMAT} (one subtree per tenant)",
+                    root.display()
+                );
+            }
             Ok(s) => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!(
-                        "{} says {:?}; this wasmcored reads format {FORMAT} only (was the state written by a newer version?)",
+                        "{} says {:?}; this wasmcored reads formats 1 and {FORMAT} only (was the state written by a newer version?)",
                         format.display(),
                         s.trim()
                     ),
                 ));
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if root.join("binaries").is_dir() {
+                    // A format-1 directory from before FORMAT existed is not a thing; an
+                    // unmarked directory with entries is not ours to rearrange.
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{} has binaries/ but no FORMAT file", root.display()),
+                    ));
+                }
                 write_atomic(&dir, root, "FORMAT", FORMAT_LINE.as_bytes())?;
             }
             Err(e) => return Err(ctx(format!("reading {}", format.display()))(e)),
@@ -131,59 +199,131 @@ impl StateDir {
         // Proves the directory is writable now rather than at the first load.
         write_atomic(&dir, root, ".writable", b"")?;
         fs::remove_file(root.join(".writable")).map_err(ctx("removing the write probe"))?;
-        let tmp = root.join("tmp");
-        for entry in fs::read_dir(&tmp).map_err(ctx(format!("reading {}", tmp.display())))? {
-            let p = entry?.path();
-            let r = if p.is_dir() {
-                fs::remove_dir_all(&p)
-            } else {
-                fs::remove_file(&p)
-            };
-            r.map_err(ctx(format!("removing stale {}", p.display())))?;
+        for sub in AREA_DIRS {
+            mkdirs(&dir.public_dir().join(sub))?;
+        }
+        empty_dir(&dir.public_dir().join("tmp"))?;
+        for uid in dir.tenants()? {
+            empty_dir(&dir.tenant_dir(uid).join("tmp"))?;
         }
         Ok(dir)
     }
 
-    /// Use a state directory that the broker opened (and cleaned) at start, from a worker:
-    /// only its format is checked; `tmp/` is shared with the other workers and left alone
-    /// (temp names carry the process id).
-    pub fn attach(root: &Path) -> io::Result<StateDir> {
+    /// Use a state directory that the broker opened (and checked) at start, from the worker
+    /// of `uid`: only its format is checked, and its subtree must exist
+    /// ([`StateDir::prepare_tenant`]).
+    pub fn attach(root: &Path, uid: u32) -> io::Result<StateDir> {
         let format = root.join("FORMAT");
         match fs::read_to_string(&format) {
-            Ok(s) if s == FORMAT_LINE => Ok(StateDir {
-                root: root.to_path_buf(),
-                seq: AtomicU64::new(0),
-            }),
-            Ok(s) => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{} says {:?}", format.display(), s.trim()),
-            )),
-            Err(e) => Err(ctx(format!("reading {}", format.display()))(e)),
+            Ok(s) if s == FORMAT_LINE => {}
+            Ok(s) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{} says {:?}", format.display(), s.trim()),
+                ));
+            }
+            Err(e) => return Err(ctx(format!("reading {}", format.display()))(e)),
         }
+        let dir = StateDir {
+            root: root.to_path_buf(),
+            holder: Some(uid),
+            seq: AtomicU64::new(0),
+        };
+        let mine = dir.tenant_dir(uid);
+        if !mine.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} does not exist", mine.display()),
+            ));
+        }
+        Ok(dir)
+    }
+
+    /// Create the subtree of `uid` (before its worker starts) and return it.
+    pub fn prepare_tenant(&self, uid: u32) -> io::Result<PathBuf> {
+        let dir = self.tenant_dir(uid);
+        for sub in AREA_DIRS.iter().chain(&["state"]) {
+            mkdirs(&dir.join(sub))?;
+        }
+        Ok(dir)
     }
 
     pub fn root(&self) -> &Path {
         &self.root
     }
 
-    /// The metadata of stored binary `id`; `None` when it is not stored (or unreadable).
-    pub fn read_meta(&self, id: Uuid) -> Option<BinaryMeta> {
-        read_entry(&self.binary_dir(id)).ok().map(|b| b.meta)
+    /// The subtree of tenant `uid`.
+    pub fn tenant_dir(&self, uid: u32) -> PathBuf {
+        self.root.join("tenants").join(uid.to_string())
     }
 
-    fn tmp_path(&self, tag: &str) -> PathBuf {
+    /// Where public binaries are stored.
+    pub fn public_dir(&self) -> PathBuf {
+        self.root.join("public")
+    }
+
+    /// The tenants that have a subtree.
+    fn tenants(&self) -> io::Result<Vec<u32>> {
+        let dir = self.root.join("tenants");
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(ctx(format!("reading {}", dir.display())))? {
+            if let Some(uid) = entry?.file_name().to_str().and_then(|n| n.parse().ok()) {
+                out.push(uid);
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// The subtree `path` lies in (a tenant's, `public/`), or the root.
+    fn area_of(&self, path: &Path) -> PathBuf {
+        let Ok(rel) = path.strip_prefix(&self.root) else {
+            return self.root.clone();
+        };
+        let mut parts = rel.components();
+        match parts.next().and_then(|c| c.as_os_str().to_str()) {
+            Some("public") => self.public_dir(),
+            Some("tenants") => match parts.next() {
+                Some(uid) => self.root.join("tenants").join(uid.as_os_str()),
+                None => self.root.clone(),
+            },
+            _ => self.root.clone(),
+        }
+    }
+
+    /// A fresh temp name in the `tmp/` of `area`, so that the final rename stays within
+    /// one subtree.
+    fn tmp_path(&self, area: &Path, tag: &str) -> PathBuf {
         let n = self.seq.fetch_add(1, Relaxed);
-        self.root
-            .join("tmp")
+        area.join("tmp")
             .join(format!("{tag}.{}.{n}", std::process::id()))
     }
 
-    fn binary_dir(&self, id: Uuid) -> PathBuf {
-        self.root.join("binaries").join(id.to_string())
+    fn binary_dir(&self, owner: u32, public: bool, id: Uuid) -> PathBuf {
+        let area = if public {
+            self.public_dir()
+        } else {
+            self.tenant_dir(owner)
+        };
+        area.join("binaries").join(id.to_string())
+    }
+
+    /// The metadata of stored binary `id`, wherever it is; `None` when it is not stored (or
+    /// unreadable).
+    pub fn read_meta(&self, id: Uuid) -> Option<BinaryMeta> {
+        let public = self.public_dir().join("binaries").join(id.to_string());
+        if let Ok(b) = read_entry(&public) {
+            return Some(b.meta);
+        }
+        self.tenants()
+            .ok()?
+            .into_iter()
+            .find_map(|uid| read_entry(&self.binary_dir(uid, false, id)).ok())
+            .map(|b| b.meta)
     }
 
     /// Store a binary durably: metadata, original bytes and artifact. Returns the bytes its
-    /// entry takes (as [`StateDir::stored_bytes`] counts them).
+    /// entry takes.
     pub fn save_binary(
         &self,
         meta: &BinaryMeta,
@@ -191,7 +331,12 @@ impl StateDir {
         engine_hash: &str,
         artifact: &[u8],
     ) -> io::Result<u64> {
-        let staging = self.tmp_path(&meta.id.to_string());
+        let dest = self.binary_dir(meta.owner, meta.public, meta.id);
+        let parent = dest.parent().unwrap_or(&self.root).to_path_buf();
+        if !meta.public {
+            self.prepare_tenant(meta.owner)?;
+        }
+        let staging = self.tmp_path(&self.area_of(&dest), &meta.id.to_string());
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&staging)
@@ -202,21 +347,20 @@ impl StateDir {
             write_artifact_files(&staging, engine_hash, artifact)?;
             write_file_synced(&staging.join(META), &json)?;
             fsync_dir(&staging)?;
-            let dest = self.binary_dir(meta.id);
             fs::rename(&staging, &dest)
                 .map_err(ctx(format!("moving {} into place", dest.display())))?;
-            fsync_dir(&self.root.join("binaries"))
+            fsync_dir(&parent)
         })();
         if result.is_err() {
             let _ = fs::remove_dir_all(&staging);
         }
-        result.map(|()| self.stored_bytes(meta.id))
+        result.map(|()| stored_bytes(&dest))
     }
 
     /// Replace the metadata of a stored binary (its configuration changed), atomically.
     pub fn update_meta(&self, meta: &BinaryMeta) -> io::Result<()> {
         let json = serde_json::to_vec_pretty(meta).map_err(io::Error::other)?;
-        let dir = self.binary_dir(meta.id);
+        let dir = self.binary_dir(meta.owner, meta.public, meta.id);
         if !dir.is_dir() {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
@@ -254,37 +398,70 @@ impl StateDir {
         fsync_dir(dir)
     }
 
-    /// Remove a binary and its plugin state durably. Absent: nothing to do.
-    pub fn remove_binary(&self, id: Uuid) -> io::Result<()> {
-        for (dir, parent) in [
-            (self.binary_dir(id), "binaries"),
-            (self.root.join("state").join(id.to_string()), "state"),
-        ] {
-            let doomed = self.tmp_path("removed");
-            match fs::rename(&dir, &doomed) {
-                Ok(()) => {
-                    fsync_dir(&self.root.join(parent))?;
-                    let _ = fs::remove_dir_all(&doomed);
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(ctx(format!("removing {}", dir.display()))(e)),
-            }
+    /// Remove a binary of `owner` durably, with the plugin state this process keeps for it
+    /// (a worker: its own subtree's; the broker or one process for all: every tenant's).
+    /// Absent: nothing to do.
+    pub fn remove_binary(&self, owner: u32, public: bool, id: Uuid) -> io::Result<()> {
+        self.remove_dir(&self.binary_dir(owner, public, id))?;
+        let holders = match self.holder {
+            Some(uid) => vec![uid],
+            None => self.tenants()?,
+        };
+        for uid in holders {
+            self.remove_state(uid, id)?;
         }
         Ok(())
     }
 
-    /// Every stored binary, or why an entry could not be read.
-    pub fn list_binaries(&self) -> io::Result<Vec<Result<StoredBinary, (PathBuf, String)>>> {
-        let dir = self.root.join("binaries");
+    /// Remove the plugin state that tenant `holder`'s subtree keeps for binary `id` (it was
+    /// unloaded, maybe by another worker).
+    pub fn remove_state(&self, holder: u32, id: Uuid) -> io::Result<()> {
+        self.remove_dir(&self.state_dir_of(holder, id))
+    }
+
+    /// Rename `dir` into its area's `tmp/`, make that durable, then delete it.
+    fn remove_dir(&self, dir: &Path) -> io::Result<()> {
+        let doomed = self.tmp_path(&self.area_of(dir), "removed");
+        match fs::rename(dir, &doomed) {
+            Ok(()) => {
+                fsync_dir(dir.parent().unwrap_or(&self.root))?;
+                let _ = fs::remove_dir_all(&doomed);
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ctx(format!("removing {}", dir.display()))(e)),
+        }
+    }
+
+    /// Every stored binary of `scope` (public ones included), or why an entry could not
+    /// be read.
+    pub fn list_binaries(
+        &self,
+        scope: Scope,
+    ) -> io::Result<Vec<Result<StoredBinary, (PathBuf, String)>>> {
+        let mut areas = vec![self.public_dir()];
+        match scope {
+            Scope::All => areas.extend(self.tenants()?.into_iter().map(|u| self.tenant_dir(u))),
+            Scope::Tenant(uid) => areas.push(self.tenant_dir(uid)),
+        }
         let mut out = Vec::new();
-        for entry in fs::read_dir(&dir).map_err(ctx(format!("reading {}", dir.display())))? {
-            let path = entry?.path();
-            out.push(read_entry(&path).map_err(|e| (path, e)));
+        for area in areas {
+            let dir = area.join("binaries");
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(ctx(format!("reading {}", dir.display()))(e)),
+            };
+            for entry in entries {
+                let path = entry?.path();
+                out.push(read_entry(&path).map_err(|e| (path, e)));
+            }
         }
         Ok(out)
     }
 
-    /// Move an unreadable entry aside (never deleted: an admin may want it) and say why.
+    /// Move an unreadable entry aside (never deleted: an admin may want it) and say why:
+    /// into the `quarantine/` of its subtree in a worker, of the root in the broker.
     pub fn quarantine(&self, path: &Path, reason: &str) -> io::Result<PathBuf> {
         let name = path
             .file_name()
@@ -293,33 +470,143 @@ impl StateDir {
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let dest = self
-            .root
-            .join("quarantine")
-            .join(format!("{name}.{stamp}.{}", self.seq.fetch_add(1, Relaxed)));
+        let area = match self.holder {
+            Some(_) => self.area_of(path),
+            None => self.root.clone(),
+        };
+        let quarantine = area.join("quarantine");
+        mkdirs(&quarantine)?;
+        let dest = quarantine.join(format!("{name}.{stamp}.{}", self.seq.fetch_add(1, Relaxed)));
         fs::rename(path, &dest).map_err(ctx(format!("quarantining {}", path.display())))?;
         let _ = fs::write(reason_path(&dest), reason);
-        fsync_dir(&self.root.join("quarantine"))?;
+        fsync_dir(&quarantine)?;
         if let Some(parent) = path.parent() {
             fsync_dir(parent)?;
         }
         Ok(dest)
     }
 
-    /// The directory holding plugin state files of `binary`.
-    pub fn state_dir_of(&self, binary: Uuid) -> PathBuf {
-        self.root.join("state").join(binary.to_string())
+    /// The directory of plugin state files that `holder`'s subtree keeps for `binary`.
+    pub fn state_dir_of(&self, holder: u32, binary: Uuid) -> PathBuf {
+        self.tenant_dir(holder)
+            .join("state")
+            .join(binary.to_string())
     }
 
-    /// Bytes under `binaries/<id>/`.
-    pub fn stored_bytes(&self, id: Uuid) -> u64 {
-        fs::read_dir(self.binary_dir(id))
-            .map(|d| {
-                d.filter_map(|e| e.ok()?.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0)
+    /// Whose subtree keeps the plugin state of namespace `owner`: the worker's own, else
+    /// (one process for all) the namespace owner's.
+    pub fn state_holder(&self, owner: u32) -> u32 {
+        self.holder.unwrap_or(owner)
+    }
+
+    /// The binaries this process holds: a worker's tenant's and the public ones, or all.
+    pub fn scope(&self) -> Scope {
+        self.holder.map_or(Scope::All, Scope::Tenant)
+    }
+
+    /// The `state/` directories this process reads: `(holder, directory)`.
+    pub fn state_roots(&self) -> io::Result<Vec<(u32, PathBuf)>> {
+        let holders = match self.holder {
+            Some(uid) => vec![uid],
+            None => self.tenants()?,
+        };
+        Ok(holders
+            .into_iter()
+            .map(|uid| (uid, self.tenant_dir(uid).join("state")))
+            .collect())
+    }
+
+    /// Move a format-1 directory (`binaries/<uuid>/`, `state/<uuid>/<uid>.state`) into
+    /// this layout, at most `limit` moves (tests stop it half-way, as a crash would), then,
+    /// when nothing is left, write the new `FORMAT`. Every move is one rename made durable
+    /// before the next, and `FORMAT` is written last: after a crash the next start finds
+    /// each entry in its old or its new place, never lost, and goes on. Returns the moves.
+    fn upconvert(&self, limit: usize) -> io::Result<usize> {
+        let mut moved = 0;
+        let old_binaries = self.root.join("binaries");
+        if old_binaries.is_dir() {
+            for entry in fs::read_dir(&old_binaries)
+                .map_err(ctx(format!("reading {}", old_binaries.display())))?
+            {
+                if moved >= limit {
+                    return Ok(moved);
+                }
+                let path = entry?.path();
+                match read_entry(&path) {
+                    Ok(b) => {
+                        let dest = self.binary_dir(b.meta.owner, b.meta.public, b.meta.id);
+                        let parent = dest.parent().unwrap_or(&self.root).to_path_buf();
+                        if !b.meta.public {
+                            self.prepare_tenant(b.meta.owner)?;
+                        }
+                        mkdirs(&parent)?;
+                        fs::rename(&path, &dest).map_err(ctx(format!(
+                            "moving {} to {}",
+                            path.display(),
+                            dest.display()
+                        )))?;
+                        fsync_dir(&parent)?;
+                        fsync_dir(&old_binaries)?;
+                    }
+                    // What cannot be read cannot be placed: set aside, as at any start.
+                    Err(why) => quarantine_logged(self, &path, &why, None),
+                }
+                moved += 1;
+            }
+        }
+        let old_state = self.root.join("state");
+        if old_state.is_dir() {
+            for entry in
+                fs::read_dir(&old_state).map_err(ctx(format!("reading {}", old_state.display())))?
+            {
+                let dir = entry?.path();
+                let binary = dir
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| Uuid::parse_str(n).ok());
+                let Some(binary) = binary else {
+                    quarantine_logged(self, &dir, "not a binary's state directory", None);
+                    continue;
+                };
+                for f in fs::read_dir(&dir).map_err(ctx(format!("reading {}", dir.display())))? {
+                    if moved >= limit {
+                        return Ok(moved);
+                    }
+                    let file = f?.path();
+                    let owner = file
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .and_then(|n| n.strip_suffix(".state"))
+                        .and_then(|n| n.parse::<u32>().ok());
+                    let Some(owner) = owner else {
+                        quarantine_logged(self, &file, "not a state file name", None);
+                        continue;
+                    };
+                    self.prepare_tenant(owner)?;
+                    let dest_dir = self.state_dir_of(owner, binary);
+                    mkdirs(&dest_dir)?;
+                    let dest = dest_dir.join(format!("{owner}.state"));
+                    fs::rename(&file, &dest).map_err(ctx(format!(
+                        "moving {} to {}",
+                        file.display(),
+                        dest.display()
+                    )))?;
+                    fsync_dir(&dest_dir)?;
+                    fsync_dir(&dir)?;
+                    moved += 1;
+                }
+                fs::remove_dir(&dir).map_err(ctx(format!("removing {}", dir.display())))?;
+            }
+        }
+        // Nothing is left in the old places: the layout is the new one.
+        write_atomic(self, &self.root, "FORMAT", FORMAT_LINE.as_bytes())?;
+        for old in ["binaries", "state"] {
+            let _ = fs::remove_dir(self.root.join(old));
+        }
+        // The watchdog's probe module of format 1: no tenant data.
+        let _ = fs::remove_dir_all(self.root.join("probe"));
+        fsync_dir(&self.root)?;
+        Ok(moved)
     }
 }
 
@@ -336,7 +623,7 @@ impl BinaryMeta {
     /// The metadata to store for `bin`.
     pub fn of(bin: &crate::registry::Binary) -> BinaryMeta {
         BinaryMeta {
-            format: FORMAT,
+            format: META_FORMAT,
             id: bin.id,
             name: bin.name.clone(),
             owner: bin.owner,
@@ -365,7 +652,7 @@ impl BinaryMeta {
 /// The ids of the readable binary entries in `scope` (before restoring them).
 pub fn stored_ids(dir: &StateDir, scope: Scope) -> io::Result<Vec<Uuid>> {
     Ok(dir
-        .list_binaries()?
+        .list_binaries(scope)?
         .into_iter()
         .filter_map(|e| e.ok().map(|b| b.meta))
         .filter(|m| scope.holds(m.owner, m.public))
@@ -388,7 +675,7 @@ pub struct Scan {
 /// can restore and no state without its binary.
 pub fn scan(dir: &StateDir) -> io::Result<Scan> {
     let mut scan = Scan::default();
-    for entry in dir.list_binaries()? {
+    for entry in dir.list_binaries(Scope::All)? {
         match entry {
             Ok(stored) => scan.binaries.push(stored.meta),
             Err((path, why)) => {
@@ -397,21 +684,31 @@ pub fn scan(dir: &StateDir) -> io::Result<Scan> {
             }
         }
     }
-    let state = dir.root.join("state");
-    for entry in fs::read_dir(&state).map_err(ctx(format!("reading {}", state.display())))? {
-        let path = entry?.path();
-        let binary = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| Uuid::parse_str(n).ok());
-        let why = match binary {
-            None => "not a binary's state directory",
-            Some(id) if !scan.binaries.iter().any(|m| m.id == id) => {
-                "state of a binary that is not stored"
-            }
-            Some(_) => continue,
+    for (holder, state) in dir.state_roots()? {
+        let entries = match fs::read_dir(&state) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(ctx(format!("reading {}", state.display()))(e)),
         };
-        quarantine_logged(dir, &path, why, None);
+        for entry in entries {
+            let path = entry?.path();
+            let binary = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| Uuid::parse_str(n).ok());
+            let why = match binary {
+                None => "not a binary's state directory",
+                // Unloaded while this tenant's worker was not running: the state goes with
+                // its binary, as on unload.
+                Some(id) if !scan.binaries.iter().any(|m| m.id == id) => {
+                    dir.remove_state(holder, id)?;
+                    continue;
+                }
+                Some(_) => continue,
+            };
+            scan.quarantined += 1;
+            quarantine_logged(dir, &path, why, Some(holder));
+        }
     }
     Ok(scan)
 }
@@ -449,7 +746,7 @@ fn quarantine_logged(dir: &StateDir, path: &Path, why: &str, owner: Option<u32>)
 pub fn sync_public(dir: &StateDir, registry: &crate::registry::Registry) -> io::Result<usize> {
     let hash = registry.engine().compat_hash();
     let stored: Vec<StoredBinary> = dir
-        .list_binaries()?
+        .list_binaries(dir.scope())?
         .into_iter()
         .filter_map(Result::ok)
         .filter(|b| b.meta.public)
@@ -462,6 +759,12 @@ pub fn sync_public(dir: &StateDir, registry: &crate::registry::Registry) -> io::
         match stored.iter().find(|s| s.meta.id == bin.id) {
             None => {
                 registry.forget(bin.id);
+                if let Err(e) = dir.remove_state(dir.state_holder(bin.owner), bin.id) {
+                    log::warn!(
+                        "removing the plugin state of unloaded binary {}: {e}",
+                        bin.id
+                    );
+                }
                 changed += 1;
             }
             Some(s) if **bin.config.load() != s.meta.config => {
@@ -495,7 +798,7 @@ pub fn restore(
 ) -> io::Result<RestoreReport> {
     let hash = registry.engine().compat_hash();
     let mut report = RestoreReport::default();
-    for entry in dir.list_binaries()? {
+    for entry in dir.list_binaries(scope)? {
         // The owner, when the entry's metadata could be read.
         let result = match entry {
             Err(_) if scope != Scope::All => continue,
@@ -577,8 +880,7 @@ fn restore_one(
     let bin = registry
         .restore(stored.meta.identity(), compiled)
         .map_err(|e| e.to_string())?;
-    bin.stored_bytes
-        .store(dir.stored_bytes(stored.meta.id), Relaxed);
+    bin.stored_bytes.store(stored_bytes(&stored.dir), Relaxed);
     Ok(recompiled)
 }
 
@@ -591,9 +893,9 @@ fn read_entry(dir: &Path) -> Result<StoredBinary, String> {
     let text = fs::read(dir.join(META)).map_err(|e| format!("reading {META}: {e}"))?;
     let meta: BinaryMeta =
         serde_json::from_slice(&text).map_err(|e| format!("parsing {META}: {e}"))?;
-    if meta.format != FORMAT {
+    if meta.format != META_FORMAT {
         return Err(format!(
-            "{META} has format {}, expected {FORMAT}",
+            "{META} has format {}, expected {META_FORMAT}",
             meta.format
         ));
     }
@@ -670,7 +972,7 @@ fn write_file_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// Replace `dir/name` with `bytes` atomically and durably: temp file, fsync, rename, fsync
 /// of the directory.
 pub fn write_atomic(state: &StateDir, dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
-    let tmp = state.tmp_path(name);
+    let tmp = state.tmp_path(&state.area_of(dir), name);
     let r = write_file_synced(&tmp, bytes)
         .and_then(|()| {
             fs::rename(&tmp, dir.join(name))
@@ -702,7 +1004,7 @@ mod tests {
 
     fn meta(id: Uuid) -> BinaryMeta {
         BinaryMeta {
-            format: FORMAT,
+            format: META_FORMAT,
             id,
             name: Some("n".into()),
             owner: 7,
@@ -725,7 +1027,7 @@ mod tests {
         let artifact = module.serialize().unwrap();
         let id = Uuid::new_v4();
         s.save_binary(&meta(id), &wasm, "h0", &artifact).unwrap();
-        let b = s.list_binaries().unwrap().pop().unwrap().unwrap();
+        let b = s.list_binaries(Scope::All).unwrap().pop().unwrap().unwrap();
         s.replace_artifact(&b, "h1", &artifact).unwrap();
         // The artifact of another engine is gone; this one's loads.
         assert!(!b.artifact_path("h0").exists());
@@ -757,12 +1059,16 @@ mod tests {
         let s = StateDir::open(&root).unwrap();
         let id = Uuid::new_v4();
         let stored = s.save_binary(&meta(id), b"abc", "h1", b"artifact").unwrap();
-        assert_eq!(stored, s.stored_bytes(id));
+        let entry = root.join("tenants/7/binaries").join(id.to_string());
+        assert_eq!(stored, stored_bytes(&entry), "in its owner's subtree");
         assert!(stored > 11, "module, artifact, checksum and metadata");
-        let list = s.list_binaries().unwrap();
+        let list = s.list_binaries(Scope::All).unwrap();
         assert_eq!(list.len(), 1);
+        assert_eq!(s.list_binaries(Scope::Tenant(7)).unwrap().len(), 1);
+        assert!(s.list_binaries(Scope::Tenant(8)).unwrap().is_empty());
         let b = list.into_iter().next().unwrap().unwrap();
         assert_eq!(b.meta, meta(id));
+        assert_eq!(s.read_meta(id), Some(meta(id)));
         assert_eq!(fs::read(b.module_path()).unwrap(), b"abc");
         verify_artifact(&b.artifact_path("h1")).unwrap();
         s.replace_artifact(&b, "h2", b"other").unwrap();
@@ -774,9 +1080,20 @@ mod tests {
         s.replace_artifact(&b, "h2", b"other").unwrap();
         verify_artifact(&b.artifact_path("h2")).unwrap();
         assert_eq!(fs::read(b.artifact_path("h2")).unwrap(), b"other");
-        s.remove_binary(id).unwrap();
-        assert!(s.list_binaries().unwrap().is_empty());
-        s.remove_binary(id).unwrap();
+        // A public binary is stored once, outside every tenant's subtree.
+        let p = Uuid::new_v4();
+        let public = BinaryMeta {
+            public: true,
+            ..meta(p)
+        };
+        s.save_binary(&public, b"abc", "h1", b"artifact").unwrap();
+        assert!(root.join("public/binaries").join(p.to_string()).is_dir());
+        assert_eq!(s.list_binaries(Scope::Tenant(8)).unwrap().len(), 1);
+        s.remove_binary(7, false, id).unwrap();
+        s.remove_binary(7, true, p).unwrap();
+        assert!(s.list_binaries(Scope::All).unwrap().is_empty());
+        s.remove_binary(7, false, id).unwrap();
+        assert_eq!(fs::read_dir(root.join("tenants/7/tmp")).unwrap().count(), 0);
         fs::remove_dir_all(&root).unwrap();
     }
 
@@ -784,25 +1101,117 @@ mod tests {
     fn open_cleans_tmp_and_rejects_other_formats() {
         let root = tmpdir("open");
         let s = StateDir::open(&root).unwrap();
+        s.prepare_tenant(5).unwrap();
         fs::write(root.join("tmp/leftover"), b"x").unwrap();
-        fs::create_dir(root.join("tmp/half-entry")).unwrap();
+        fs::create_dir(root.join("tenants/5/tmp/half-entry")).unwrap();
+        fs::write(root.join("public/tmp/leftover"), b"x").unwrap();
         drop(s);
         StateDir::open(&root).unwrap();
-        assert_eq!(fs::read_dir(root.join("tmp")).unwrap().count(), 0);
-        fs::write(root.join("FORMAT"), "wasm-core-state 2\n").unwrap();
+        for tmp in ["tmp", "tenants/5/tmp", "public/tmp"] {
+            assert_eq!(fs::read_dir(root.join(tmp)).unwrap().count(), 0, "{tmp}");
+        }
+        assert!(StateDir::attach(&root, 5).is_ok());
+        assert!(StateDir::attach(&root, 6).is_err(), "no subtree prepared");
+        fs::write(root.join("FORMAT"), "wasm-core-state 3\n").unwrap();
         let e = StateDir::open(&root).unwrap_err();
-        assert!(e.to_string().contains("format 1"), "{e}");
+        assert!(e.to_string().contains("formats 1 and 2"), "{e}");
         fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// A format-1 directory: `binaries/<id>/` with meta.json, `state/<id>/<uid>.state`.
+    fn format_1(root: &Path, binaries: &[(Uuid, u32, bool)], states: &[(Uuid, u32)]) {
+        fs::create_dir_all(root.join("probe")).unwrap();
+        fs::write(root.join("FORMAT"), FORMAT_1_LINE).unwrap();
+        for (id, owner, public) in binaries {
+            let dir = root.join("binaries").join(id.to_string());
+            fs::create_dir_all(&dir).unwrap();
+            let m = BinaryMeta {
+                owner: *owner,
+                public: *public,
+                ..meta(*id)
+            };
+            fs::write(dir.join(META), serde_json::to_vec(&m).unwrap()).unwrap();
+            fs::write(dir.join(MODULE), b"abc").unwrap();
+        }
+        for (id, uid) in states {
+            let dir = root.join("state").join(id.to_string());
+            fs::create_dir_all(&dir).unwrap();
+            fs::write(dir.join(format!("{uid}.state")), format!("{id}/{uid}")).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_format_1_directory_is_moved_into_subtrees_even_after_a_crash_half_way() {
+        let (a, b, p) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let binaries = [(a, 1001, false), (b, 1002, false), (p, 0, true)];
+        let states = [(a, 1001), (p, 1001), (p, 1002), (b, 1002)];
+        let check = |root: &Path| {
+            assert_eq!(
+                fs::read_to_string(root.join("FORMAT")).unwrap(),
+                FORMAT_LINE
+            );
+            for (dir, id) in [
+                ("tenants/1001/binaries", a),
+                ("tenants/1002/binaries", b),
+                ("public/binaries", p),
+            ] {
+                let m = read_entry(&root.join(dir).join(id.to_string()))
+                    .unwrap()
+                    .meta;
+                assert_eq!(m.id, id);
+            }
+            for (id, uid) in states {
+                let f = root
+                    .join(format!("tenants/{uid}/state/{id}"))
+                    .join(format!("{uid}.state"));
+                assert_eq!(fs::read_to_string(&f).unwrap(), format!("{id}/{uid}"));
+            }
+            for gone in ["binaries", "state", "probe"] {
+                assert!(!root.join(gone).exists(), "{gone}");
+            }
+        };
+        // Whole, at start.
+        let root = tmpdir("up-whole");
+        format_1(&root, &binaries, &states);
+        let s = StateDir::open(&root).unwrap();
+        check(&root);
+        assert_eq!(s.list_binaries(Scope::All).unwrap().len(), 3);
+        fs::remove_dir_all(&root).unwrap();
+        // Stopped after every possible number of moves, as a kill -9 would leave it: the
+        // next start finishes the move and nothing is lost.
+        for stop_after in 0..binaries.len() + states.len() {
+            let root = tmpdir(&format!("up-crash-{stop_after}"));
+            format_1(&root, &binaries, &states);
+            let s = StateDir {
+                root: root.clone(),
+                holder: None,
+                seq: AtomicU64::new(0),
+            };
+            fs::create_dir_all(root.join("tenants")).unwrap();
+            assert_eq!(s.upconvert(stop_after).unwrap(), stop_after);
+            assert_eq!(
+                fs::read_to_string(root.join("FORMAT")).unwrap(),
+                FORMAT_1_LINE,
+                "not marked before every entry moved"
+            );
+            StateDir::open(&root).unwrap();
+            check(&root);
+            fs::remove_dir_all(&root).unwrap();
+        }
     }
 
     #[test]
     fn bad_entries_are_reported_and_quarantined() {
         let root = tmpdir("bad");
         let s = StateDir::open(&root).unwrap();
-        let bad = root.join("binaries").join(Uuid::new_v4().to_string());
+        let bad = s
+            .prepare_tenant(7)
+            .unwrap()
+            .join("binaries")
+            .join(Uuid::new_v4().to_string());
         fs::create_dir(&bad).unwrap();
         fs::write(bad.join(META), b"{not json").unwrap();
-        let list = s.list_binaries().unwrap();
+        let list = s.list_binaries(Scope::All).unwrap();
         let (path, why) = list.into_iter().next().unwrap().unwrap_err();
         assert!(why.contains("parsing"), "{why}");
         let q = s.quarantine(&path, &why).unwrap();
@@ -815,12 +1224,14 @@ mod tests {
         let id = Uuid::new_v4();
         s.save_binary(&meta(id), b"abc", "h", b"a").unwrap();
         fs::write(
-            root.join("binaries").join(id.to_string()).join("h.cwasm"),
+            root.join("tenants/7/binaries")
+                .join(id.to_string())
+                .join("h.cwasm"),
             b"b",
         )
         .unwrap();
         let b = s
-            .list_binaries()
+            .list_binaries(Scope::All)
             .unwrap()
             .into_iter()
             .next()

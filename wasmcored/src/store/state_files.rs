@@ -1,6 +1,7 @@
 //! Plugin state on disk: one checksummed file per namespace,
-//! `STATE/state/<binary>/<uid>.state`, written atomically before a commit is visible and
-//! read back at start into a [`MapStateStore`].
+//! `STATE/tenants/<holder>/state/<binary>/<uid>.state` (the holder: the tenant whose worker
+//! ran the executions), written atomically before a commit is visible and read back at
+//! start into a [`MapStateStore`].
 
 use std::collections::HashMap;
 use std::io;
@@ -12,9 +13,8 @@ use uuid::Uuid;
 
 use super::{StateDir, write_atomic};
 use crate::state::{Entries, MapStateStore, Namespace, Persist};
-use crate::tenant::Scope;
 
-/// Plugin state files under the state directory: `state/<binary>/<uid>.state`.
+/// Plugin state files under the state directory.
 #[derive(Debug)]
 pub struct FilePersist {
     dir: Arc<StateDir>,
@@ -24,8 +24,10 @@ const STATE_MAGIC: &[u8; 8] = b"WCSTATE1";
 
 impl Persist for FilePersist {
     fn save(&self, ns: &Namespace, entries: &HashMap<Vec<u8>, Vec<u8>>) -> io::Result<()> {
-        let dir = self.dir.state_dir_of(ns.binary);
+        let holder = self.dir.state_holder(ns.owner);
+        let dir = self.dir.state_dir_of(holder, ns.binary);
         if !dir.exists() {
+            self.dir.prepare_tenant(holder)?;
             std::fs::create_dir_all(&dir)?;
             super::fsync_dir(dir.parent().unwrap_or(&dir))?;
         }
@@ -39,45 +41,40 @@ impl Persist for FilePersist {
 }
 
 impl MapStateStore<FilePersist> {
-    /// Open the plugin state under `dir`, keeping only namespaces of `binaries` of the
-    /// tenants in `scope`; files that cannot be read are quarantined (logged, never fatal).
-    pub fn open(dir: Arc<StateDir>, binaries: &[Uuid], scope: Scope) -> io::Result<Self> {
-        let root = dir.root().join("state");
+    /// Open the plugin state this process keeps (a worker: its subtree's), keeping only
+    /// namespaces of `binaries`. The state of a binary that is no longer stored (unloaded
+    /// while this worker did not run) is removed with it; files that cannot be read are
+    /// quarantined (logged, never fatal).
+    pub fn open(dir: Arc<StateDir>, binaries: &[Uuid]) -> io::Result<Self> {
         let mut data = HashMap::new();
-        for entry in std::fs::read_dir(&root)? {
-            let path = entry?.path();
-            let Some(binary) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| Uuid::parse_str(n).ok())
-            else {
-                quarantine(&dir, &path, "not a binary's state directory");
-                continue;
+        for (holder, root) in dir.state_roots()? {
+            let entries = match std::fs::read_dir(&root) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
             };
-            if !binaries.contains(&binary) {
-                // Another tenant's binary: that worker's to read. In one process for all,
-                // state without its binary (the broker's scan quarantines it too).
-                if scope == Scope::All {
-                    quarantine(&dir, &path, "state of a binary that is not registered");
-                }
-                continue;
-            }
-            for f in std::fs::read_dir(&path)? {
-                let file = f?.path();
-                let of_scope = file
+            for entry in entries {
+                let path = entry?.path();
+                let Some(binary) = path
                     .file_name()
                     .and_then(|n| n.to_str())
-                    .and_then(|n| n.strip_suffix(".state"))
-                    .and_then(|n| n.parse::<u32>().ok())
-                    .is_none_or(|uid| scope.holds_state_of(uid));
-                if !of_scope {
+                    .and_then(|n| Uuid::parse_str(n).ok())
+                else {
+                    quarantine(&dir, &path, "not a binary's state directory");
+                    continue;
+                };
+                if !binaries.contains(&binary) {
+                    dir.remove_state(holder, binary)?;
                     continue;
                 }
-                match read_state_file(&file) {
-                    Ok((owner, entries)) => {
-                        data.insert(Namespace { owner, binary }, entries);
+                for f in std::fs::read_dir(&path)? {
+                    let file = f?.path();
+                    match read_state_file(&file) {
+                        Ok((owner, entries)) => {
+                            data.insert(Namespace { owner, binary }, entries);
+                        }
+                        Err(e) => quarantine(&dir, &file, &e),
                     }
-                    Err(e) => quarantine(&dir, &file, &e),
                 }
             }
         }
@@ -190,40 +187,43 @@ mod tests {
             owner: 5,
             binary: id,
         };
-        let store = MapStateStore::open(dir.clone(), &[id], Scope::All).unwrap();
+        let store = MapStateStore::open(dir.clone(), &[id]).unwrap();
         assert!(store.blocks());
         store
             .commit(&n, vec![(b"a".to_vec(), Some(b"1".to_vec()))], 100)
             .unwrap();
         drop(store);
-        std::fs::write(dir.state_dir_of(id).join("6.state"), b"garbage").unwrap();
-        let store = MapStateStore::open(dir.clone(), &[id], Scope::All).unwrap();
+        let kept = dir.state_dir_of(5, id);
+        assert!(kept.join("5.state").exists(), "in the tenant's own subtree");
+        std::fs::write(kept.join("6.state"), b"garbage").unwrap();
+        let store = MapStateStore::open(dir.clone(), &[id]).unwrap();
         assert_eq!(store.get(&n, b"a").as_deref(), Some(&b"1"[..]));
         assert_eq!(
             std::fs::read_dir(root.join("quarantine")).unwrap().count(),
             2,
             "file + reason"
         );
-        // A tenant's worker reads its own namespaces only and moves nothing of others'.
-        let other = Namespace {
-            owner: 7,
+        // A worker keeps every namespace its executions wrote (an admin's too) in its own
+        // subtree, and reads nothing of another's.
+        let five = Arc::new(StateDir::attach(&root, 5).unwrap());
+        let admin = Namespace {
+            owner: 0,
             binary: id,
         };
-        let all = MapStateStore::open(dir.clone(), &[id], Scope::All).unwrap();
-        all.commit(&other, vec![(b"b".to_vec(), Some(b"2".to_vec()))], 100)
-            .unwrap();
-        let mine = MapStateStore::open(dir.clone(), &[id], Scope::Tenant(5)).unwrap();
+        let mine = MapStateStore::open(five.clone(), &[id]).unwrap();
         assert_eq!(mine.get(&n, b"a").as_deref(), Some(&b"1"[..]));
-        assert_eq!(mine.get(&other, b"b"), None);
-        let theirs = MapStateStore::open(dir.clone(), &[], Scope::Tenant(7)).unwrap();
+        mine.commit(&admin, vec![(b"b".to_vec(), Some(b"2".to_vec()))], 100)
+            .unwrap();
+        assert!(kept.join("0.state").exists());
+        dir.prepare_tenant(7).unwrap();
+        let seven = Arc::new(StateDir::attach(&root, 7).unwrap());
+        let theirs = MapStateStore::open(seven, &[]).unwrap();
         assert_eq!(theirs.total_usage(), 0);
-        assert!(
-            dir.state_dir_of(id).join("7.state").exists(),
-            "left in place"
-        );
-        // State of a binary that is gone is moved aside, not loaded.
-        let store = MapStateStore::open(dir, &[], Scope::All).unwrap();
+        assert!(kept.join("0.state").exists(), "left in place");
+        // State of a binary that is gone (unloaded while the worker was down) goes with it.
+        let store = MapStateStore::open(five, &[]).unwrap();
         assert_eq!(store.total_usage(), 0);
+        assert!(!kept.exists());
         std::fs::remove_dir_all(&root).unwrap();
     }
 }
