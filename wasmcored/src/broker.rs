@@ -82,6 +82,9 @@ struct Backoff {
 pub struct Worker {
     pub uid: u32,
     pub pid: u32,
+    /// Started for an admin: the broker answers its asks across tenants, and it may store
+    /// public binaries. Decided by the broker, never by what the worker says.
+    admin: bool,
     started: Instant,
     started_at: u64,
     handover: OwnedFd,
@@ -226,7 +229,7 @@ impl Broker {
         tenant: &Tenant,
         permit: OwnedSemaphorePermit,
     ) -> Result<(), Refused> {
-        let worker = self.worker_for(tenant.uid)?;
+        let worker = self.worker_for(tenant.uid, tenant.is_admin())?;
         let quota = self.live.load().quotas.for_uid(tenant.uid).connections;
         let conn = self.next_conn.fetch_add(1, Relaxed);
         {
@@ -247,18 +250,11 @@ impl Broker {
             .tenant(tenant.uid)
             .connections_opened
             .fetch_add(1, Relaxed);
-        let msg = control::encode(&Handover {
+        let handover = Handover::Connection {
             conn,
             tenant: TenantWire::from(tenant),
-        });
-        let fds = [stream.as_fd().as_raw_fd()];
-        let sent = sendmsg::<()>(
-            worker.handover.as_raw_fd(),
-            &[std::io::IoSlice::new(&msg)],
-            &[ControlMessage::ScmRights(&fds)],
-            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
-            None,
-        );
+        };
+        let sent = send_fd(&worker.handover, &handover, stream);
         if let Err(e) = sent {
             worker
                 .conns
@@ -278,8 +274,9 @@ impl Broker {
         Ok(())
     }
 
-    /// The live worker of `uid`, or a new one.
-    fn worker_for(self: &Arc<Self>, uid: u32) -> Result<Arc<Worker>, Refused> {
+    /// The live worker of `uid`, or a new one (for an admin: one that may store public
+    /// binaries).
+    fn worker_for(self: &Arc<Self>, uid: u32, admin: bool) -> Result<Arc<Worker>, Refused> {
         let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(w) = workers.get(&uid) {
             return Ok(w.clone());
@@ -301,7 +298,7 @@ impl Broker {
                 ),
             });
         }
-        let w = self.spawn(uid).map_err(|e| {
+        let w = self.spawn(uid, admin).map_err(|e| {
             log::error!(tenant_uid = uid; "starting the worker of uid {uid}: {e}");
             Refused {
                 code: ErrorCode::Internal,
@@ -313,7 +310,7 @@ impl Broker {
     }
 
     /// Start the worker of `uid`: two socketpairs, the process, the hello, the reader.
-    fn spawn(self: &Arc<Self>, uid: u32) -> std::io::Result<Arc<Worker>> {
+    fn spawn(self: &Arc<Self>, uid: u32, admin: bool) -> std::io::Result<Arc<Worker>> {
         self.store.prepare_tenant(uid)?;
         let (handover, their_handover) = socketpair(
             AddressFamily::Unix,
@@ -349,6 +346,7 @@ impl Broker {
         let worker = Arc::new(Worker {
             uid,
             pid,
+            admin,
             started: Instant::now(),
             started_at: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
@@ -363,6 +361,7 @@ impl Broker {
         });
         worker.send(&ToWorker::Hello {
             uid,
+            admin,
             config: Box::new((*self.config()).clone()),
         });
         tokio::spawn(async move {
@@ -434,8 +433,9 @@ impl Broker {
                 FromWorker::Ask { id, tenant, ask } => {
                     let (broker, w) = (self.clone(), w.clone());
                     tokio::spawn(async move {
-                        let response = broker.answer(&w, tenant, ask).await;
-                        w.send(&ToWorker::Answer { id, response });
+                        if let Some(response) = broker.answer(&w, id, tenant, ask).await {
+                            w.send(&ToWorker::Answer { id, response });
+                        }
                     });
                 }
             }
@@ -576,14 +576,76 @@ impl Broker {
         }
     }
 
-    /// Answer what worker `from` asks for `tenant`: a wire response.
+    /// Answer ask `id` of worker `from`: a wire response, or `None` when the answer went
+    /// as a descriptor over the handover channel.
+    ///
+    /// Nothing the worker says about identity is believed: the ask is made by the worker's
+    /// own tenant, an admin only if this broker started the worker as an admin's. What
+    /// crosses tenants is for admins only, whatever the worker claims (a worker that an
+    /// escaped guest controls gains nothing by asking).
     async fn answer(
+        self: &Arc<Self>,
+        from: &Arc<Worker>,
+        id: u64,
+        claimed: TenantWire,
+        ask: Ask,
+    ) -> Option<serde_json::Value> {
+        let tenant = TenantWire {
+            uid: from.uid,
+            gid: claimed.gid,
+            groups: claimed.groups,
+            admin: claimed.admin && from.admin && claimed.uid == from.uid,
+        };
+        let result = if !tenant.admin {
+            Err(ErrorBody::new(
+                ErrorCode::Forbidden,
+                if claimed.admin {
+                    format!(
+                        "the worker of uid {} was started without admin rights (the user was not an admin then); admin requests work once it has restarted",
+                        from.uid
+                    )
+                } else {
+                    "only admins may act on other tenants' binaries".to_string()
+                },
+            ))
+        } else {
+            match ask {
+                Ask::Open { path } => match self.open_for(from, id, &path) {
+                    Ok(()) => return None,
+                    Err(e) => Err(e),
+                },
+                ask => self.answer_admin(from, tenant, ask).await,
+            }
+        };
+        Some(result.unwrap_or_else(|e| {
+            serde_json::to_value(Response::<wasmcore_proto::Empty>::failure(None, e))
+                .unwrap_or_default()
+        }))
+    }
+
+    /// Open `path` for an admin's `load` and hand it to worker `w` as the answer to ask `id`.
+    fn open_for(&self, w: &Worker, id: u64, path: &str) -> Result<(), ErrorBody> {
+        let file = std::fs::File::open(path)
+            .map_err(|e| ErrorBody::new(ErrorCode::NotFound, format!("opening {path}: {e}")))?;
+        send_fd(&w.handover, &Handover::File { id }, &file)
+            .map(|_| ())
+            .map_err(|e| {
+                ErrorBody::new(
+                    ErrorCode::Internal,
+                    format!("passing {path} to the worker: {e}"),
+                )
+            })
+    }
+
+    /// What only an admin may ask: views across tenants, another tenant's binary, telling
+    /// the other workers of a change to the public binaries.
+    async fn answer_admin(
         self: &Arc<Self>,
         from: &Arc<Worker>,
         tenant: TenantWire,
         ask: Ask,
-    ) -> serde_json::Value {
-        let result = match ask {
+    ) -> Result<serde_json::Value, ErrorBody> {
+        match ask {
             Ask::Forward { binary, request } => self.forward(from, tenant, binary, request).await,
             Ask::ListAll => self.list_all().await,
             Ask::Metrics => self.metrics_all().await,
@@ -598,11 +660,11 @@ impl Broker {
                 }
                 Ok(serde_json::json!({"ok": true}))
             }
-        };
-        result.unwrap_or_else(|e| {
-            serde_json::to_value(Response::<wasmcore_proto::Empty>::failure(None, e))
-                .unwrap_or_default()
-        })
+            Ask::Open { .. } => Err(ErrorBody::new(
+                ErrorCode::Internal,
+                "open is answered above",
+            )),
+        }
     }
 
     /// An admin's request about `binary`, run in its owner's worker.
@@ -628,7 +690,10 @@ impl Broker {
             ));
         };
         let owner = self
-            .worker_for(meta.owner)
+            .worker_for(
+                meta.owner,
+                admin_by_database(meta.owner, &self.live.load().access.admin_gids),
+            )
             .map_err(|r| ErrorBody::new(r.code, r.message))?;
         owner
             .call(Call::Request { tenant, request }, None)
@@ -783,6 +848,38 @@ impl Broker {
     pub fn worker_infos(&self) -> Vec<WorkerInfo> {
         self.live_workers().iter().map(|w| w.info()).collect()
     }
+}
+
+/// Send `what` with descriptor `fd` over a handover socket, without waiting: a worker that
+/// does not take its messages makes this fail (`EAGAIN`) rather than stall the broker.
+fn send_fd(sock: &OwnedFd, what: &Handover, fd: &impl AsFd) -> nix::Result<usize> {
+    let msg = control::encode(what);
+    let fds = [fd.as_fd().as_raw_fd()];
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[std::io::IoSlice::new(&msg)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+}
+
+/// Whether the user database makes `uid` an admin (root, or a member of an admin group): for
+/// a worker started without a connection of its own (an admin's request about a binary of
+/// `uid`).
+fn admin_by_database(uid: u32, admin_gids: &[u32]) -> bool {
+    if uid == 0 {
+        return true;
+    }
+    let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) else {
+        return false;
+    };
+    let Ok(name) = std::ffi::CString::new(user.name) else {
+        return false;
+    };
+    nix::unistd::getgrouplist(&name, user.gid)
+        .map(|groups| groups.iter().any(|g| admin_gids.contains(&g.as_raw())))
+        .unwrap_or(false)
 }
 
 /// Resident bytes and user+system CPU microseconds of process `pid` (zeros if unreadable).

@@ -2,15 +2,18 @@
 //! [`crate::broker`], the worker side [`crate::worker`]).
 //!
 //! Two socketpairs, made by the broker and inherited by the worker at fixed descriptors:
-//! - *handover* (`SOCK_SEQPACKET`, broker → worker): one message per accepted client
-//!   connection, a [`Handover`] in JSON with exactly one descriptor (SCM_RIGHTS). A message
-//!   that arrives with no descriptor, more than one, or truncated control data is refused.
+//! - *handover* (`SOCK_SEQPACKET`, broker → worker): one message per descriptor (an accepted
+//!   client connection, a file an admin's load names), a [`Handover`] in JSON with exactly
+//!   one descriptor (SCM_RIGHTS). A message that arrives with no descriptor, more than one,
+//!   or truncated control data is refused.
 //! - *control* (`SOCK_STREAM`, both ways): one JSON value per line (serde's externally
 //!   tagged enums, which decode without buffering), capped at [`MAX_CONTROL_LINE`]; calls
 //!   carry an id and get exactly one reply with that id.
 //!
 //! The worker trusts what arrives here: only the broker holds the other ends. The `Tenant`
-//! of a connection is the one the broker read with SO_PEERCRED at accept.
+//! of a connection is the one the broker read with SO_PEERCRED at accept. The broker trusts
+//! nothing a worker says about identity: an ask is taken as made by the worker's own tenant,
+//! with admin rights only if the broker started it as an admin's worker.
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
@@ -55,20 +58,28 @@ impl TenantWire {
     }
 }
 
-/// One connection handed to a worker.
+/// A descriptor the broker hands to a worker, with what it is.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct Handover {
-    /// The broker's number for the connection, echoed in [`FromWorker::Closed`].
-    pub conn: u64,
-    pub tenant: TenantWire,
+#[serde(rename_all = "snake_case")]
+pub enum Handover {
+    /// An accepted connection of `tenant`; `conn` is the broker's number for it, echoed in
+    /// [`FromWorker::Closed`].
+    Connection { conn: u64, tenant: TenantWire },
+    /// The file the worker asked for with [`Ask::Open`] `id`, opened by the broker.
+    File { id: u64 },
 }
 
 /// Broker → worker.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ToWorker {
-    /// The first message: the worker's tenant and the configuration in force.
-    Hello { uid: u32, config: Box<Config> },
+    /// The first message: the worker's tenant, whether it is an admin (its worker may then
+    /// write the public binaries), and the configuration in force.
+    Hello {
+        uid: u32,
+        admin: bool,
+        config: Box<Config>,
+    },
     /// A call the worker answers with [`FromWorker::Reply`] of the same id.
     Call { id: u64, call: Call },
     /// The broker's answer to a worker's [`FromWorker::Ask`].
@@ -147,6 +158,9 @@ pub enum Ask {
     /// Public binaries changed here: every other worker reads them again before this
     /// worker answers its client, so the change is visible everywhere once answered.
     PublicChanged,
+    /// An admin's `load` by `path`: the broker opens the file (the worker cannot) and hands
+    /// it over as [`Handover::File`] with this ask's id, or answers with the failure.
+    Open { path: String },
 }
 
 /// A worker's counts for an admin's `status`.
@@ -230,10 +244,11 @@ mod tests {
         c.server.exit_idle_after = Some(std::time::Duration::from_millis(1500));
         let line = encode(&ToWorker::Hello {
             uid: 1001,
+            admin: false,
             config: Box::new(c.clone()),
         });
         match serde_json::from_slice::<ToWorker>(&line).unwrap() {
-            ToWorker::Hello { uid, config } => {
+            ToWorker::Hello { uid, config, .. } => {
                 assert_eq!(uid, 1001);
                 assert_eq!(*config, c);
             }

@@ -28,12 +28,13 @@ use crate::tenant::{Scope, Tenant};
 /// of every tenant, a request about another tenant's binary, telling the other workers
 /// that public binaries changed). The answer is a wire response, relayed as it is.
 pub trait Upstream: Send + Sync {
-    fn ask(
-        &self,
-        tenant: &Tenant,
-        ask: Ask,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<serde_json::Value, Error>> + Send>>;
+    fn ask(&self, tenant: &Tenant, ask: Ask) -> Pending<serde_json::Value>;
+    /// An admin's `load` by path: the file, opened by the broker.
+    fn open(&self, tenant: &Tenant, path: &str) -> Pending<std::os::fd::OwnedFd>;
 }
+
+/// An answer of the broker, to be awaited.
+pub type Pending<T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, Error>> + Send>>;
 
 /// Shared state of a running daemon.
 pub struct Daemon {
@@ -159,16 +160,30 @@ impl Daemon {
         scope: Scope,
         upstream: Option<Box<dyn Upstream>>,
     ) -> anyhow::Result<Arc<Daemon>> {
-        config
-            .check()
-            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
-        let start = Instant::now();
         let opened = match scope {
             Scope::All => StateDir::open(&config.state_dir),
             Scope::Tenant(uid) => StateDir::attach(&config.state_dir, uid),
         };
-        let store = Arc::new(opened.map_err(|e| anyhow::anyhow!("state directory: {e}"))?);
-        let engine = WasmEngine::new(&config.engine, &config.limits)?;
+        let store = opened.map_err(|e| anyhow::anyhow!("state directory: {e}"))?;
+        let engine = WasmEngine::configure(&config.engine, &config.limits)?;
+        Daemon::build(config, engine, store, scope, upstream)
+    }
+
+    /// [`Daemon::new`] from an engine and a state directory made beforehand (a worker makes
+    /// them before it confines itself).
+    pub fn build(
+        config: Config,
+        engine: wasmtime::Engine,
+        store: StateDir,
+        scope: Scope,
+        upstream: Option<Box<dyn Upstream>>,
+    ) -> anyhow::Result<Arc<Daemon>> {
+        config
+            .check()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        let start = Instant::now();
+        let store = Arc::new(store);
+        let engine = WasmEngine::start(engine, &config.engine)?;
         let live = config::live(config);
         let ids = store::stored_ids(&store, scope)
             .map_err(|e| anyhow::anyhow!("reading stored binaries: {e}"))?;

@@ -41,8 +41,19 @@ impl std::fmt::Debug for WasmEngine {
 impl WasmEngine {
     /// Build the engine for these settings.
     pub fn new(cfg: &EngineConfig, limits: &LimitsConfig) -> anyhow::Result<Arc<WasmEngine>> {
-        let engine = Engine::new(&wasmtime_config(cfg, limits)?)
-            .map_err(|e| anyhow::anyhow!("configuring the wasm engine: {e:#}"))?;
+        WasmEngine::start(WasmEngine::configure(cfg, limits)?, cfg)
+    }
+
+    /// The Wasmtime engine for these settings, without the ticker: no thread is started, so
+    /// a worker makes it (and Wasmtime opens what it opens, `/proc/self/pagemap`) before it
+    /// confines itself.
+    pub fn configure(cfg: &EngineConfig, limits: &LimitsConfig) -> anyhow::Result<Engine> {
+        Engine::new(&wasmtime_config(cfg, limits)?)
+            .map_err(|e| anyhow::anyhow!("configuring the wasm engine: {e:#}"))
+    }
+
+    /// `engine` (made by [`WasmEngine::configure`] with `cfg`) with its ticker started.
+    pub fn start(engine: Engine, cfg: &EngineConfig) -> anyhow::Result<Arc<WasmEngine>> {
         let ticker = Ticker::start(engine.clone(), cfg.epoch_tick)?;
         Ok(Arc::new(WasmEngine {
             engine,

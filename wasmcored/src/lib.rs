@@ -22,6 +22,7 @@
 //! - [`control`]: the broker ↔ worker channels and messages.
 //! - [`daemon`]: the shared state commands use (one tenant's, in its worker).
 //! - [`connection`], [`cmd`]: serving a connection, in a worker.
+//! - [`confine`]: no_new_privs, Landlock and seccomp for a worker.
 //! - [`worker`]: a tenant's worker process.
 //! - [`broker`], [`server`]: the broker: workers, accept loops, life cycle.
 //! - [`systemd`]: listeners and readiness notification.
@@ -34,6 +35,7 @@ pub mod broker;
 pub mod cli;
 pub mod cmd;
 pub mod config;
+pub mod confine;
 pub mod connection;
 pub mod context;
 pub mod control;

@@ -212,7 +212,8 @@ where
 pub fn map_fds_and_die_with_parent(cmd: &mut std::process::Command, fds: [(RawFd, RawFd); 2]) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs in the child between fork and exec and calls only
-    // async-signal-safe functions (fcntl, dup2, close, prctl); it allocates nothing.
+    // async-signal-safe functions (fcntl, dup2, close, close_range, prctl); it allocates
+    // nothing.
     unsafe {
         cmd.pre_exec(move || {
             use nix::libc;
@@ -230,6 +231,12 @@ pub fn map_fds_and_die_with_parent(cmd: &mut std::process::Command, fds: [(RawFd
                     return Err(std::io::Error::last_os_error());
                 }
                 libc::close(high[i]);
+            }
+            // Nothing else the parent had open reaches the worker, not even a descriptor
+            // its own parent leaked without FD_CLOEXEC.
+            let first_free = fds.iter().map(|&(_, to)| to).max().unwrap_or(2) + 1;
+            if libc::syscall(libc::SYS_close_range, first_free, libc::c_uint::MAX, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
             }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
                 return Err(std::io::Error::last_os_error());

@@ -19,16 +19,20 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncWriteExt, BufReader, Interest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::sync::{mpsc, oneshot, watch};
 use wasmcore_proto::{BinaryInfo, Response};
 
 use crate::cmd::{self, Origin};
+use crate::config::Config;
+use crate::confine;
 use crate::control::{
     self, Ask, Call, FromWorker, Handover, MAX_HANDOVER, TenantWire, ToWorker, WorkerCounts,
 };
-use crate::daemon::{Daemon, Upstream};
+use crate::daemon::{Daemon, Pending, Upstream};
+use crate::engine::WasmEngine;
 use crate::error::Error;
+use crate::store::StateDir;
 use crate::sys;
 use crate::tenant::{Scope, Tenant};
 
@@ -36,7 +40,41 @@ use crate::tenant::{Scope, Tenant};
 /// to stop or when the broker is gone.
 pub fn main(uid: u32) -> anyhow::Result<()> {
     let handover = sys::inherited_fd(control::HANDOVER_FD)?;
-    let control = sys::inherited_fd(control::CONTROL_FD)?;
+    let control = std::os::unix::net::UnixStream::from(sys::inherited_fd(control::CONTROL_FD)?);
+    // Before any thread exists: the hello, the engine (Wasmtime opens what it needs), the
+    // state directory, then the confinement every later thread inherits.
+    let mut reader = std::io::BufReader::new(control);
+    let mut line = Vec::new();
+    std::io::BufRead::read_until(&mut reader, b'\n', &mut line)?;
+    let (admin, config) = match serde_json::from_slice(&line)? {
+        ToWorker::Hello {
+            uid: u,
+            admin,
+            config,
+        } if u == uid => (admin, *config),
+        other => anyhow::bail!("expected the broker's hello for uid {uid}, got {other:?}"),
+    };
+    let early = reader.buffer().to_vec();
+    let control = reader.into_inner();
+    log::set_max_level(config.server.log_level);
+    let engine = WasmEngine::configure(&config.engine, &config.limits)?;
+    let store = StateDir::attach(&config.state_dir, uid)
+        .map_err(|e| anyhow::anyhow!("state directory: {e}"))?;
+    let confined = confine::restrict_files(&store.tenant_dir(uid), &store.public_dir(), admin)?;
+    let public = if admin { "read-write" } else { "read-only" };
+    if confined.landlock_full {
+        log::info!(
+            "worker of uid {uid} confined: no new privileges, not dumpable, Landlock ABI {} (its own subtree read-write, public binaries {public}, nothing else; no TCP; signals and abstract sockets scoped)",
+            confined.landlock_abi
+        );
+    } else {
+        log::warn!(
+            tenant_uid = uid;
+            "worker of uid {uid}: this kernel's Landlock (ABI {}) cannot enforce: {}; seccomp and the rest still apply",
+            confined.landlock_abi,
+            confined.missing.join(", ")
+        );
+    }
     // The same number of threads in every worker: the kernel's scheduler then shares the
     // CPU between tenants, not between connections.
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -45,36 +83,66 @@ pub fn main(uid: u32) -> anyhow::Result<()> {
         .enable_all()
         .thread_name("wasmcored-worker")
         .build()?;
-    let r = runtime.block_on(run(uid, handover, control));
+    let parts = Parts {
+        uid,
+        config,
+        engine,
+        store,
+        early,
+    };
+    let r = runtime.block_on(run(parts, handover, control));
     // Guests still running past the grace period are abandoned with the runtime.
     runtime.shutdown_timeout(Duration::from_millis(100));
     r
 }
 
-/// Calls to the broker waiting for their answer.
+/// What the worker made before its runtime started.
+struct Parts {
+    uid: u32,
+    config: Config,
+    engine: wasmtime::Engine,
+    store: StateDir,
+    /// Control bytes read past the hello.
+    early: Vec<u8>,
+}
+
+/// Asks to the broker waiting for their answer.
 #[derive(Default)]
-struct Pending {
+struct Waiting {
     next: AtomicU64,
-    waiting: Mutex<HashMap<u64, oneshot::Sender<serde_json::Value>>>,
+    answers: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
+}
+
+/// What the broker answers an ask with.
+enum Answer {
+    /// A wire response (control channel).
+    Response(serde_json::Value),
+    /// A descriptor (handover channel).
+    File(OwnedFd),
+}
+
+impl Waiting {
+    fn take(&self, id: u64) -> Option<oneshot::Sender<Answer>> {
+        self.answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id)
+    }
 }
 
 /// The worker's end of the control channel, as the commands' [`Upstream`].
 struct Link {
     tx: mpsc::UnboundedSender<Vec<u8>>,
-    pending: Arc<Pending>,
+    waiting: Arc<Waiting>,
 }
 
-impl Upstream for Link {
-    fn ask(
-        &self,
-        tenant: &Tenant,
-        ask: Ask,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<serde_json::Value, Error>> + Send>>
-    {
-        let id = self.pending.next.fetch_add(1, Relaxed);
+impl Link {
+    /// Send `ask` and wait for the broker's answer.
+    fn send(&self, tenant: &Tenant, ask: Ask) -> Pending<Answer> {
+        let id = self.waiting.next.fetch_add(1, Relaxed);
         let (done, answer) = oneshot::channel();
-        self.pending
-            .waiting
+        self.waiting
+            .answers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, done);
@@ -92,20 +160,52 @@ impl Upstream for Link {
     }
 }
 
-async fn run(uid: u32, handover: OwnedFd, control: OwnedFd) -> anyhow::Result<()> {
-    let control = std::os::unix::net::UnixStream::from(control);
+impl Upstream for Link {
+    fn ask(&self, tenant: &Tenant, ask: Ask) -> Pending<serde_json::Value> {
+        let answer = self.send(tenant, ask);
+        Box::pin(async move {
+            match answer.await? {
+                Answer::Response(v) => Ok(v),
+                Answer::File(_) => Err(Error::internal("the broker answered with a file")),
+            }
+        })
+    }
+
+    fn open(&self, tenant: &Tenant, path: &str) -> Pending<OwnedFd> {
+        let answer = self.send(
+            tenant,
+            Ask::Open {
+                path: path.to_string(),
+            },
+        );
+        Box::pin(async move {
+            match answer.await? {
+                Answer::File(fd) => Ok(fd),
+                Answer::Response(v) => match cmd::relayed(v) {
+                    Err(e) => Err(e),
+                    Ok(_) => Err(Error::internal("the broker opened no file")),
+                },
+            }
+        })
+    }
+}
+
+async fn run(
+    parts: Parts,
+    handover: OwnedFd,
+    control: std::os::unix::net::UnixStream,
+) -> anyhow::Result<()> {
+    let Parts {
+        uid,
+        config,
+        engine,
+        store,
+        early,
+    } = parts;
     control.set_nonblocking(true)?;
     let (rd, mut wr) = tokio::net::UnixStream::from_std(control)?.into_split();
-    let mut reader = BufReader::new(rd);
+    let mut reader = BufReader::new(std::io::Cursor::new(early).chain(rd));
     let mut line = Vec::new();
-    if !control::read_line(&mut reader, &mut line).await? {
-        anyhow::bail!("the broker closed the control channel before saying hello");
-    }
-    let config = match serde_json::from_slice(&line)? {
-        ToWorker::Hello { uid: u, config } if u == uid => *config,
-        other => anyhow::bail!("expected the broker's hello for uid {uid}, got {other:?}"),
-    };
-    log::set_max_level(config.server.log_level);
 
     // One writer: every message to the broker is a whole line.
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
@@ -116,17 +216,26 @@ async fn run(uid: u32, handover: OwnedFd, control: OwnedFd) -> anyhow::Result<()
             }
         }
     });
-    let pending = Arc::new(Pending::default());
+    let waiting = Arc::new(Waiting::default());
     let link = Link {
         tx: tx.clone(),
-        pending: pending.clone(),
+        waiting: waiting.clone(),
     };
     let grace = config.server.shutdown_grace;
     // Restoring may compile (a changed engine): off the async threads.
     let daemon = tokio::task::spawn_blocking(move || {
-        Daemon::new(config, Scope::Tenant(uid), Some(Box::new(link)))
+        Daemon::build(
+            config,
+            engine,
+            store,
+            Scope::Tenant(uid),
+            Some(Box::new(link)),
+        )
     })
     .await??;
+    // Every thread exists now (the runtime's, the epoch ticker): the seccomp filter goes on
+    // all of them, and threads started later inherit it.
+    confine::restrict_syscalls()?;
     let _ = tx.send(control::encode(&FromWorker::Ready));
 
     // A SOCK_SEQPACKET socket: message boundaries, read like datagrams.
@@ -145,7 +254,7 @@ async fn run(uid: u32, handover: OwnedFd, control: OwnedFd) -> anyhow::Result<()
                         log::debug!("worker of uid {uid}: the broker closed the handover channel");
                         break;
                     }
-                    Ok(got) => take_connection(&daemon, &tx, &shutdown_rx, &buf[..got.bytes], got),
+                    Ok(got) => take_handover(&daemon, &tx, &waiting, &shutdown_rx, &buf[..got.bytes], got),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(e) => anyhow::bail!("receiving a connection from the broker: {e}"),
                 }
@@ -164,9 +273,8 @@ async fn run(uid: u32, handover: OwnedFd, control: OwnedFd) -> anyhow::Result<()
                         });
                     }
                     ToWorker::Answer { id, response } => {
-                        let waiting = pending.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-                        if let Some(w) = waiting {
-                            let _ = w.send(response);
+                        if let Some(w) = waiting.take(id) {
+                            let _ = w.send(Answer::Response(response));
                         }
                     }
                     ToWorker::Reload { config } => {
@@ -187,10 +295,12 @@ async fn run(uid: u32, handover: OwnedFd, control: OwnedFd) -> anyhow::Result<()
     Ok(())
 }
 
-/// Serve a handed-over connection; tell the broker when it ends.
-fn take_connection(
+/// A descriptor from the broker: a connection to serve (the broker is told when it ends),
+/// or a file an ask is waiting for.
+fn take_handover(
     daemon: &Arc<Daemon>,
     tx: &mpsc::UnboundedSender<Vec<u8>>,
+    waiting: &Waiting,
     shutdown: &watch::Receiver<bool>,
     msg: &[u8],
     got: sys::Received,
@@ -202,16 +312,31 @@ fn take_connection(
             return;
         }
     };
-    let conn = handover.conn;
     let mut fds = got.fds;
-    let stream = match (fds.pop(), fds.is_empty(), got.truncated) {
-        (Some(fd), true, false) => std::os::unix::net::UnixStream::from(fd),
-        _ => {
-            log::error!("handover {conn} did not carry exactly one descriptor; dropped");
-            let _ = tx.send(control::encode(&FromWorker::Closed { conn }));
+    let fd = match (fds.pop(), fds.is_empty(), got.truncated) {
+        (Some(fd), true, false) => Some(fd),
+        _ => None,
+    };
+    let (conn, tenant) = match handover {
+        Handover::File { id } => {
+            match (waiting.take(id), fd) {
+                (Some(w), Some(fd)) => {
+                    let _ = w.send(Answer::File(fd));
+                }
+                _ => log::error!(
+                    "file {id} from the broker did not come as one descriptor for an open ask"
+                ),
+            }
             return;
         }
+        Handover::Connection { conn, tenant } => (conn, tenant.tenant()),
     };
+    let Some(fd) = fd else {
+        log::error!("handover {conn} did not carry exactly one descriptor; dropped");
+        let _ = tx.send(control::encode(&FromWorker::Closed { conn }));
+        return;
+    };
+    let stream = std::os::unix::net::UnixStream::from(fd);
     let stream = match stream
         .set_nonblocking(true)
         .and_then(|()| tokio::net::UnixStream::from_std(stream))
@@ -223,7 +348,6 @@ fn take_connection(
             return;
         }
     };
-    let tenant = handover.tenant.tenant();
     let (d, tx, rx) = (daemon.clone(), tx.clone(), shutdown.clone());
     tokio::spawn(async move {
         // Counted here for the tenant's own figures; the broker enforces the quota.

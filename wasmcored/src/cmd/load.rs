@@ -66,7 +66,13 @@ pub async fn apply(
                 "only admins may load by `path`; send the module itself (wasmcorectl load passes the open file)".into(),
             ));
         }
-        let f = File::open(&path).map_err(|e| Error::NotFound(format!("opening {path}: {e}")))?;
+        // A worker cannot open paths outside its subtree: the broker opens it.
+        let f = match daemon.upstream() {
+            Some(up) => File::from(up.open(tenant, &path).await?),
+            None => {
+                File::open(&path).map_err(|e| Error::NotFound(format!("opening {path}: {e}")))?
+            }
+        };
         Source::File(f, path)
     };
 

@@ -123,7 +123,7 @@ fn foreign_binary(daemon: &Daemon, req: &Request) -> Option<uuid::Uuid> {
 }
 
 /// A wire response made elsewhere, as this process's result.
-fn relayed(response: serde_json::Value) -> Result<Reply> {
+pub fn relayed(response: serde_json::Value) -> Result<Reply> {
     let serde_json::Value::Object(mut body) = response else {
         return Err(Error::internal(
             "the broker answered something other than a response",
