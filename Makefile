@@ -26,7 +26,7 @@ BIN        := target/$(PROFILE)
 DEV_SOCKET ?= /tmp/wasm-core.sock
 PLUGINS    := uppercase transform hash counter wc linenum greet sort
 
-.PHONY: all build plugins dev test check bench bench-guard fuzz docs install deb rpm e2e clean
+.PHONY: all build plugins probe dev test check bench bench-guard fuzz docs install deb rpm e2e clean
 
 all: build plugins
 
@@ -55,11 +55,19 @@ dev: build plugins
 # for the Python client's tests.
 TEST_DEBS := systemd util-linux passwd mount python3 curl prometheus tmux python3-pytest
 
-test: build plugins
+test: build plugins probe
 	packaging/ensure-packages.sh $(TEST_DEBS)
 	tests/extism/setup.sh
 	$(CARGO) test --$(PROFILE) --workspace
 	$(MAKE) fuzz FUZZ_SECONDS=10
+
+# The daemon with the escape probe (wasmcored/src/kinds/probe.rs: host calls that try what an
+# escaped guest would), for the confinement tests only; never installed. The last build puts
+# the shipped daemon back in place.
+probe:
+	$(CARGO) build --$(PROFILE) -p wasmcored --features escape-probe --bin wasmcored
+	cp $(BIN)/wasmcored $(BIN)/wasmcored-escape-probe
+	$(CARGO) build --$(PROFILE) -p wasmcored --bin wasmcored
 
 check:
 	$(CARGO) fmt --all -- --check

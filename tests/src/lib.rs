@@ -100,17 +100,25 @@ pub struct Daemon {
     pub dir: TempDir,
     /// Extra arguments, used again by restarts.
     pub args: Vec<String>,
+    /// The daemon program (`wasmcored`, or the test build with the escape probe).
+    pub program: PathBuf,
+}
+
+/// The test build of the daemon with the escape probe (`make test` builds it; never
+/// installed): host calls that try what an escaped guest would.
+pub fn wasmcored_escape_probe() -> PathBuf {
+    bin_dir().join("wasmcored-escape-probe")
 }
 
 /// Spawn `wasmcored` on `socket` with state in `dir/state`, logging (appended) to
 /// `dir/daemon.log`: a pipe nobody reads would block the daemon when full.
-fn spawn_daemon(dir: &Path, socket: &Path, args: &[String]) -> Child {
+fn spawn_daemon(program: &Path, dir: &Path, socket: &Path, args: &[String]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("daemon.log"))
         .expect("log file");
-    Command::new(wasmcored())
+    Command::new(program)
         .arg("--listen")
         .arg(socket)
         .arg("--state-dir")
@@ -125,8 +133,8 @@ fn spawn_daemon(dir: &Path, socket: &Path, args: &[String]) -> Child {
         .spawn()
         .unwrap_or_else(|e| {
             panic!(
-                "starting {}: {e} (build the workspace first)",
-                wasmcored().display()
+                "starting {}: {e} (build the workspace first: make test builds everything)",
+                program.display()
             )
         })
 }
@@ -159,15 +167,27 @@ impl Daemon {
         Daemon::start_in(dir, &args)
     }
 
+    /// Start `program` (a test build of the daemon) with `config` as its config file.
+    pub fn start_program(program: PathBuf, config: &str) -> Daemon {
+        let dir = TempDir::new("daemon");
+        let path = dir.write("config.toml", config.as_bytes());
+        Daemon::start_program_in(program, dir, &["--config", path.to_str().expect("utf-8")])
+    }
+
     fn start_in(dir: TempDir, extra: &[&str]) -> Daemon {
+        Daemon::start_program_in(wasmcored(), dir, extra)
+    }
+
+    fn start_program_in(program: PathBuf, dir: TempDir, extra: &[&str]) -> Daemon {
         let socket = dir.path().join("wasm-core.sock");
         let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let child = spawn_daemon(dir.path(), &socket, &args);
+        let child = spawn_daemon(&program, dir.path(), &socket, &args);
         let mut d = Daemon {
             child,
             socket,
             dir,
             args,
+            program,
         };
         d.wait_ready();
         d
@@ -197,7 +217,7 @@ impl Daemon {
 
     /// Start a new process after the previous one ended.
     pub fn start_again(&mut self) {
-        self.child = spawn_daemon(self.dir.path(), &self.socket, &self.args);
+        self.child = spawn_daemon(&self.program, self.dir.path(), &self.socket, &self.args);
         self.wait_ready();
     }
 

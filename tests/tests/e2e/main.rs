@@ -12,6 +12,7 @@ mod systemd;
 mod tenancy;
 mod top;
 mod units;
+mod workers;
 
 use serde_json::{Value, json};
 

@@ -494,3 +494,136 @@ fn an_unusable_state_directory_is_a_clear_startup_error() {
     assert!(stderr(&o).contains("formats 1 and 2"), "{}", stderr(&o));
     assert!(!sock.exists(), "no socket is left behind by a failed start");
 }
+
+/// Copy a directory tree.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), &dest).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_format_1_state_directory_is_moved_into_tenant_subtrees_losing_nothing() {
+    // tests/fixtures/state-format-1: root's private `up`, root's public `hits` (counter) with
+    // plugin state of root (5) and of uid 4242 (7), and uid 4242's private `lines`.
+    let tmp = TempDir::new("format1");
+    let state = tmp.path().join("state");
+    copy_tree(&repo().join("tests/fixtures/state-format-1"), &state);
+    let socket = tmp.path().join("s.sock");
+    let log = tmp.path().join("log");
+    let child = Command::new(wasmcored())
+        .arg("--listen")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(&state)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Stopped however the test ends.
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Stop(child);
+    let t = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        std::fs::read_to_string(state.join("FORMAT")).unwrap(),
+        "wasm-core-state 2\n"
+    );
+    for gone in ["binaries", "state"] {
+        assert!(!state.join(gone).exists(), "{gone} was emptied and removed");
+    }
+    let mut c = Client::connect(&socket);
+    let all = c.call(&json!({"op": "list", "all": true}));
+    let listed: Vec<(String, String, u64, bool, u64)> = ok(&all)["binaries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["binary"].as_str().unwrap().to_string(),
+                b["name"].as_str().unwrap().to_string(),
+                b["owner_uid"].as_u64().unwrap(),
+                b["public"].as_bool().unwrap(),
+                b["loaded_at"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let want = [
+        (
+            "6f0c3a52-8a43-4d7e-9c1b-2f4e8d1a9b01",
+            "up",
+            0,
+            false,
+            1796000000,
+        ),
+        (
+            "a1b2c3d4-0001-4e5f-8a9b-0c1d2e3f4a5b",
+            "hits",
+            0,
+            true,
+            1796000100,
+        ),
+        (
+            "d4c3b2a1-0002-4f5e-9b8a-5b4a3f2e1d0c",
+            "lines",
+            4242,
+            false,
+            1796000200,
+        ),
+    ];
+    assert_eq!(
+        listed,
+        want.iter()
+            .map(|(i, n, o, p, t)| (i.to_string(), n.to_string(), *o, *p, *t))
+            .collect::<Vec<_>>(),
+        "same UUIDs, names, owners, flags, load times"
+    );
+    let run = |c: &mut Client, binary: &str, input: &str| {
+        c.call(&json!({"op": "execute", "binary": binary, "input": input}))
+    };
+    assert_eq!(ok(&run(&mut c, "up", "a"))["output"], json!("A"));
+    assert_eq!(
+        ok(&run(&mut c, "hits", "k"))["output"],
+        json!("6"),
+        "root's plugin state kept"
+    );
+    // uid 4242 (no such user here): its binary runs in its own worker, for an admin.
+    let lines = run(&mut c, "d4c3b2a1-0002-4f5e-9b8a-5b4a3f2e1d0c", "a\nb\n");
+    assert!(
+        ok(&lines)["output"].as_str().unwrap().contains('2'),
+        "{lines}"
+    );
+    // uid 4242's state of the public counter moved into its subtree.
+    assert!(
+        state
+            .join("tenants/4242/state/a1b2c3d4-0001-4e5f-8a9b-0c1d2e3f4a5b/4242.state")
+            .exists()
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("moved 5 entries from format 1"), "{text}");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    assert!(child.0.wait().unwrap().success());
+}

@@ -29,6 +29,8 @@ use crate::context::{ExecCtx, StoreShape};
 
 pub mod component;
 pub mod extism;
+#[cfg(feature = "escape-probe")]
+pub mod probe;
 pub mod process;
 pub mod wasi;
 
@@ -144,6 +146,8 @@ impl Linkers {
     pub fn new(engine: &Engine) -> wasmtime::Result<Linkers> {
         let mut core = Linker::new(engine);
         process::add_to_linker(&mut core)?;
+        #[cfg(feature = "escape-probe")]
+        probe::add_to_linker(&mut core)?;
         extism::add_to_linker(&mut core)?;
         wasmtime_wasi::p1::add_to_linker_async(&mut core, |c: &mut ExecCtx| {
             c.wasi
@@ -162,6 +166,8 @@ const KNOWN_IMPORTS: &[(&str, Option<&[&str]>)] = &[
     (process::HOST_MODULE, Some(process::FUNCTIONS)),
     (extism::ENV_MODULE, Some(extism::FUNCTIONS)),
     (wasi::WASI_MODULE, None),
+    #[cfg(feature = "escape-probe")]
+    (probe::PROBE_MODULE, Some(probe::FUNCTIONS)),
 ];
 
 /// Every import of `module` that no linker provides, named `module::name`.
