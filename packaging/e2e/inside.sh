@@ -56,6 +56,23 @@ check "the state directory is the service's" test "$(stat -c %U:%a /var/lib/wasm
 as alice wasmcorectl load $P/greet.wasm --name greet --config greeting=Hi >/dev/null
 as alice wasmcorectl load $P/sort.wasm --name sort >/dev/null
 as alice wasmcorectl load $P/uppercase.wasm --name up >/dev/null
+# Tenants in workers of their own, confined, under the service.
+as bob wasmcorectl execute h --input x >/dev/null
+workers_ok() {
+  wasmcorectl --json status | python3 -c '
+import json, sys
+main, alice, bob = (int(a) for a in sys.argv[1:4])
+w = {x["uid"]: x["pid"] for x in json.load(sys.stdin)["workers"]}
+assert alice in w and bob in w and w[alice] != w[bob], w
+for pid in w.values():
+    s = dict(l.split(":\t", 1) for l in open(f"/proc/{pid}/status").read().splitlines() if ":\t" in l)
+    assert s["NoNewPrivs"].strip() == "1" and s["Seccomp"].strip() == "2", (pid, s)
+    assert int(s["PPid"]) == main, (pid, s["PPid"], main)
+' "$(systemctl show -p MainPID --value wasm-core.service)" "$(id -u alice)" "$(id -u bob)"
+}
+check "alice and bob are served by confined workers of their own" workers_ok
+check "the journal says how the workers are confined" \
+  sh -c "journalctl -u wasm-core.service --no-pager -o cat | grep -q 'confined: no new privileges, not dumpable, Landlock ABI'"
 check "an Extism plugin runs under the service" \
   test "$(as alice wasmcorectl execute greet --function greet --input Ann)" = "Hi, Ann!"
 check "a component runs under the service" \
@@ -116,7 +133,8 @@ systemctl daemon-reload
 journal=$(journalctl -u wasm-core.service --no-pager -o cat)
 check "the journal holds the daemon's ready line" grep -q '^ready:' <<<"$journal"
 check "the journal holds load lines with the tenant's uid" grep -q "for uid $(id -u alice)" <<<"$journal"
-check "the journal shows the restore" grep -q 'restored 2 binaries' <<<"$journal"
+check "the journal shows the broker's scan of the state directory" grep -q 'found 2 stored binaries of 2 tenants' <<<"$journal"
+check "the journal shows a worker's restore" grep -q 'restored 1 binaries (uid' <<<"$journal"
 
 systemd-analyze security wasm-core.service >/e2e-security.txt 2>/dev/null
 score=$(sed -n 's/.*Overall exposure level for wasm-core.service: \([0-9.]*\).*/\1/p' /e2e-security.txt)

@@ -100,8 +100,9 @@ pub struct Measured {
     pub per_sec: f64,
     pub p50_us: f64,
     pub p99_us: f64,
-    /// The server's CPU time (utime + stime of every thread, from /proc) per request served,
-    /// in µs; `None` when the server's /proc entry cannot be read.
+    /// The server's CPU time (utime + stime of every thread of it and its children, from
+    /// /proc) per request served, in µs; `None` when the server's /proc entry cannot be
+    /// read.
     pub cpu_us: Option<f64>,
 }
 
@@ -849,12 +850,33 @@ fn median_round(mut rounds: Vec<Measured>) -> Measured {
     rounds[rounds.len() / 2]
 }
 
-/// VmRSS of `pid` in KiB.
+/// VmRSS of `pid` and of its live children (the daemon's tenant workers) in KiB.
 fn rss_kib(pid: i32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    let one = |pid: i32| -> Option<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    };
+    Some(one(pid)? + children(pid).into_iter().filter_map(one).sum::<u64>())
+}
+
+/// The live child processes of `pid`.
+fn children(pid: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| stat_fields(*p).and_then(|f| f.get(1)?.parse::<i32>().ok()) == Some(pid))
+        .collect()
+}
+
+/// The fields of `/proc/PID/stat` from field 3 (state) on; the command name before them
+/// may contain spaces.
+fn stat_fields(pid: i32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_string).collect())
 }
 
 fn line(v: &Value) -> Vec<u8> {
@@ -1387,20 +1409,26 @@ pub fn serve_tenant_client(socket: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
-/// CPU time (utime + stime of all its threads) of process `pid` so far, in µs.
+/// CPU time of process `pid` so far, in µs: utime + stime of all its threads, of its
+/// children it waited for (cutime + cstime) and of its live children. For the daemon that
+/// is the broker and every tenant worker, those that exited included.
 fn cpu_us(pid: i32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may contain spaces), from field 3 (state) on:
-    // utime and stime are fields 14 and 15.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut f = rest.split_whitespace().skip(11);
-    let utime: u64 = f.next()?.parse().ok()?;
-    let stime: u64 = f.next()?.parse().ok()?;
+    // utime, stime, cutime, cstime are fields 14–17: 11–14 from field 3 on.
+    let ticks = |f: &[String], n: usize| -> Option<u64> {
+        f.get(11..11 + n)?
+            .iter()
+            .map(|v| v.parse::<u64>().ok())
+            .sum::<Option<u64>>()
+    };
+    let mut total = ticks(&stat_fields(pid)?, 4)?;
+    for child in children(pid) {
+        total += stat_fields(child).and_then(|f| ticks(&f, 2)).unwrap_or(0);
+    }
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
         .filter(|h| *h > 0)? as f64;
-    Some((utime + stime) as f64 * 1e6 / hz)
+    Some(total as f64 * 1e6 / hz)
 }
 
 fn cpu_per_request(before: Option<f64>, after: Option<f64>, requests: u64) -> Option<f64> {

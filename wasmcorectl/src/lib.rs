@@ -348,7 +348,10 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             if json {
                 return print_json(&resp);
             }
-            print_fields(&resp, &["ok"]);
+            print_fields(&resp, &["ok", "workers"]);
+            if let Some(workers) = resp["workers"].as_array() {
+                let _ = write_stdout(workers_table(workers, now_secs()).as_bytes());
+            }
             Ok(())
         }
         Command::Top(args) => top::run(&mut c, &args, json),
@@ -600,6 +603,34 @@ fn text(v: &Value) -> String {
     }
 }
 
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The live tenant workers of `status` (admins), one row each.
+fn workers_table(workers: &[Value], now: u64) -> String {
+    let mut out = format!(
+        "workers:\n  {:<8} {:<8} {:>11} {:>10} {:>10} {:>9}\n",
+        "UID", "PID", "CONNECTIONS", "RSS", "CPU", "UP"
+    );
+    for w in workers {
+        let n = |k: &str| w[k].as_u64().unwrap_or(0);
+        let up = now.saturating_sub(n("started_at"));
+        out.push_str(&format!(
+            "  {:<8} {:<8} {:>11} {:>10} {:>10} {:>9}\n",
+            n("uid"),
+            n("pid"),
+            n("connections"),
+            format!("{:.1} MiB", n("rss_bytes") as f64 / 1048576.0),
+            format!("{:.2} s", n("cpu_us") as f64 / 1e6),
+            format!("{}m{:02}s", up / 60, up % 60),
+        ));
+    }
+    out
+}
+
 fn print_fields(resp: &Value, skip: &[&str]) {
     let mut out = String::new();
     if let Some(map) = resp.as_object() {
@@ -635,6 +666,19 @@ fn write_fields(out: &mut String, map: &Map<String, Value>, skip: &[&str], prefi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workers_are_a_table() {
+        let w = json!([{"uid": 1001, "pid": 42, "connections": 3, "rss_bytes": 3145728,
+            "cpu_us": 1_250_000, "started_at": 1000}]);
+        let t = workers_table(w.as_array().unwrap(), 1075);
+        let row = t.lines().nth(2).unwrap();
+        assert_eq!(
+            row.split_whitespace().collect::<Vec<_>>(),
+            ["1001", "42", "3", "3.0", "MiB", "1.25", "s", "1m15s"],
+            "{t}"
+        );
+    }
 
     #[test]
     fn clap_definition_is_consistent() {

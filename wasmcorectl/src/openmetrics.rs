@@ -197,6 +197,17 @@ impl Collector for Snapshot {
             t.iter()
                 .map(|x| (vec![uid(x.uid)], Value::Counter(x.connections_opened))),
         )?;
+        if m.all_tenants {
+            family(
+                &mut enc,
+                "wasm_core_worker_failures",
+                "Times a tenant's worker process ended without being told to (crash, kill, out of memory)",
+                None,
+                MetricType::Counter,
+                t.iter()
+                    .map(|x| (vec![uid(x.uid)], Value::Counter(x.worker_failures))),
+            )?;
+        }
         family(
             &mut enc,
             "wasm_core_tenant_executions_running",

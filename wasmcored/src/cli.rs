@@ -8,6 +8,18 @@ use clap::Parser;
 use crate::config::{self, Config};
 
 const AFTER_HELP: &str = "\
+Processes:
+  The daemon accepts connections, reads each peer's
+  credentials and hands the connection to a worker
+  process of that tenant (wasmcored --worker UID,
+  started by the daemon), which serves it. A worker
+  restores its tenant's binaries and the public ones,
+  then confines itself (no_new_privs, Landlock on its
+  own part of the state directory, seccomp) before it
+  runs tenant code; it exits when idle
+  (workers.idle_timeout_s) and is started again, with
+  backoff after repeated failures, when it dies.
+
 Signals:
   SIGHUP   reload the config file. Limits, quotas, access
            and log level change live; keys that need a
@@ -19,19 +31,21 @@ Signals:
 
 systemd:
   Sockets come from socket activation (wasm-core.socket)
-  and are never unlinked. READY=1 after the registry is
-  restored; STATUS= with counts; WATCHDOG=1 after a probe
-  execution when WatchdogSec= is set; RELOADING=1 and
-  STOPPING=1. Under the journal, lines carry priorities.
+  and are never unlinked. READY=1 after the state
+  directory is checked; STATUS= with counts; WATCHDOG=1
+  while the daemon's loop runs (it also kills a worker
+  that stops answering); RELOADING=1 and STOPPING=1.
+  Under the journal, lines carry priorities.
 
 Files:
   /etc/wasm-core/config.toml
       the config file, see wasm-core.toml(5)
   /var/lib/wasm-core
-      the state directory: FORMAT, binaries/<uuid>/
-      (meta.json, module.wasm, <hash>.cwasm),
-      state/<uuid>/<uid>.state, tmp/, quarantine/,
-      probe/<hash>.cwasm (the watchdog's probe)
+      the state directory (format 2): FORMAT,
+      tenants/<uid>/ (binaries/<uuid>/, state/, tmp/,
+      quarantine/), public/binaries/<uuid>/, tmp/,
+      quarantine/; a format-1 directory is moved
+      into it at start
 
 See also: wasmcorectl(1), wasm-core.toml(5)";
 
