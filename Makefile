@@ -79,6 +79,8 @@ bench: build plugins
 	$(CARGO) bench -p wasmcore-tests --bench restart
 	tests/bench-socket.sh
 	tests/bench-clients.py
+	tests/bench-noisy.py
+	tests/bench-workers.py
 
 # A short socket benchmark that fails only on gross regressions of the ratios (CI): a ratio
 # below its floor (docs/PERFORMANCE.md, "Regression guard") in two runs in a row.

@@ -388,6 +388,8 @@ impl Broker {
             match control::read_line(&mut reader, &mut line).await {
                 Ok(true) => {}
                 Ok(false) => return,
+                // The worker exited with bytes unread on its side.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
                 Err(e) => {
                     log::error!(tenant_uid = w.uid; "the worker of uid {} sent an unreadable message ({e}); stopping it", w.uid);
                     let _ = nix::sys::signal::kill(

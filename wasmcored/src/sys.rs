@@ -267,3 +267,28 @@ pub fn inherited_fd(fd: RawFd) -> std::io::Result<std::os::fd::OwnedFd> {
     unsafe { nix::libc::fcntl(fd, nix::libc::F_SETFD, flags | nix::libc::FD_CLOEXEC) };
     Ok(owned)
 }
+
+/// Ignore SIGTERM, SIGINT and SIGHUP in a worker: stopping is the broker's to decide (it
+/// tells each worker over the control channel, and the kernel kills the workers when the
+/// broker dies). systemd's stop and a terminal's Ctrl-C reach every process of the service
+/// or of the process group; the workers must not die of them before the broker drained
+/// their connections.
+pub fn ignore_stop_signals() -> std::io::Result<()> {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        // SAFETY: SIG_IGN installs no handler code; nothing else in the worker handles
+        // these signals.
+        unsafe { signal(sig, SigHandler::SigIgn) }.map_err(std::io::Error::from)?;
+    }
+    Ok(())
+}
+
+/// Give the heap's free memory back to the kernel (glibc's `malloc_trim`): compiling a
+/// module leaves megabytes of freed compiler buffers that a tenant's worker would otherwise
+/// keep resident for as long as it lives.
+pub fn release_free_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists, under its locks.
+    unsafe {
+        nix::libc::malloc_trim(0);
+    }
+}

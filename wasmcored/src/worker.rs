@@ -39,6 +39,7 @@ use crate::tenant::{Scope, Tenant};
 /// Run the worker of tenant `uid` on the descriptors the broker passed; returns when told
 /// to stop or when the broker is gone.
 pub fn main(uid: u32) -> anyhow::Result<()> {
+    sys::ignore_stop_signals()?;
     let handover = sys::inherited_fd(control::HANDOVER_FD)?;
     let control = std::os::unix::net::UnixStream::from(sys::inherited_fd(control::CONTROL_FD)?);
     // Before any thread exists: the hello, the engine (Wasmtime opens what it needs), the

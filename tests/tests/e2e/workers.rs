@@ -332,3 +332,33 @@ fn an_idle_worker_exits_and_starts_again_on_the_next_connection() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(ok(&run())["output"], json!("2"), "state and binary kept");
 }
+
+#[test]
+fn the_noisy_neighbour_scenario_answers_every_request_in_order() {
+    // tests/bench-noisy.py (a row of `make bench`) in short phases: a flood of 10 × 32
+    // pipelined ~4 ms executions by one tenant beside another's ping-pong. The script
+    // checks every answer (`ok`, and the tag of the request it answers, in order) and fails
+    // otherwise; its timings are the bench's business, not this test's.
+    let o = std::process::Command::new("/usr/bin/python3")
+        .arg(repo().join("tests/bench-noisy.py"))
+        .args([
+            "--seconds",
+            "1",
+            "--json",
+            "--flood-uid",
+            "61110",
+            "--victim-uid",
+            "61111",
+        ])
+        .output()
+        .expect("run tests/bench-noisy.py");
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    for phase in ["victim_alone", "victim_under_flood"] {
+        assert!(r[phase]["n"].as_u64().unwrap() > 0, "{r}");
+    }
+    for phase in ["flood_alone", "flood_with_victim"] {
+        assert!(r[phase]["n"].as_u64().unwrap() > 0, "{r}");
+        assert_eq!(r[phase]["errors"], json!(0), "{r}");
+    }
+}

@@ -117,6 +117,8 @@ pub async fn apply(
                 .store(stored, std::sync::atomic::Ordering::Relaxed);
             Ok(())
         })?;
+        drop((bytes, artifact));
+        crate::sys::release_free_memory();
         Ok((bin, compile_ms))
     });
     let loaded = match tokio::time::timeout(max_compile, job).await {
