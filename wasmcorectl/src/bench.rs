@@ -563,18 +563,23 @@ fn targets(results: &[(Kind, Measured, Measured)], args: &BenchArgs) -> Vec<(Tar
     );
     // Many tenants and many binaries against one binary of one tenant: throughput relative
     // to the echo under the same clients, and CPU per request.
-    for (kind, what) in [
-        (Kind::Tenants10, "10 UIDs × own binary"),
-        (Kind::Rotate, "rotation over many binaries"),
+    //
+    // Floors: the rotation's at 0.5, not a third: a rotation that remaps a slot on every
+    // execution measured 0.14-0.25, a third would not catch it. Ten UIDs are served by ten
+    // worker processes since the tenants were put in processes of their own (the single
+    // binary's ten connections by one): 0.29-0.50 measured, every request switching between
+    // address spaces (docs/PERFORMANCE.md, "Tenant workers"); the floor at 0.2 catches what
+    // is worse than that.
+    for (kind, what, floor) in [
+        (Kind::Tenants10, "10 UIDs × own binary", 0.2),
+        (Kind::Rotate, "rotation over many binaries", 0.5),
     ] {
         let m = get(kind).zip(ping10);
         check(
-            // Floor at 0.5, not a third: a rotation that remaps a slot on every execution
-            // measured 0.14-0.25, a third would not catch it.
             Target::ratio(
                 format!("{what}: vs-echo ratio / single binary's"),
                 0.9,
-                Some(0.5),
+                Some(floor),
             ),
             m.map(|(m, one)| tput(m) / tput(one)),
         );
