@@ -26,8 +26,7 @@ import tempfile
 import threading
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(REPO, "target", "release")
+from bench_tenants import REPO, as_user, load, start_daemon
 
 
 def connect(path):
@@ -40,43 +39,6 @@ def call(f, req):
     f.write(json.dumps(req).encode() + b"\n")
     f.flush()
     return json.loads(f.readline())
-
-
-def as_user(uid, fn, *args):
-    """Run fn(*args) in a child with uid/gid `uid`; return what it printed as JSON."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        code = 0
-        try:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            out = fn(*args)
-            os.write(w, json.dumps(out).encode())
-        except BaseException as e:
-            sys.stderr.write(f"bench-noisy: uid {uid}: {e!r}\n")
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(w)
-    data = b""
-    while True:
-        chunk = os.read(r, 65536)
-        if not chunk:
-            break
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    return json.loads(data) if data else None
-
-
-def load(path, module, name):
-    # wasmcorectl reads .wat as well as .wasm, and passes the open file.
-    out = subprocess.run([os.path.join(BIN, "wasmcorectl"), "--socket", path, "load", module, "--name", name], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
 
 
 def calibrate(path, target_ms):
@@ -168,18 +130,9 @@ def main():
     if os.geteuid() != 0:
         sys.exit("bench-noisy: run as root (the two tenants are child processes under their own UIDs)")
     tmp = tempfile.mkdtemp(prefix="wasmcore-noisy-")
-    sock = os.path.join(tmp, "s.sock")
     os.chmod(tmp, 0o755)
-    log = open(os.path.join(tmp, "log"), "wb")
-    cfg = os.path.join(tmp, "config.toml")
-    with open(cfg, "w") as c:
-        c.write("[quotas]\nconcurrent_executions = 64\n[limits]\nmax_timeout_ms = 60000\n")
-    d = subprocess.Popen([os.path.join(BIN, "wasmcored"), "--listen", sock, "--state-dir", os.path.join(tmp, "state"), "--config", cfg], stderr=log)
+    d, sock = start_daemon(tmp, "[quotas]\nconcurrent_executions = 64\n[limits]\nmax_timeout_ms = 60000\n")
     try:
-        for _ in range(400):
-            if os.path.exists(sock):
-                break
-            time.sleep(0.05)
         spin = os.path.join(REPO, "wasmcored/tests/fixtures/spin.wat")
         up = os.path.join(REPO, "plugins/dist/uppercase.wasm")
         as_user(a.flood_uid, load, sock, spin, "spin")

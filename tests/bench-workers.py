@@ -21,8 +21,7 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(REPO, "target", "release")
+from bench_tenants import REPO, as_user, load, start_daemon
 
 
 def execute_once(path):
@@ -39,35 +38,9 @@ def execute_once(path):
     return took
 
 
-def as_user(uid, fn, *args):
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        code = 0
-        try:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            os.write(w, json.dumps(fn(*args)).encode())
-        except BaseException as e:
-            sys.stderr.write(f"bench-workers: uid {uid}: {e!r}\n")
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    return json.loads(data) if data else None
-
-
-def load(path):
-    out = subprocess.run([os.path.join(BIN, "wasmcorectl"), "--socket", path, "load", os.path.join(REPO, "plugins/dist/uppercase.wasm"), "--name", "up"], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    return execute_once(path)
+def load_and_run(sock):
+    load(sock, os.path.join(REPO, "plugins/dist/uppercase.wasm"), "up")
+    return execute_once(sock)
 
 
 def rss_kib(pid):
@@ -97,15 +70,7 @@ def main():
         sys.exit("bench-workers: run as root")
     tmp = tempfile.mkdtemp(prefix="wasmcore-workers-")
     os.chmod(tmp, 0o755)
-    sock = os.path.join(tmp, "s.sock")
-    cfg = os.path.join(tmp, "config.toml")
-    with open(cfg, "w") as c:
-        c.write("[workers]\nidle_timeout_s = 1\n")
-    def start():
-        d = subprocess.Popen([os.path.join(BIN, "wasmcored"), "--listen", sock, "--state-dir", os.path.join(tmp, "state"), "--config", cfg], stderr=open(os.path.join(tmp, "log"), "ab"))
-        while not os.path.exists(sock):
-            time.sleep(0.05)
-        return d
+    config = "[workers]\nidle_timeout_s = 1\n"
 
     def memory(d, uids, what):
         ws = [w for w in workers(sock) if w["uid"] in uids]
@@ -113,16 +78,16 @@ def main():
         total = broker + sum(rss_kib(w["pid"]) for w in ws)
         print(f"memory, {what}: broker {broker / 1024:.1f} MiB + {len(ws)} workers: {total / 1024:.1f} MiB RSS in all ({(total - broker) / len(ws) / 1024:.1f} MiB per worker)")
 
-    d = start()
+    d, sock = start_daemon(tmp, config)
     try:
         uids = [a.first_uid + i for i in range(a.tenants)]
         for uid in uids:
-            as_user(uid, load, sock)
+            as_user(uid, load_and_run, sock)
         memory(d, uids, "each tenant loaded (compiled) a module and ran one execution")
         # Restarted: each worker restores its tenant's binary from the stored artifact.
         d.terminate()
         d.wait(timeout=20)
-        d = start()
+        d, sock = start_daemon(tmp, config)
         for uid in uids:
             as_user(uid, execute_once, sock)
         memory(d, uids, "after a restart, each tenant ran one execution")

@@ -97,6 +97,8 @@ pub struct Worker {
     idle_since_ms: AtomicU64,
     /// Told to stop (idle or shutdown): its end is not a failure.
     stopping: AtomicBool,
+    /// A liveness ping is waiting for its answer.
+    pinging: AtomicBool,
 }
 
 impl Worker {
@@ -358,6 +360,7 @@ impl Broker {
             conns: Mutex::new(HashMap::new()),
             idle_since_ms: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
+            pinging: AtomicBool::new(false),
         });
         worker.send(&ToWorker::Hello {
             uid,
@@ -516,7 +519,7 @@ impl Broker {
 
     /// Stop workers without a connection for `workers.idle_timeout_s`; kill workers that no
     /// longer answer (they are restarted at their tenant's next connection).
-    pub async fn tend(self: &Arc<Self>) {
+    pub fn tend(self: &Arc<Self>) {
         let idle = self.live.load().workers.idle_timeout;
         for w in self.live_workers() {
             let now_ms = w.started.elapsed().as_millis() as u64;
@@ -530,14 +533,22 @@ impl Broker {
                 log::info!(tenant_uid = w.uid; "the worker of uid {} had no connection for {idle:?}: stopping it", w.uid);
                 continue;
             }
-            if w.call(Call::Counts, Some(CALL_TIMEOUT)).await.is_none() && !w.stopping.load(Relaxed)
-            {
-                log::error!(tenant_uid = w.uid; "the worker of uid {} (pid {}) did not answer for {CALL_TIMEOUT:?}: killing it", w.uid, w.pid);
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(w.pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+            // One ping in flight per worker, awaited off this loop: the loop also tells
+            // systemd the daemon is alive, and a hung worker must not delay that.
+            if w.pinging.swap(true, Relaxed) {
+                continue;
             }
+            tokio::spawn(async move {
+                let answered = w.call(Call::Counts, Some(CALL_TIMEOUT)).await.is_some();
+                w.pinging.store(false, Relaxed);
+                if !answered && !w.stopping.load(Relaxed) {
+                    log::error!(tenant_uid = w.uid; "the worker of uid {} (pid {}) did not answer for {CALL_TIMEOUT:?}: killing it", w.uid, w.pid);
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(w.pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            });
         }
     }
 
@@ -677,6 +688,19 @@ impl Broker {
         binary: uuid::Uuid,
         request: Box<wasmcore_proto::Request>,
     ) -> Result<serde_json::Value, ErrorBody> {
+        use wasmcore_proto::Request as R;
+        if !matches!(
+            *request,
+            R::Execute(_) | R::Chain(_) | R::Info(_) | R::Unload(_) | R::Configure(_)
+        ) {
+            return Err(ErrorBody::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "a {} request is not passed to another tenant's worker",
+                    request.op()
+                ),
+            ));
+        }
         let store = self.store.clone();
         let meta = tokio::task::spawn_blocking(move || store.read_meta(binary))
             .await

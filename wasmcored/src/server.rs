@@ -195,7 +195,7 @@ async fn background(broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
         if watchdog.is_some() {
             systemd::notify_watchdog();
         }
-        broker.tend().await;
+        broker.tend();
         systemd::notify_status(&broker.status_line());
     }
 }

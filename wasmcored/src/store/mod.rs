@@ -118,15 +118,18 @@ fn mkdirs(path: &Path) -> io::Result<()> {
         .map_err(ctx(format!("creating {}", path.display())))
 }
 
+/// The paths in `dir`; none when it does not exist (a tenant that never stored anything).
+fn entries(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    match fs::read_dir(dir) {
+        Ok(d) => d.map(|e| e.map(|e| e.path())).collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(ctx(format!("reading {}", dir.display()))(e)),
+    }
+}
+
 /// Empty a `tmp/` directory (what a crash left half-written).
 fn empty_dir(dir: &Path) -> io::Result<()> {
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(ctx(format!("reading {}", dir.display()))(e)),
-    };
-    for entry in entries {
-        let p = entry?.path();
+    for p in entries(dir)? {
         let r = if p.is_dir() {
             fs::remove_dir_all(&p)
         } else {
@@ -446,14 +449,7 @@ impl StateDir {
         }
         let mut out = Vec::new();
         for area in areas {
-            let dir = area.join("binaries");
-            let entries = match fs::read_dir(&dir) {
-                Ok(e) => e,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(ctx(format!("reading {}", dir.display()))(e)),
-            };
-            for entry in entries {
-                let path = entry?.path();
+            for path in entries(&area.join("binaries"))? {
                 out.push(read_entry(&path).map_err(|e| (path, e)));
             }
         }
@@ -685,13 +681,7 @@ pub fn scan(dir: &StateDir) -> io::Result<Scan> {
         }
     }
     for (holder, state) in dir.state_roots()? {
-        let entries = match fs::read_dir(&state) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(ctx(format!("reading {}", state.display()))(e)),
-        };
-        for entry in entries {
-            let path = entry?.path();
+        for path in entries(&state)? {
             let binary = path
                 .file_name()
                 .and_then(|n| n.to_str())
