@@ -231,11 +231,17 @@ impl Broker {
         tenant: &Tenant,
         permit: OwnedSemaphorePermit,
     ) -> Result<(), Refused> {
-        let worker = self.worker_for(tenant.uid, tenant.is_admin())?;
         let quota = self.live.load().quotas.for_uid(tenant.uid).connections;
         let conn = self.next_conn.fetch_add(1, Relaxed);
-        {
+        let mut permit = Some(permit);
+        // A worker told to stop (idle) between the look-up and here takes no connection:
+        // the next look-up starts a new one.
+        let worker = loop {
+            let worker = self.worker_for(tenant.uid, tenant.is_admin())?;
             let mut conns = worker.conns.lock().unwrap_or_else(|p| p.into_inner());
+            if worker.stopping.load(Relaxed) {
+                continue;
+            }
             if conns.len() >= quota {
                 self.metrics.refused(tenant.uid, Refusal::Connections);
                 return Err(Refused {
@@ -246,8 +252,12 @@ impl Broker {
                     ),
                 });
             }
-            conns.insert(conn, permit);
-        }
+            conns.extend(permit.take().map(|p| (conn, p)));
+            // Counted with the entry, under its lock: `worker_gone` subtracts what it finds.
+            self.connections.fetch_add(1, Relaxed);
+            drop(conns);
+            break worker;
+        };
         self.metrics
             .tenant(tenant.uid)
             .connections_opened
@@ -258,11 +268,14 @@ impl Broker {
         };
         let sent = send_fd(&worker.handover, &handover, stream);
         if let Err(e) = sent {
-            worker
+            let removed = worker
                 .conns
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&conn);
+            if removed.is_some() {
+                self.connections.fetch_sub(1, Relaxed);
+            }
             return Err(Refused {
                 code: ErrorCode::Busy,
                 message: format!(
@@ -271,7 +284,6 @@ impl Broker {
                 ),
             });
         }
-        self.connections.fetch_add(1, Relaxed);
         self.touch();
         Ok(())
     }
@@ -525,11 +537,10 @@ impl Broker {
             let now_ms = w.started.elapsed().as_millis() as u64;
             let idle_for =
                 Duration::from_millis(now_ms.saturating_sub(w.idle_since_ms.load(Relaxed)));
-            if w.connections() == 0
-                && idle_for >= idle
+            if idle_for >= idle
                 && w.calls.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+                && self.stop_if_idle(&w)
             {
-                self.stop(&w);
                 log::info!(tenant_uid = w.uid; "the worker of uid {} had no connection for {idle:?}: stopping it", w.uid);
                 continue;
             }
@@ -552,15 +563,30 @@ impl Broker {
         }
     }
 
+    /// Stop `w` if it has no connection; decided under its connections' lock, so a
+    /// connection being handed over either lands before (and `w` stays) or finds `w`
+    /// stopping (and goes to a new worker).
+    fn stop_if_idle(&self, w: &Arc<Worker>) -> bool {
+        {
+            let conns = w.conns.lock().unwrap_or_else(|p| p.into_inner());
+            if !conns.is_empty() {
+                return false;
+            }
+            w.stopping.store(true, Relaxed);
+        }
+        self.stop(w);
+        true
+    }
+
     /// Take `w` out of service and tell it to finish.
     fn stop(&self, w: &Arc<Worker>) {
+        w.stopping.store(true, Relaxed);
         {
             let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
             if workers.get(&w.uid).is_some_and(|x| Arc::ptr_eq(x, w)) {
                 workers.remove(&w.uid);
             }
         }
-        w.stopping.store(true, Relaxed);
         w.send(&ToWorker::Shutdown);
     }
 
