@@ -459,15 +459,6 @@ impl Registry {
         v
     }
 
-    /// A binary that is not registered: nobody can look it up (the watchdog's probe).
-    pub fn detached(&self, owner: u32, compiled: Compiled) -> Result<Arc<Binary>> {
-        Ok(Arc::new(self.make_binary(
-            owner,
-            compiled,
-            LoadOptions::default(),
-        )))
-    }
-
     fn make_binary(&self, owner: u32, compiled: Compiled, opts: LoadOptions) -> Binary {
         Binary {
             id: Uuid::new_v4(),
