@@ -20,13 +20,12 @@ import base64
 import json
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 
-from bench_tenants import REPO, as_user, load, start_daemon
+from bench_tenants import REPO, as_user, load, start_daemon, stop_daemon
 
 
 def connect(path):
@@ -176,9 +175,7 @@ def main():
         if f_alone["errors"] or f_with["errors"]:
             sys.exit(f"bench-noisy: the flood got errors: {f_alone['first_error'] or f_with['first_error']}")
     finally:
-        d.terminate()
-        d.wait(timeout=20)
-        subprocess.run(["rm", "-rf", tmp])
+        stop_daemon(d, tmp)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,11 @@ import json
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-from bench_tenants import REPO, as_user, load, start_daemon
+from bench_tenants import REPO, as_user, load, start_daemon, stop_daemon
 
 
 def execute_once(path):
@@ -103,9 +102,7 @@ def main():
         w_ms, c_ms = statistics.median(warm) * 1e3, statistics.median(cold) * 1e3
         print(f"first execute after the worker exited: {c_ms:.2f} ms (median of {len(cold)}); warm: {w_ms:.2f} ms; difference {c_ms - w_ms:.2f} ms (target <= 30 ms)")
     finally:
-        d.terminate()
-        d.wait(timeout=20)
-        subprocess.run(["rm", "-rf", tmp])
+        stop_daemon(d, tmp)
 
 
 if __name__ == "__main__":

@@ -58,3 +58,10 @@ def start_daemon(tmp, config):
             sys.exit(f"wasmcored did not start: {open(os.path.join(tmp, 'log')).read()}")
         time.sleep(0.05)
     return d, sock
+
+
+def stop_daemon(d, tmp):
+    """Stop the daemon of `start_daemon` and remove its directory."""
+    d.terminate()
+    d.wait(timeout=20)
+    subprocess.run(["rm", "-rf", tmp])
