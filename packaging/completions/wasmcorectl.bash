@@ -581,7 +581,7 @@ _wasmcorectl() {
             return 0
             ;;
         wasmcorectl__subcmd__top)
-            opts="-d -n -b -h --delay --iterations --batch --order --rows --socket --json --help"
+            opts="-d -n -b -h --delay --iterations --batch --order --rows --tenants --socket --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -37,7 +37,7 @@ complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "info" -d 'S
 complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "configure" -d 'Replace an Extism plugin\'s configuration without reloading it'
 complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "status" -d 'Show the daemon\'s version, counts and limits, and who it thinks you are'
 complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "metrics" -d 'Print the daemon\'s counters as OpenMetrics text (--json: the snapshot as the daemon sends it). A tenant sees its own figures; an admin sees every tenant\'s'
-complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "top" -d 'A live view of the binaries (rates, latency, fuel, memory), like systemd-cgtop'
+complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "top" -d 'A live view of the binaries (rates, latency, fuel, memory) or, with --tenants, of the tenants and their workers, like systemd-cgtop'
 complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "bench" -d 'Measure every performance target against echo baselines in the same run'
 complete -c wasmcorectl -n "__fish_wasmcorectl_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand load" -l name -d 'A name to refer to the binary by (unique among your binaries)' -r
@@ -96,6 +96,7 @@ name\t''"
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand top" -l rows -d 'At most this many rows (default: all in batch mode, what fits on a terminal)' -r
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand top" -l socket -d 'Daemon socket [default: /run/wasm-core/wasm-core.sock if present, else /tmp/wasm-core.sock]' -r -F
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand top" -s b -l batch -d 'Plain snapshots even on a terminal'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand top" -l tenants -d 'One row per tenant (its worker process\'s CPU and memory) instead of one per binary'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand top" -l json -d 'Print the daemon\'s full JSON response instead of human output'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand top" -s h -l help -d 'Print help'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l binary -d 'Binary to run (UUID or name)' -r
@@ -128,6 +129,6 @@ complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics top bench help" -f -a "configure" -d 'Replace an Extism plugin\'s configuration without reloading it'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics top bench help" -f -a "status" -d 'Show the daemon\'s version, counts and limits, and who it thinks you are'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics top bench help" -f -a "metrics" -d 'Print the daemon\'s counters as OpenMetrics text (--json: the snapshot as the daemon sends it). A tenant sees its own figures; an admin sees every tenant\'s'
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics top bench help" -f -a "top" -d 'A live view of the binaries (rates, latency, fuel, memory), like systemd-cgtop'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics top bench help" -f -a "top" -d 'A live view of the binaries (rates, latency, fuel, memory) or, with --tenants, of the tenants and their workers, like systemd-cgtop'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics top bench help" -f -a "bench" -d 'Measure every performance target against echo baselines in the same run'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand help; and not __fish_seen_subcommand_from load execute chain list unload info configure status metrics top bench help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

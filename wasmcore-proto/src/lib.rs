@@ -592,6 +592,9 @@ pub struct TenantMetrics {
     /// Times this tenant's worker ended other than when told to (admins' view).
     #[serde(default)]
     pub worker_failures: u64,
+    /// The tenant's live worker process, with its CPU time and memory (admins' view).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<WorkerInfo>,
 }
 
 /// One binary's figures, since it was loaded (or the daemon started).

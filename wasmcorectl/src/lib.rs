@@ -165,7 +165,7 @@ pub enum Command {
         #[arg(long)]
         prometheus: bool,
     },
-    /// A live view of the binaries (rates, latency, fuel, memory), like systemd-cgtop.
+    /// A live view of the binaries (rates, latency, fuel, memory) or, with --tenants, of the tenants and their workers, like systemd-cgtop.
     Top(top::TopArgs),
     /// Measure every performance target against echo baselines in the same run.
     Bench(bench::BenchArgs),

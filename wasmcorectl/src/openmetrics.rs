@@ -207,6 +207,23 @@ impl Collector for Snapshot {
                 t.iter()
                     .map(|x| (vec![uid(x.uid)], Value::Counter(x.worker_failures))),
             )?;
+            let workers = || t.iter().filter_map(|x| Some((x.uid, x.worker.as_ref()?)));
+            family(
+                &mut enc,
+                "wasm_core_worker_cpu_seconds",
+                "User and system CPU time of a tenant's live worker process (starts from 0 with each new worker)",
+                Some(Unit::Seconds),
+                MetricType::Counter,
+                workers().map(|(u, w)| (vec![uid(u)], Value::CounterF(w.cpu_us as f64 / 1e6))),
+            )?;
+            family(
+                &mut enc,
+                "wasm_core_worker_resident_memory",
+                "Resident memory of a tenant's live worker process",
+                Some(Unit::Bytes),
+                MetricType::Gauge,
+                workers().map(|(u, w)| (vec![uid(u)], Value::Gauge(w.rss_bytes as f64))),
+            )?;
         }
         family(
             &mut enc,

@@ -4,9 +4,12 @@
 //! rates over the interval (executions/s, errors/s, fuel/s), p50 and p99 wall time of the
 //! interval's executions (from the difference of the binaries' latency sketches), and the
 //! peak memory; a header with the daemon's totals, pool and connections. A tenant sees only
-//! its own binaries. On a terminal the view redraws in place (keys: `q` quits; `e`, `r`, `p`,
-//! `f`, `m`, `n` sort by executions, errors, p99, fuel, memory, name); otherwise, or with
-//! `--batch`, it prints one plain snapshot per interval (`--json`: one JSON object per line).
+//! its own binaries. With `--tenants` (key `t`) the rows are the tenants instead: their
+//! worker's pid, connections, executions and errors per second, and, for admins, the
+//! worker's share of a CPU over the interval and its resident memory. On a terminal the view
+//! redraws in place (keys: `q` quits; `e`, `r`, `p`, `f`, `m`, `n` sort by executions,
+//! errors, p99, fuel, memory, name); otherwise, or with `--batch`, it prints one plain
+//! snapshot per interval (`--json`: one JSON object per line, with both lists).
 
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
@@ -14,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
-use wasmcore_proto::{BinaryMetrics, MetricsResponse, sketch_quantile};
+use wasmcore_proto::{BinaryMetrics, MetricsResponse, TenantMetrics, sketch_quantile};
 
 use crate::{Failure, exit};
 use wasmcore_client::Client;
@@ -48,6 +51,9 @@ pub struct TopArgs {
     /// At most this many rows (default: all in batch mode, what fits on a terminal).
     #[arg(long, value_name = "N")]
     pub rows: Option<usize>,
+    /// One row per tenant (its worker process's CPU and memory) instead of one per binary.
+    #[arg(long)]
+    pub tenants: bool,
 }
 
 /// One binary's figures over an interval.
@@ -64,11 +70,76 @@ struct Row {
     memory: u64,
 }
 
+/// One tenant's figures over an interval.
+#[derive(Debug, Clone)]
+struct TenantRow {
+    uid: u32,
+    pid: Option<u32>,
+    connections: u64,
+    exec_s: f64,
+    err_s: f64,
+    /// Percent of one CPU its worker used over the interval (admins only).
+    cpu_pct: Option<f64>,
+    rss: Option<u64>,
+}
+
 /// The view of one interval.
 struct View {
     header: Vec<String>,
     rows: Vec<Row>,
+    tenants: Vec<TenantRow>,
+    by_tenant: bool,
     json: Value,
+}
+
+/// Executions of `t` in total and those that failed.
+fn tenant_executions(t: &TenantMetrics) -> (u64, u64) {
+    let mut all = 0;
+    let mut failed = 0;
+    for k in &t.kinds {
+        for (outcome, n) in &k.executions {
+            all += n;
+            if outcome != "ok" {
+                failed += n;
+            }
+        }
+    }
+    (all, failed)
+}
+
+fn tenant_rows(prev: &MetricsResponse, now: &MetricsResponse, dt: f64) -> Vec<TenantRow> {
+    let before: HashMap<u32, &TenantMetrics> = prev.tenants.iter().map(|t| (t.uid, t)).collect();
+    let mut rows: Vec<TenantRow> = now
+        .tenants
+        .iter()
+        .map(|t| {
+            let p = before.get(&t.uid).copied();
+            let (all, failed) = tenant_executions(t);
+            let (all0, failed0) = p.map_or((0, 0), tenant_executions);
+            // CPU over the interval, if the same worker was there at both ends.
+            let cpu_pct = t.worker.as_ref().and_then(|w| {
+                let w0 = p?.worker.as_ref().filter(|w0| w0.pid == w.pid)?;
+                Some(w.cpu_us.saturating_sub(w0.cpu_us) as f64 / 1e4 / dt)
+            });
+            TenantRow {
+                uid: t.uid,
+                pid: t.worker.as_ref().map(|w| w.pid),
+                connections: t.connections_open,
+                exec_s: all.saturating_sub(all0) as f64 / dt,
+                err_s: failed.saturating_sub(failed0) as f64 / dt,
+                cpu_pct,
+                rss: t.worker.as_ref().map(|w| w.rss_bytes),
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        let busy = |r: &TenantRow| r.cpu_pct.unwrap_or(0.0) + r.exec_s;
+        busy(b)
+            .partial_cmp(&busy(a))
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.uid.cmp(&b.uid))
+    });
+    rows
 }
 
 fn fetch(c: &mut Client) -> Result<MetricsResponse, Failure> {
@@ -88,7 +159,13 @@ fn sketch_delta(now: &[(u32, u64)], before: Option<&BinaryMetrics>) -> Vec<(u32,
         .collect()
 }
 
-fn view(prev: &MetricsResponse, now: &MetricsResponse, dt: f64, order: Order) -> View {
+fn view(
+    prev: &MetricsResponse,
+    now: &MetricsResponse,
+    dt: f64,
+    order: Order,
+    by_tenant: bool,
+) -> View {
     let before: HashMap<&str, &BinaryMetrics> = prev
         .binaries
         .iter()
@@ -116,6 +193,7 @@ fn view(prev: &MetricsResponse, now: &MetricsResponse, dt: f64, order: Order) ->
         })
         .collect();
     rows.sort_by(|a, b| sort_key(order, a, b));
+    let tenants = tenant_rows(prev, now, dt);
     let total = |f: fn(&Row) -> f64| rows.iter().map(f).sum::<f64>();
     let mut header = vec![format!(
         "wasm-core {} up {}   binaries {}   executions/s {:.1}   errors/s {:.1}",
@@ -148,8 +226,19 @@ fn view(prev: &MetricsResponse, now: &MetricsResponse, dt: f64, order: Order) ->
             "p50_seconds": r.p50, "p99_seconds": r.p99,
             "fuel_per_second": r.fuel_s, "memory_peak_bytes": r.memory,
         })).collect::<Vec<_>>(),
+        "tenants": tenants.iter().map(|t| json!({
+            "uid": t.uid, "worker_pid": t.pid, "connections": t.connections,
+            "executions_per_second": t.exec_s, "errors_per_second": t.err_s,
+            "worker_cpu_percent": t.cpu_pct, "worker_rss_bytes": t.rss,
+        })).collect::<Vec<_>>(),
     });
-    View { header, rows, json }
+    View {
+        header,
+        rows,
+        tenants,
+        by_tenant,
+        json,
+    }
 }
 
 fn uptime(s: f64) -> String {
@@ -181,6 +270,26 @@ fn bytes(n: u64) -> String {
 fn lines(v: &View, rows: usize) -> Vec<String> {
     let mut out = v.header.clone();
     out.push(String::new());
+    if v.by_tenant {
+        out.push(format!(
+            "{:>10} {:>8} {:>6} {:>10} {:>9} {:>7} {:>8}",
+            "TENANT", "WORKER", "CONNS", "EXEC/S", "ERR/S", "CPU%", "RSS"
+        ));
+        let or_dash = |o: Option<String>| o.unwrap_or_else(|| "-".into());
+        for t in v.tenants.iter().take(rows) {
+            out.push(format!(
+                "{:>10} {:>8} {:>6} {:>10.1} {:>9.1} {:>7} {:>8}",
+                t.uid,
+                or_dash(t.pid.map(|p| p.to_string())),
+                t.connections,
+                t.exec_s,
+                t.err_s,
+                or_dash(t.cpu_pct.map(|c| format!("{c:.1}"))),
+                or_dash(t.rss.map(bytes)),
+            ));
+        }
+        return out;
+    }
     out.push(format!(
         "{:<28} {:>6} {:<9} {:>10} {:>9} {:>8} {:>8} {:>11} {:>8}",
         "BINARY", "OWNER", "KIND", "EXEC/S", "ERR/S", "P50", "P99", "FUEL/S", "MEMORY"
@@ -225,7 +334,13 @@ pub fn run(c: &mut Client, args: &TopArgs, json_out: bool) -> Result<(), Failure
     loop {
         std::thread::sleep(delay);
         let now = fetch(c)?;
-        let v = view(&prev, &now, at.elapsed().as_secs_f64(), args.order);
+        let v = view(
+            &prev,
+            &now,
+            at.elapsed().as_secs_f64(),
+            args.order,
+            args.tenants,
+        );
         at = Instant::now();
         let mut out = std::io::stdout().lock();
         let written = if json_out {
@@ -259,6 +374,7 @@ fn live(c: &mut Client, args: &TopArgs, delay: Duration) -> Result<(), Failure> 
     execute!(out, terminal::EnterAlternateScreen, cursor::Hide).map_err(io)?;
     let result = (|| -> Result<(), Failure> {
         let mut order = args.order;
+        let mut by_tenant = args.tenants;
         let mut prev = fetch(c)?;
         let mut at = Instant::now();
         let mut n = 0;
@@ -290,6 +406,13 @@ fn live(c: &mut Client, args: &TopArgs, delay: Duration) -> Result<(), Failure> 
                         event::KeyCode::Char('n') => Some(Order::Name),
                         _ => None,
                     };
+                    if k.code == event::KeyCode::Char('t')
+                        && let Some(v) = shown.as_mut()
+                    {
+                        by_tenant = !by_tenant;
+                        v.by_tenant = by_tenant;
+                        draw(&mut out, v, args).map_err(io)?;
+                    }
                     if let (Some(o), Some(v)) = (new, shown.as_mut()) {
                         order = o;
                         v.rows.sort_by(|a, b| sort_key(order, a, b));
@@ -298,7 +421,7 @@ fn live(c: &mut Client, args: &TopArgs, delay: Duration) -> Result<(), Failure> 
                 }
             }
             let now = fetch(c)?;
-            let v = view(&prev, &now, at.elapsed().as_secs_f64(), order);
+            let v = view(&prev, &now, at.elapsed().as_secs_f64(), order, by_tenant);
             at = Instant::now();
             draw(&mut out, &v, args).map_err(io)?;
             shown = Some(v);
@@ -334,7 +457,10 @@ fn draw(out: &mut std::io::Stdout, v: &View, args: &TopArgs) -> std::io::Result<
     let fit = (height as usize).saturating_sub(5);
     let mut text = lines(v, args.rows.unwrap_or(fit).min(fit));
     text.push(String::new());
-    text.push("q quit · sort: e executions  r errors  p p99  f fuel  m memory  n name".into());
+    text.push(
+        "q quit · t tenants/binaries · sort: e executions  r errors  p p99  f fuel  m memory  n name"
+            .into(),
+    );
     queue!(
         out,
         cursor::MoveTo(0, 0),

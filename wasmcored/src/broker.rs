@@ -29,7 +29,8 @@ use wasmcore_proto::{
 
 use std::os::unix::process::CommandExt;
 
-use crate::config::{Config, Live};
+use crate::cgroup::{Cgroups, Limits};
+use crate::config::{Config, Live, Quota};
 use crate::control::{self, Ask, Call, FromWorker, Handover, TenantWire, ToWorker, WorkerCounts};
 use crate::metrics::{Metrics, Refusal};
 use crate::store::StateDir;
@@ -61,6 +62,8 @@ pub struct Broker {
     pub started: Instant,
     /// Milliseconds since start of the last connection opened or closed (idle exit).
     last_activity_ms: AtomicU64,
+    /// The delegated cgroup subtree the workers run in, if the service has one.
+    cgroups: Option<Cgroups>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -99,6 +102,10 @@ pub struct Worker {
     stopping: AtomicBool,
     /// A liveness ping is waiting for its answer.
     pinging: AtomicBool,
+    /// Killed by the broker for resident memory over `quotas.memory_mb`.
+    over_memory: AtomicBool,
+    /// The OOM kills its cgroup had counted when it started.
+    oom_kills_before: u64,
 }
 
 impl Worker {
@@ -161,7 +168,21 @@ impl Broker {
         // /proc/self/exe: the binary this process runs, also after a package upgrade
         // replaced the file on disk, so broker and workers are always the same version.
         let exe = PathBuf::from("/proc/self/exe");
+        let threads = crate::worker::threads();
+        let cgroups = match Cgroups::setup() {
+            Ok(cg) => {
+                log::info!("{}", cg.describe());
+                Some(cg)
+            }
+            Err(why) => {
+                log::info!(
+                    "cgroups: none for the workers ({why}); the CPU is shared by the scheduler between workers of {threads} threads each, and the broker keeps quotas.memory_mb by watching each worker's resident memory"
+                );
+                None
+            }
+        };
         Ok(Arc::new(Broker {
+            cgroups,
             live,
             store,
             exe,
@@ -338,6 +359,12 @@ impl Broker {
             None,
             SockFlag::SOCK_CLOEXEC,
         )?;
+        let quota = self.config().quotas.for_uid(uid);
+        let slot = self.cgroups.as_ref().and_then(|cg| {
+            cg.prepare(uid, limits(&quota))
+                .map_err(|e| log::warn!(tenant_uid = uid; "the cgroup of uid {uid}'s worker: {e}; it runs in the broker's"))
+                .ok()
+        });
         let mut cmd = std::process::Command::new(&self.exe);
         cmd.arg("--worker")
             .arg(uid.to_string())
@@ -349,10 +376,20 @@ impl Broker {
                 (their_handover.as_raw_fd(), control::HANDOVER_FD),
                 (their_control.as_raw_fd(), control::CONTROL_FD),
             ],
+            slot.as_ref().map(|s| s.procs_fd()),
         );
         let mut child = cmd.spawn()?;
         drop((their_handover, their_control));
         let pid = child.id();
+        let mut oom_kills_before = 0;
+        if let (Some(cg), Some(slot)) = (&self.cgroups, &slot) {
+            if !cg.holds(slot, pid)
+                && let Err(e) = cg.admit(slot, pid)
+            {
+                log::warn!(tenant_uid = uid; "moving the worker of uid {uid} into its cgroup: {e}");
+            }
+            oom_kills_before = cg.usage(uid).map_or(0, |u| u.oom_kills);
+        }
         let control = std::os::unix::net::UnixStream::from(control);
         control.set_nonblocking(true)?;
         let (rd, mut wr) = tokio::net::UnixStream::from_std(control)?.into_split();
@@ -373,6 +410,8 @@ impl Broker {
             idle_since_ms: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             pinging: AtomicBool::new(false),
+            over_memory: AtomicBool::new(false),
+            oom_kills_before,
         });
         worker.send(&ToWorker::Hello {
             uid,
@@ -497,12 +536,34 @@ impl Broker {
             }
             status
         };
+        // Its cgroup goes with it, unless the tenant's next worker already runs there: under
+        // the workers' lock, which a worker's start holds too.
+        let oom_killed = self.cgroups.as_ref().is_some_and(|cg| {
+            let workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+            let killed = cg
+                .usage(w.uid)
+                .is_some_and(|u| u.oom_kills > w.oom_kills_before);
+            if !workers.contains_key(&w.uid) {
+                cg.remove(w.uid);
+            }
+            killed
+        });
         let clean = w.stopping.load(Relaxed) && status.is_some_and(|s| s.success());
         if clean {
             log::info!(tenant_uid = w.uid; "the worker of uid {} (pid {pid}) exited", w.uid);
             return;
         }
-        let how = status.map_or("could not be waited for".to_string(), |s| s.to_string());
+        let mut how = status.map_or("could not be waited for".to_string(), |s| s.to_string());
+        let memory_mb = self.config().quotas.for_uid(w.uid).memory_mb;
+        if w.over_memory.load(Relaxed) {
+            how = format!(
+                "killed by the broker: its resident memory went over quotas.memory_mb ({memory_mb} MiB)"
+            );
+        } else if oom_killed {
+            how = format!(
+                "killed by the kernel: out of memory in its cgroup (quotas.memory_mb: {memory_mb} MiB)"
+            );
+        }
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         let b = failures.entry(w.uid).or_insert(Backoff {
             failures: 0,
@@ -532,8 +593,29 @@ impl Broker {
     /// Stop workers without a connection for `workers.idle_timeout_s`; kill workers that no
     /// longer answer (they are restarted at their tenant's next connection).
     pub fn tend(self: &Arc<Self>) {
-        let idle = self.live.load().workers.idle_timeout;
+        let config = self.live.load_full();
+        let idle = config.workers.idle_timeout;
+        let kernel_keeps_memory = self
+            .cgroups
+            .as_ref()
+            .is_some_and(|cg| cg.controllers.memory);
         for w in self.live_workers() {
+            // Without a memory controller the broker keeps the memory quota itself, as often
+            // as this loop runs (every second or so).
+            let memory_mb = config.quotas.for_uid(w.uid).memory_mb;
+            if !kernel_keeps_memory
+                && memory_mb > 0
+                && !w.over_memory.load(Relaxed)
+                && proc_usage(w.pid).0 > memory_mb << 20
+            {
+                w.over_memory.store(true, Relaxed);
+                log::warn!(tenant_uid = w.uid; "the worker of uid {} (pid {}) holds more than quotas.memory_mb ({memory_mb} MiB) resident: killing it", w.uid, w.pid);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(w.pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                continue;
+            }
             let now_ms = w.started.elapsed().as_millis() as u64;
             let idle_for =
                 Duration::from_millis(now_ms.saturating_sub(w.idle_since_ms.load(Relaxed)));
@@ -606,9 +688,14 @@ impl Broker {
         }
     }
 
-    /// Pass a reloaded configuration to every worker.
+    /// Pass a reloaded configuration to every worker, and its quotas to their cgroups.
     pub fn reload(&self, config: &Config) {
         for w in self.live_workers() {
+            if let Some(cg) = &self.cgroups
+                && let Err(e) = cg.apply(w.uid, limits(&config.quotas.for_uid(w.uid)))
+            {
+                log::warn!(tenant_uid = w.uid; "the cgroup of uid {}'s worker keeps its limits: {e}", w.uid);
+            }
             w.send(&ToWorker::Reload {
                 config: Box::new(config.clone()),
             });
@@ -844,6 +931,9 @@ impl Broker {
         {
             tenant_entry(&mut merged.tenants, *uid).worker_failures = b.total;
         }
+        for w in self.live_workers() {
+            tenant_entry(&mut merged.tenants, w.uid).worker = Some(w.info());
+        }
         for t in &mut merged.tenants {
             t.connections_open = self.live_worker(t.uid).map_or(0, |w| w.connections());
         }
@@ -899,6 +989,15 @@ impl Broker {
     /// The tenant workers as `status` lists them.
     pub fn worker_infos(&self) -> Vec<WorkerInfo> {
         self.live_workers().iter().map(|w| w.info()).collect()
+    }
+}
+
+/// The cgroup limits of a worker whose tenant has `quota`.
+fn limits(quota: &Quota) -> Limits {
+    Limits {
+        cpu_weight: quota.cpu_weight,
+        memory_bytes: quota.memory_mb << 20,
+        pids: crate::worker::max_tasks() as u64,
     }
 }
 
@@ -978,6 +1077,7 @@ fn tenant_entry(tenants: &mut Vec<TenantMetrics>, uid: u32) -> &mut TenantMetric
         refusals: BTreeMap::new(),
         kinds: Vec::new(),
         worker_failures: 0,
+        worker: None,
     });
     tenants.last_mut().expect("just pushed")
 }

@@ -126,6 +126,9 @@ impl Default for RegistryConfig {
     }
 }
 
+/// The smallest `quotas.memory_mb` other than 0: what an idle worker takes, with room.
+pub const MIN_WORKER_MEMORY_MB: u64 = 32;
+
 /// What one tenant may hold and run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct Quota {
@@ -141,6 +144,12 @@ pub struct Quota {
     pub connections: usize,
     /// Loads compiling at once; beyond it, `busy`.
     pub concurrent_loads: usize,
+    /// Memory of the tenant's worker process, in MiB (its cgroup's `memory.max`, or watched
+    /// by the broker); 0: no limit. Over it, the worker is killed.
+    pub memory_mb: u64,
+    /// The worker's share of the CPU against other workers that want it (`cpu.weight`,
+    /// 1–10000).
+    pub cpu_weight: u64,
 }
 
 impl Default for Quota {
@@ -152,6 +161,8 @@ impl Default for Quota {
             state_bytes: 1 << 20,
             connections: 64,
             concurrent_loads: 1,
+            memory_mb: 2048,
+            cpu_weight: 100,
         }
     }
 }
@@ -369,6 +380,22 @@ impl Config {
         if self.quotas.users.values().any(|q| q.concurrent_loads == 0) {
             return Err("quotas.users.*.concurrent_loads must be greater than 0".into());
         }
+        let quotas = std::iter::once(("quotas", &self.quotas.default))
+            .chain(self.quotas.users.values().map(|q| ("quotas.users.*", q)));
+        for (at, q) in quotas {
+            if !(1..=10_000).contains(&q.cpu_weight) {
+                return Err(format!(
+                    "{at}.cpu_weight must be between 1 and 10000 (cgroup cpu.weight), not {}",
+                    q.cpu_weight
+                ));
+            }
+            if q.memory_mb != 0 && q.memory_mb < MIN_WORKER_MEMORY_MB {
+                return Err(format!(
+                    "{at}.memory_mb must be 0 (no limit) or at least {MIN_WORKER_MEMORY_MB} (a worker's own engine and runtime need that much), not {}",
+                    q.memory_mb
+                ));
+            }
+        }
         if l.default_timeout_ms > l.max_timeout_ms {
             return Err("limits.default_timeout_ms exceeds limits.max_timeout_ms".into());
         }
@@ -564,6 +591,8 @@ struct RawQuota {
     state_bytes: Option<u64>,
     connections: Option<usize>,
     concurrent_loads: Option<usize>,
+    memory_mb: Option<u64>,
+    cpu_weight: Option<u64>,
 }
 
 impl RawQuota {
@@ -577,6 +606,8 @@ impl RawQuota {
             state_bytes: self.state_bytes.unwrap_or(base.state_bytes),
             connections: self.connections.unwrap_or(base.connections),
             concurrent_loads: self.concurrent_loads.unwrap_or(base.concurrent_loads),
+            memory_mb: self.memory_mb.unwrap_or(base.memory_mb),
+            cpu_weight: self.cpu_weight.unwrap_or(base.cpu_weight),
         }
     }
 }
@@ -590,6 +621,8 @@ struct RawQuotas {
     state_bytes: Option<u64>,
     connections: Option<usize>,
     concurrent_loads: Option<usize>,
+    memory_mb: Option<u64>,
+    cpu_weight: Option<u64>,
     #[serde(default)]
     users: HashMap<String, RawQuota>,
 }
@@ -691,6 +724,8 @@ impl RawConfig {
             state_bytes: q.state_bytes,
             connections: q.connections,
             concurrent_loads: q.concurrent_loads,
+            memory_mb: q.memory_mb,
+            cpu_weight: q.cpu_weight,
         }
         .over(d.quotas.default);
         let mut users = HashMap::new();

@@ -24,6 +24,7 @@
 //! - [`connection`], [`cmd`]: serving a connection, in a worker.
 //! - [`confine`]: no_new_privs, Landlock and seccomp for a worker.
 //! - [`worker`]: a tenant's worker process.
+//! - [`cgroup`]: the workers' cgroups under a delegated subtree.
 //! - [`broker`], [`server`]: the broker: workers, accept loops, life cycle.
 //! - [`systemd`]: listeners and readiness notification.
 //!
@@ -32,6 +33,7 @@
 
 pub mod blocks;
 pub mod broker;
+pub mod cgroup;
 pub mod cli;
 pub mod cmd;
 pub mod config;

@@ -208,15 +208,25 @@ where
 
 /// Make `cmd` start its child with `fds[i].0` at descriptor `fds[i].1` (open across exec,
 /// every other descriptor keeps its close-on-exec flag) and with SIGKILL as its
-/// parent-death signal, so that a worker never outlives the broker that started it.
-pub fn map_fds_and_die_with_parent(cmd: &mut std::process::Command, fds: [(RawFd, RawFd); 2]) {
+/// parent-death signal, so that a worker never outlives the broker that started it. With
+/// `join_cgroup` (an open `cgroup.procs`), the child first moves itself into that cgroup.
+pub fn map_fds_and_die_with_parent(
+    cmd: &mut std::process::Command,
+    fds: [(RawFd, RawFd); 2],
+    join_cgroup: Option<RawFd>,
+) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs in the child between fork and exec and calls only
-    // async-signal-safe functions (fcntl, dup2, close, close_range, prctl); it allocates
+    // async-signal-safe functions (write, fcntl, dup2, close, close_range, prctl); it allocates
     // nothing.
     unsafe {
         cmd.pre_exec(move || {
             use nix::libc;
+            // Into its cgroup before anything else: `0` moves the writing process. A failure
+            // is left to the parent, which checks where the process landed.
+            if let Some(fd) = join_cgroup {
+                libc::write(fd, b"0".as_ptr().cast(), 1);
+            }
             // First out of the way of every target number (a source may sit on another's
             // target), then into place; dup2 leaves the new descriptor open across exec.
             let mut high = [-1; 2];

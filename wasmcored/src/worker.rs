@@ -36,6 +36,21 @@ use crate::store::StateDir;
 use crate::sys;
 use crate::tenant::{Scope, Tenant};
 
+/// Threads of a worker's blocking pool (compiles, state commits): beyond it such work waits.
+pub const MAX_BLOCKING_THREADS: usize = 64;
+
+/// The async threads of every worker: one per CPU, the same number in every worker, so that
+/// the kernel's scheduler shares the CPU between tenants, not between connections.
+pub fn threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// The most tasks (threads) a worker needs: its async threads, the blocking pool, the
+/// compiler's threads (one per CPU), the epoch ticker, and room. Its cgroup's `pids.max`.
+pub fn max_tasks() -> usize {
+    2 * threads() + MAX_BLOCKING_THREADS + 16
+}
+
 /// Run the worker of tenant `uid` on the descriptors the broker passed; returns when told
 /// to stop or when the broker is gone.
 pub fn main(uid: u32) -> anyhow::Result<()> {
@@ -76,11 +91,9 @@ pub fn main(uid: u32) -> anyhow::Result<()> {
             confined.missing.join(", ")
         );
     }
-    // The same number of threads in every worker: the kernel's scheduler then shares the
-    // CPU between tenants, not between connections.
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
+        .worker_threads(threads())
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .enable_all()
         .thread_name("wasmcored-worker")
         .build()?;

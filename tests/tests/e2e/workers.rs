@@ -104,6 +104,42 @@ fn each_tenant_is_served_by_its_own_confined_worker() {
     let o = d.ctl_with(&["execute", "up", "--input", "y"], None, Some(&alice));
     assert_eq!(stdout(&o), "Y");
     assert_eq!(workers(&d)[&u64::from(alice.uid)], a_pid);
+    // An admin's metrics carry each worker's CPU time and memory; `top --tenants` shows them.
+    let m = json_of(&d.ctl(&["--json", "metrics"]));
+    let alice_m = m["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["uid"] == json!(alice.uid))
+        .unwrap()
+        .clone();
+    assert_eq!(alice_m["worker"]["pid"], json!(a_pid), "{alice_m}");
+    assert!(alice_m["worker"]["rss_bytes"].as_u64().unwrap() > 1 << 20);
+    assert!(alice_m["worker"]["cpu_us"].as_u64().unwrap() > 0);
+    let om = stdout(&d.ctl(&["metrics"]));
+    assert!(
+        om.contains(&format!(
+            "wasm_core_worker_resident_memory_bytes{{tenant_uid=\"{}\"}}",
+            alice.uid
+        )),
+        "{om}"
+    );
+    let top = d.ctl(&["top", "--tenants", "--batch", "-n", "1", "-d", "0.2"]);
+    let text = stdout(&top);
+    assert!(text.contains("TENANT"), "{text} {}", stderr(&top));
+    let row = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(&alice.uid.to_string()))
+        .unwrap_or_else(|| panic!("no row of alice in {text}"));
+    assert_eq!(
+        row.split_whitespace().nth(1),
+        Some(a_pid.to_string().as_str()),
+        "{row}"
+    );
+    // Alice's own metrics leave the workers out, as they do other tenants.
+    let o = d.ctl_with(&["--json", "metrics"], None, Some(&alice));
+    let own = json_of(&o);
+    assert!(own["tenants"][0].get("worker").is_none(), "{own}");
 }
 
 /// Run the escape probe (loaded by `who` as `probe`) with `input`: 0 or an errno.
@@ -361,4 +397,119 @@ fn the_noisy_neighbour_scenario_answers_every_request_in_order() {
         assert!(r[phase]["n"].as_u64().unwrap() > 0, "{r}");
         assert_eq!(r[phase]["errors"], json!(0), "{r}");
     }
+}
+
+/// The booted e2e has no WAT compiler: it runs the committed compiled form, which must be
+/// what the source says (`WASMCORE_BLESS=1` rewrites it).
+#[test]
+fn the_compiled_memory_hog_is_its_source() {
+    let path = repo().join("wasmcored/tests/fixtures/memory_hog.wasm");
+    let compiled = fixture("memory_hog.wat");
+    if std::env::var_os("WASMCORE_BLESS").is_some() {
+        std::fs::write(&path, &compiled).unwrap();
+    }
+    assert_eq!(
+        std::fs::read(&path).unwrap_or_default(),
+        compiled,
+        "{} is stale: run with WASMCORE_BLESS=1",
+        path.display()
+    );
+}
+
+/// Without a cgroup memory controller (this test's dev-mode daemon has none), the broker
+/// keeps `quotas.memory_mb` by watching each worker's resident memory: a tenant over it
+/// loses its worker (its request fails, its connection closes), another tenant sees
+/// nothing, and the tenant's next connection is served by a new worker.
+#[test]
+fn a_tenant_over_its_memory_quota_is_killed_alone() {
+    let hog = TestUser::create("wasmcore-e2e-mhog");
+    let calm = TestUser::create("wasmcore-e2e-mcalm");
+    let d = Daemon::start_config(
+        &format!(
+            "[limits]\nmax_memory_mb = 256\n[quotas.users.\"{}\"]\nmemory_mb = 64\n",
+            hog.uid
+        ),
+        &[],
+    );
+    assert!(
+        d.log().contains("cgroups: none for the workers"),
+        "the log says which mode is in force: {}",
+        d.log()
+    );
+    let tmp = TempDir::new("mhog");
+    let up = tmp.write("up.wasm", &std::fs::read(plugin_path("uppercase")).unwrap());
+    let greedy = tmp.write("hog.wasm", &fixture("memory_hog.wat"));
+    let counter = tmp.write("c.wasm", &std::fs::read(plugin_path("counter")).unwrap());
+    load_as(&d, &hog, &greedy, "greedy");
+    load_as(&d, &hog, &counter, "hits");
+    load_as(&d, &calm, &up, "up");
+    let o = d.ctl_with(&["execute", "hits", "--input", "k"], None, Some(&hog));
+    assert_eq!(stdout(&o), "1");
+    let calm_pid = workers(&d)[&u64::from(calm.uid)];
+    let hog_pid = workers(&d)[&u64::from(hog.uid)];
+    let calm_run = calm
+        .command()
+        .arg("/usr/bin/python3")
+        .arg("-c")
+        .arg(PING_PONG)
+        .arg(&d.socket)
+        .arg("up")
+        .arg("2000")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let o = d.ctl_with(
+        &[
+            "execute",
+            "greedy",
+            "--memory-limit-mb",
+            "200",
+            "--timeout-ms",
+            "20000",
+        ],
+        None,
+        Some(&hog),
+    );
+    assert!(!o.status.success(), "{}", stdout(&o));
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "killed well before its deadline: {:?}",
+        t.elapsed()
+    );
+    assert!(
+        d.log().contains(&format!(
+            "the worker of uid {} (pid {hog_pid}) holds more than quotas.memory_mb (64 MiB)",
+            hog.uid
+        )),
+        "{}",
+        d.log()
+    );
+    let o = calm_run.wait_with_output().unwrap();
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        r,
+        json!({"ok": 2000, "other": null}),
+        "the calm tenant lost nothing"
+    );
+    assert_eq!(workers(&d)[&u64::from(calm.uid)], calm_pid);
+    // The hog's binaries and state are served again, by a new worker.
+    let t = Instant::now();
+    let out = loop {
+        let o = d.ctl_with(&["execute", "hits", "--input", "k"], None, Some(&hog));
+        if o.status.success() {
+            break stdout(&o);
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{}", stderr(&o));
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(out, "2");
+    assert_ne!(workers(&d)[&u64::from(hog.uid)], hog_pid);
+    assert!(
+        d.log().contains(
+            "killed by the broker: its resident memory went over quotas.memory_mb (64 MiB)"
+        ),
+        "{}",
+        d.log()
+    );
 }

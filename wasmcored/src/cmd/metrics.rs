@@ -153,5 +153,6 @@ fn tenant_metrics(
             .collect(),
         kinds,
         worker_failures: 0,
+        worker: None,
     }
 }
