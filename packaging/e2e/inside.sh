@@ -1,7 +1,8 @@
 #!/bin/bash
 # Runs inside the booted Debian 12 container as a oneshot unit after multi-user.target:
 # the previous release of wasm-core installed from its .deb, exercised the way a user meets
-# it, then upgraded to this checkout's packages with apt, removed and purged. Writes one line per
+# it, then upgraded to this checkout's packages with apt, exercised in what it adds (tenant
+# workers, their cgroups and quotas, the watchdog over them), removed and purged. Writes one line per
 # check to stdout and PASS or FAIL to /e2e.result.
 set -u
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -56,26 +57,6 @@ check "the state directory is the service's" test "$(stat -c %U:%a /var/lib/wasm
 as alice wasmcorectl load $P/greet.wasm --name greet --config greeting=Hi >/dev/null
 as alice wasmcorectl load $P/sort.wasm --name sort >/dev/null
 as alice wasmcorectl load $P/uppercase.wasm --name up >/dev/null
-# Tenants in workers of their own, confined, under the service.
-as bob wasmcorectl execute h --input x >/dev/null
-workers_ok() {
-  wasmcorectl --json status | python3 -c '
-import json, sys
-main, alice, bob = (int(a) for a in sys.argv[1:4])
-w = {x["uid"]: x["pid"] for x in json.load(sys.stdin)["workers"]}
-assert alice in w and bob in w and w[alice] != w[bob], w
-for pid in w.values():
-    s = dict(l.split(":\t", 1) for l in open(f"/proc/{pid}/status").read().splitlines() if ":\t" in l)
-    assert s["NoNewPrivs"].strip() == "1" and s["Seccomp"].strip() == "2", (pid, s)
-    assert int(s["PPid"]) == main, (pid, s["PPid"], main)
-' "$(systemctl show -p MainPID --value wasm-core.service)" "$(id -u alice)" "$(id -u bob)"
-}
-check "alice and bob are served by confined workers of their own" workers_ok
-# Landlock as far as this kernel and container offer it: confined, or a warning naming what
-# cannot be enforced (systemd-nspawn's own seccomp filter may refuse the Landlock calls).
-confinement=$(journalctl -u wasm-core.service --no-pager -o cat | grep -m1 -E "worker of uid [0-9]+( confined: no new privileges|: this kernel's Landlock)")
-echo "# $confinement"
-check "the journal says how the workers are confined" test -n "$confinement"
 check "an Extism plugin runs under the service" \
   test "$(as alice wasmcorectl execute greet --function greet --input Ann)" = "Hi, Ann!"
 check "a component runs under the service" \
@@ -109,43 +90,9 @@ check "alice's own metrics show only alice" \
 systemctl stop wasm-core-metrics.socket wasm-core-metrics.service
 for b in greet sort up; do as alice wasmcorectl unload $b; done
 
-# A wedged daemon (stopped with SIGSTOP) no longer pets the watchdog: systemd kills and
-# restarts it, and nothing stored is lost. A runtime drop-in shortens the watchdog.
-mkdir -p /run/systemd/system/wasm-core.service.d
-printf '[Service]\nWatchdogSec=3s\nTimeoutAbortSec=2s\n' \
-  >/run/systemd/system/wasm-core.service.d/e2e-watchdog.conf
-systemctl daemon-reload
-systemctl restart wasm-core.service
-sleep 1
-wedged=$(systemctl show -p MainPID --value wasm-core.service)
-restarts=$(systemctl show -p NRestarts --value wasm-core.service)
-kill -STOP "$wedged"
-new=$wedged
-for _ in $(seq 60); do
-  new=$(systemctl show -p MainPID --value wasm-core.service)
-  [ "$new" != "$wedged" ] && [ "$new" != 0 ] && break
-  sleep 0.5
-done
-check "the watchdog restarts a wedged daemon (pid $wedged -> $new)" test "$new" != "$wedged" -a "$new" != 0
-check "systemd counted the restart" test "$(systemctl show -p NRestarts --value wasm-core.service)" -gt "$restarts"
-check "the journal names the watchdog" sh -c "journalctl -u wasm-core.service --no-pager | grep -qi watchdog"
-check "the restarted daemon keeps every binary and UUID" test "$(uuids)" = "$before"
-rm -r /run/systemd/system/wasm-core.service.d
-systemctl daemon-reload
-
 journal=$(journalctl -u wasm-core.service --no-pager -o cat)
 check "the journal holds the daemon's ready line" grep -q '^ready:' <<<"$journal"
 check "the journal holds load lines with the tenant's uid" grep -q "for uid $(id -u alice)" <<<"$journal"
-check "the journal shows the broker's scan of the state directory" grep -q 'found 2 stored binaries of 2 tenants' <<<"$journal"
-check "the journal shows a worker's restore" grep -q 'restored 1 binaries (uid' <<<"$journal"
-
-systemd-analyze security wasm-core.service >/e2e-security.txt 2>/dev/null
-score=$(sed -n 's/.*Overall exposure level for wasm-core.service: \([0-9.]*\).*/\1/p' /e2e-security.txt)
-offline=$(cat /e2e-offline-score)
-# The booted system knows more than the offline analysis (which must assume the worst for
-# what it cannot see), so its score may only be lower; both must be at most 1.0.
-check "systemd-analyze security: booted $score, offline $offline, both <= 1.0, booted <= offline" \
-  awk -v b="$score" -v o="$offline" 'BEGIN { exit !(b != "" && o != "" && b <= o && o <= 1.0) }'
 
 systemctl stop wasm-core.socket wasm-core.service
 check "stop leaves wasm-core.service not failed" sh -c '! systemctl is-failed --quiet wasm-core.service'
@@ -186,6 +133,124 @@ check "the admin's edit of config.toml is kept" grep -qx 'default_timeout_ms = 4
 check "dpkg left no .dpkg-dist or .dpkg-old beside it" test -z "$(ls /etc/wasm-core | grep -v '^config.toml$')"
 check "the new daemon runs with the edited configuration" \
   sh -c "wasmcorectl --json status | python3 -c 'import json,sys; assert json.load(sys.stdin)[\"default_limits\"][\"timeout_ms\"] == 4321'"
+# What the previous release did not have. Its format-1 state directory was moved into
+# per-tenant subtrees at the new daemon's start.
+check "the state directory is format 2 now" grep -qx 'wasm-core-state 2' /var/lib/wasm-core/FORMAT
+if [ "$(cat /e2e-prev-state-format)" = 1 ]; then
+  check "the journal shows the move from format 1" \
+    sh -c "journalctl -u wasm-core.service --no-pager -o cat | grep -q 'from format 1 into format 2'"
+else
+  echo "# skipped: the move from format 1 (the previous release was built from this tree)"
+fi
+check "each tenant has its own subtree" test -d "/var/lib/wasm-core/tenants/$(id -u alice)/binaries" -a -d "/var/lib/wasm-core/tenants/$(id -u bob)/state"
+journal=$(journalctl -u wasm-core.service --no-pager -o cat)
+check "the journal shows the broker's scan of the state directory" grep -q 'found 3 stored binaries of 2 tenants' <<<"$journal"
+check "the journal shows a worker's restore" grep -q 'restored [0-9]* binaries (uid' <<<"$journal"
+# Tenants in workers of their own, confined, under the service.
+as bob wasmcorectl execute h --input x >/dev/null
+workers_ok() {
+  wasmcorectl --json status | python3 -c '
+import json, sys
+main, alice, bob = (int(a) for a in sys.argv[1:4])
+w = {x["uid"]: x["pid"] for x in json.load(sys.stdin)["workers"]}
+assert alice in w and bob in w and w[alice] != w[bob], w
+for pid in w.values():
+    s = dict(l.split(":\t", 1) for l in open(f"/proc/{pid}/status").read().splitlines() if ":\t" in l)
+    assert s["NoNewPrivs"].strip() == "1" and s["Seccomp"].strip() == "2", (pid, s)
+    assert int(s["PPid"]) == main, (pid, s["PPid"], main)
+' "$(systemctl show -p MainPID --value wasm-core.service)" "$(id -u alice)" "$(id -u bob)"
+}
+check "alice and bob are served by confined workers of their own" workers_ok
+# Landlock as far as this kernel and container offer it: confined, or a warning naming what
+# cannot be enforced (systemd-nspawn's own seccomp filter may refuse the Landlock calls).
+confinement=$(journalctl -u wasm-core.service --no-pager -o cat | grep -m1 -E "worker of uid [0-9]+( confined: no new privileges|: this kernel's Landlock)")
+echo "# $confinement"
+check "the journal says how the workers are confined" test -n "$confinement"
+
+# Each worker in a cgroup of its own below the service's (Delegate=), the daemon in broker/.
+main=$(systemctl show -p MainPID --value wasm-core.service)
+cg() { sed -n 's/^0:://p' "/proc/$1/cgroup"; }
+service_cg=$(systemctl show -p ControlGroup --value wasm-core.service)
+cgmode=$(journalctl -u wasm-core.service --no-pager -o cat | grep -m1 '^cgroups: ')
+echo "# $cgmode"
+check "the journal says which cgroup mode is in force" test -n "$cgmode"
+check "the daemon runs in $service_cg/broker" test "$(cg "$main")" = "$service_cg/broker"
+wpid() { wasmcorectl --json status | python3 -c 'import json, sys
+print({w["uid"]: w["pid"] for w in json.load(sys.stdin)["workers"]}[int(sys.argv[1])])' "$1"; }
+alice_pid=$(wpid "$(id -u alice)")
+bob_pid=$(wpid "$(id -u bob)")
+check "alice's worker runs in $service_cg/tenant-$(id -u alice)" test "$(cg "$alice_pid")" = "$service_cg/tenant-$(id -u alice)"
+check "bob's worker runs in $service_cg/tenant-$(id -u bob)" test "$(cg "$bob_pid")" = "$service_cg/tenant-$(id -u bob)"
+# Per-user quotas: alice's cpu_weight and memory_mb, applied by a reload.
+cat >>/etc/wasm-core/config.toml <<TOML
+
+[quotas.users.alice]
+cpu_weight = 250
+memory_mb = 64
+TOML
+systemctl reload wasm-core.service
+sleep 1
+cgdir=$(findmnt -n -t cgroup2 -o TARGET | head -1)$service_cg/tenant-$(id -u alice)
+if [ -e "$cgdir/cpu.weight" ] && [ -e "$cgdir/memory.max" ]; then
+  check "alice's worker cgroup has cpu.weight 250" test "$(cat "$cgdir/cpu.weight")" = 250
+  check "alice's worker cgroup has memory.max 64 MiB" test "$(cat "$cgdir/memory.max")" = $((64 << 20))
+  check "bob's worker cgroup has the default cpu.weight 100" \
+    test "$(cat "${cgdir%-*}-$(id -u bob)/cpu.weight")" = 100
+else
+  echo "# skipped: cpu.weight and memory.max (this kernel's cgroup v2 hierarchy offers: $(cat "$(dirname "$(dirname "$cgdir")")/cgroup.controllers" 2>/dev/null || echo nothing))"
+  check "the journal says the cpu and memory controllers are not in force" grep -q 'not offered here: .*memory' <<<"$cgmode"
+fi
+# Alice goes over her memory quota: her worker alone is killed; bob is served throughout by
+# the same worker.
+install -m 0644 /srv/e2e/memory_hog.wasm /tmp/memory_hog.wasm
+as alice wasmcorectl load /tmp/memory_hog.wasm --name greedy >/dev/null
+as bob sh -c 'for i in $(seq 200); do wasmcorectl execute h --input x >/dev/null || exit 1; done' &
+bobs=$!
+as alice wasmcorectl execute greedy --memory-limit-mb 200 --timeout-ms 20000 >/dev/null 2>&1
+check "alice's execution over her memory quota fails" test $? -ne 0
+check "bob's executions meanwhile all succeed" wait $bobs
+check "bob's worker was not touched" test "$(wpid "$(id -u bob)")" = "$bob_pid"
+check "the journal says why alice's worker was killed" \
+  sh -c "journalctl -u wasm-core.service --no-pager -o cat | grep -E 'uid $(id -u alice) .*(killed by the kernel: out of memory|killed by the broker: its resident memory)'"
+check "alice is served again, by a new worker, with her state" \
+  test "$(as alice wasmcorectl execute hits --input k)" = $((hits + 2))
+check "alice's new worker is not the killed one" test "$(wpid "$(id -u alice)")" != "$alice_pid"
+as alice wasmcorectl unload greedy
+
+before=$(uuids)
+# A wedged daemon (stopped with SIGSTOP) no longer pets the watchdog: systemd kills and
+# restarts it, and nothing stored is lost. A runtime drop-in shortens the watchdog.
+mkdir -p /run/systemd/system/wasm-core.service.d
+printf '[Service]\nWatchdogSec=3s\nTimeoutAbortSec=2s\n' \
+  >/run/systemd/system/wasm-core.service.d/e2e-watchdog.conf
+systemctl daemon-reload
+systemctl restart wasm-core.service
+sleep 1
+wedged=$(systemctl show -p MainPID --value wasm-core.service)
+restarts=$(systemctl show -p NRestarts --value wasm-core.service)
+kill -STOP "$wedged"
+new=$wedged
+for _ in $(seq 60); do
+  new=$(systemctl show -p MainPID --value wasm-core.service)
+  [ "$new" != "$wedged" ] && [ "$new" != 0 ] && break
+  sleep 0.5
+done
+check "the watchdog restarts a wedged daemon (pid $wedged -> $new)" test "$new" != "$wedged" -a "$new" != 0
+check "systemd counted the restart" test "$(systemctl show -p NRestarts --value wasm-core.service)" -gt "$restarts"
+check "the journal names the watchdog" sh -c "journalctl -u wasm-core.service --no-pager | grep -qi watchdog"
+check "the restarted daemon keeps every binary and UUID" test "$(uuids)" = "$before"
+rm -r /run/systemd/system/wasm-core.service.d
+systemctl daemon-reload
+
+systemd-analyze security wasm-core.service >/e2e-security.txt 2>/dev/null
+score=$(sed -n 's/.*Overall exposure level for wasm-core.service: \([0-9.]*\).*/\1/p' /e2e-security.txt)
+offline=$(cat /e2e-offline-score)
+# The booted system knows more than the offline analysis (which must assume the worst for
+# what it cannot see), so its score may only be lower; both must be at most 1.0.
+check "systemd-analyze security: booted $score, offline $offline, both <= 1.0, booted <= offline" \
+  awk -v b="$score" -v o="$offline" 'BEGIN { exit !(b != "" && o != "" && b <= o && o <= 1.0) }'
+
+
 # The Python client from the package, as a tenant.
 check "python3-wasmcore: bob executes and chains from Python" \
   test "$(as bob python3 -c 'import wasmcore; c = wasmcore.Client(); c.load("'$P'/uppercase.wasm", name="py"); print(c.chain(["py", "py"], b"hi").text); c.unload("py")')" = HI
