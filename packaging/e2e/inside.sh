@@ -116,7 +116,11 @@ sed -i 's/^default_timeout_ms = 5000$/default_timeout_ms = 4321/' /etc/wasm-core
 pid=$(systemctl show -p MainPID --value wasm-core.service)
 old=$(dpkg-query -W -f '${Version}' wasm-core)
 new=$(cat /e2e-new-version)
-DEBIAN_FRONTEND=noninteractive apt-get install -y -q /srv/e2e/new/*.deb >/e2e-upgrade.log 2>&1
+# The shipped config.toml changed (new keys) and the admin edited theirs: unattended, dpkg
+# keeps the admin's (as unattended-upgrades does) and leaves the new one beside it.
+DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+  -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+  /srv/e2e/new/*.deb >/e2e-upgrade.log 2>&1
 check "apt upgrades wasm-core $old -> $new" test "$(dpkg-query -W -f '${Version}' wasm-core)" = "$new"
 check "apt upgrades python3-wasmcore to $new" test "$(dpkg-query -W -f '${Version}' python3-wasmcore)" = "$new"
 # Started again without blocking dpkg: give it a moment, before any client connects.
@@ -130,7 +134,15 @@ check "the upgrade keeps every binary, name, owner and UUID" test "$(listing)" =
 check "alice's plugin state survives the upgrade" test "$(as alice wasmcorectl execute hits --input k)" = $((hits + 1))
 check "bob's plugin state survives the upgrade" test "$(as bob wasmcorectl execute bobhits --input k)" = 2
 check "the admin's edit of config.toml is kept" grep -qx 'default_timeout_ms = 4321' /etc/wasm-core/config.toml
-check "dpkg left no .dpkg-dist or .dpkg-old beside it" test -z "$(ls /etc/wasm-core | grep -v '^config.toml$')"
+if [ "$(cat /e2e-prev-state-format)" = 1 ]; then
+  # The previous release's shipped config lacks [workers] and the memory and CPU quotas.
+  check "the new shipped config is beside it as config.toml.dpkg-dist, with the new keys" \
+    grep -q '^memory_mb = ' /etc/wasm-core/config.toml.dpkg-dist
+  rm -f /etc/wasm-core/config.toml.dpkg-dist
+else
+  check "dpkg left no .dpkg-dist or .dpkg-old beside it (the shipped config did not change)" \
+    test -z "$(ls /etc/wasm-core | grep -v '^config.toml$')"
+fi
 check "the new daemon runs with the edited configuration" \
   sh -c "wasmcorectl --json status | python3 -c 'import json,sys; assert json.load(sys.stdin)[\"default_limits\"][\"timeout_ms\"] == 4321'"
 # What the previous release did not have. Its format-1 state directory was moved into

@@ -106,6 +106,9 @@ pub struct Worker {
     over_memory: AtomicBool,
     /// The OOM kills its cgroup had counted when it started.
     oom_kills_before: u64,
+    /// Resident bytes and CPU microseconds the worker last reported of itself (for when
+    /// the broker cannot read its /proc entry).
+    reported: Mutex<(u64, u64)>,
 }
 
 impl Worker {
@@ -141,8 +144,24 @@ impl Worker {
         r
     }
 
+    /// Resident bytes and CPU microseconds: from /proc if the broker may read it there,
+    /// else as the worker last reported them.
+    fn usage(&self) -> (u64, u64) {
+        match proc_usage(self.pid) {
+            (0, _) => *self.reported.lock().unwrap_or_else(|p| p.into_inner()),
+            read => read,
+        }
+    }
+
+    /// Keep what the worker said of itself in answer to `Call::Counts`.
+    fn counted(&self, answer: &serde_json::Value) -> Option<WorkerCounts> {
+        let c = serde_json::from_value::<WorkerCounts>(answer.clone()).ok()?;
+        *self.reported.lock().unwrap_or_else(|p| p.into_inner()) = (c.rss_bytes, c.cpu_us);
+        Some(c)
+    }
+
     fn info(&self) -> WorkerInfo {
-        let (rss_bytes, cpu_us) = proc_usage(self.pid);
+        let (rss_bytes, cpu_us) = self.usage();
         WorkerInfo {
             uid: self.uid,
             pid: self.pid,
@@ -412,6 +431,7 @@ impl Broker {
             pinging: AtomicBool::new(false),
             over_memory: AtomicBool::new(false),
             oom_kills_before,
+            reported: Mutex::new((0, 0)),
         });
         worker.send(&ToWorker::Hello {
             uid,
@@ -606,7 +626,7 @@ impl Broker {
             if !kernel_keeps_memory
                 && memory_mb > 0
                 && !w.over_memory.load(Relaxed)
-                && proc_usage(w.pid).0 > memory_mb << 20
+                && w.usage().0 > memory_mb << 20
             {
                 w.over_memory.store(true, Relaxed);
                 log::warn!(tenant_uid = w.uid; "the worker of uid {} (pid {}) holds more than quotas.memory_mb ({memory_mb} MiB) resident: killing it", w.uid, w.pid);
@@ -632,7 +652,13 @@ impl Broker {
                 continue;
             }
             tokio::spawn(async move {
-                let answered = w.call(Call::Counts, Some(CALL_TIMEOUT)).await.is_some();
+                let answered = match w.call(Call::Counts, Some(CALL_TIMEOUT)).await {
+                    Some(v) => {
+                        w.counted(&v);
+                        true
+                    }
+                    None => false,
+                };
                 w.pinging.store(false, Relaxed);
                 if !answered && !w.stopping.load(Relaxed) {
                     log::error!(tenant_uid = w.uid; "the worker of uid {} (pid {}) did not answer for {CALL_TIMEOUT:?}: killing it", w.uid, w.pid);
@@ -968,7 +994,7 @@ impl Broker {
         let workers = self.live_workers();
         for w in &workers {
             if let Some(v) = w.call(Call::Counts, Some(CALL_TIMEOUT)).await
-                && let Ok(c) = serde_json::from_value::<WorkerCounts>(v)
+                && let Some(c) = w.counted(&v)
             {
                 counts.executions += c.executions;
                 counts.executions_running += c.executions_running;
@@ -1033,30 +1059,11 @@ fn admin_by_database(uid: u32, admin_gids: &[u32]) -> bool {
         .unwrap_or(false)
 }
 
-/// Resident bytes and user+system CPU microseconds of process `pid` (zeros if unreadable).
+/// Resident bytes and user+system CPU microseconds of process `pid` (zeros if unreadable:
+/// under `ProtectProc=invisible` a worker, not dumpable, is hidden from the broker).
 fn proc_usage(pid: u32) -> (u64, u64) {
-    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .unwrap_or(4096) as u64;
-    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as u64;
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/statm"))
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * page);
-    // Fields after the command name (which may hold spaces) start after its ')'.
-    let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let rest = &s[s.rfind(')')? + 2..];
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-        })
-        .map_or(0, |ticks| ticks * 1_000_000 / tick.max(1));
-    (rss, cpu)
+    let read = |f: &str| std::fs::read_to_string(format!("/proc/{pid}/{f}")).unwrap_or_default();
+    crate::worker::parse_usage(&read("statm"), &read("stat"))
 }
 
 fn tenant_entry(tenants: &mut Vec<TenantMetrics>, uid: u32) -> &mut TenantMetrics {

@@ -169,6 +169,13 @@ pub struct WorkerCounts {
     pub executions: u64,
     pub executions_running: u64,
     pub state_bytes: u64,
+    /// The worker's own resident memory and CPU time, as it reads them from the /proc files
+    /// it opened before its confinement: the broker's view of /proc may hide a process that
+    /// is not dumpable (`ProtectProc=invisible`).
+    #[serde(default)]
+    pub rss_bytes: u64,
+    #[serde(default)]
+    pub cpu_us: u64,
 }
 
 /// Read one control line (without its newline) into `buf`; `Ok(false)` at end of stream.

@@ -51,6 +51,60 @@ pub fn max_tasks() -> usize {
     2 * threads() + MAX_BLOCKING_THREADS + 16
 }
 
+/// Resident bytes and user+system CPU microseconds from the texts of a process's
+/// `/proc/PID/statm` and `/proc/PID/stat` (zeros for what does not parse).
+pub fn parse_usage(statm: &str, stat: &str) -> (u64, u64) {
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64;
+    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64;
+    let rss = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse::<u64>().ok())
+        .map_or(0, |pages| pages * page);
+    // Fields after the command name (which may hold spaces) start after its ')'.
+    let cpu = (|| {
+        let rest = stat.get(stat.rfind(')')? + 2..)?;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    })()
+    .map_or(0, |ticks| ticks * 1_000_000 / tick.max(1));
+    (rss, cpu)
+}
+
+/// This process's /proc/self/statm and /proc/self/stat, opened before the confinement
+/// (which leaves /proc out) and read again at each question.
+struct OwnUsage {
+    statm: std::fs::File,
+    stat: std::fs::File,
+}
+
+impl OwnUsage {
+    fn open() -> std::io::Result<OwnUsage> {
+        Ok(OwnUsage {
+            statm: std::fs::File::open("/proc/self/statm")?,
+            stat: std::fs::File::open("/proc/self/stat")?,
+        })
+    }
+
+    fn read(&self) -> (u64, u64) {
+        use std::os::unix::fs::FileExt;
+        let text = |f: &std::fs::File| {
+            let mut buf = [0u8; 1024];
+            let n = f.read_at(&mut buf, 0).unwrap_or(0);
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        };
+        parse_usage(&text(&self.statm), &text(&self.stat))
+    }
+}
+
+static OWN_USAGE: std::sync::OnceLock<OwnUsage> = std::sync::OnceLock::new();
+
 /// Run the worker of tenant `uid` on the descriptors the broker passed; returns when told
 /// to stop or when the broker is gone.
 pub fn main(uid: u32) -> anyhow::Result<()> {
@@ -72,6 +126,9 @@ pub fn main(uid: u32) -> anyhow::Result<()> {
     };
     let early = reader.buffer().to_vec();
     let control = reader.into_inner();
+    if let Ok(u) = OwnUsage::open() {
+        let _ = OWN_USAGE.set(u);
+    }
     log::set_max_level(config.server.log_level);
     let engine = WasmEngine::configure(&config.engine, &config.limits)?;
     let store = StateDir::attach(&config.state_dir, uid)
@@ -397,11 +454,16 @@ async fn answer(daemon: &Arc<Daemon>, uid: u32, call: Call) -> serde_json::Value
             serde_json::to_value(owned)
         }
         Call::Metrics => serde_json::to_value(cmd::metrics_of_all(daemon)),
-        Call::Counts => serde_json::to_value(WorkerCounts {
-            executions: daemon.executions.load(Relaxed),
-            executions_running: daemon.executor.engine().running_count() as u64,
-            state_bytes: daemon.registry.state().total_usage(),
-        }),
+        Call::Counts => {
+            let (rss_bytes, cpu_us) = OWN_USAGE.get().map_or((0, 0), OwnUsage::read);
+            serde_json::to_value(WorkerCounts {
+                executions: daemon.executions.load(Relaxed),
+                executions_running: daemon.executor.engine().running_count() as u64,
+                state_bytes: daemon.registry.state().total_usage(),
+                rss_bytes,
+                cpu_us,
+            })
+        }
         Call::Refresh => {
             let d = daemon.clone();
             let r = tokio::task::spawn_blocking(move || {
