@@ -51,6 +51,18 @@ pub fn max_tasks() -> usize {
     2 * threads() + MAX_BLOCKING_THREADS + 16
 }
 
+/// The pool of `uid`'s worker: what its quota lets it run at once, each execution (or load)
+/// a component of the largest shape, and no more than `engine.pool_instances`.
+pub fn pool_instances(config: &Config, uid: u32) -> u32 {
+    let q = config.quotas.for_uid(uid);
+    let need = (q.concurrent_executions + q.concurrent_loads)
+        .saturating_mul(crate::context::StoreShape::COMPONENT.instances);
+    config
+        .engine
+        .pool_instances
+        .min(u32::try_from(need).unwrap_or(u32::MAX))
+}
+
 /// Resident bytes and user+system CPU microseconds from the texts of a process's
 /// `/proc/PID/statm` and `/proc/PID/stat` (zeros for what does not parse).
 pub fn parse_usage(statm: &str, stat: &str) -> (u64, u64) {
@@ -130,6 +142,8 @@ pub fn main(uid: u32) -> anyhow::Result<()> {
         let _ = OWN_USAGE.set(u);
     }
     log::set_max_level(config.server.log_level);
+    let mut config = config;
+    config.engine.pool_instances = pool_instances(&config, uid);
     let engine = WasmEngine::configure(&config.engine, &config.limits)?;
     let store = StateDir::attach(&config.state_dir, uid)
         .map_err(|e| anyhow::anyhow!("state directory: {e}"))?;
@@ -484,4 +498,38 @@ async fn answer(daemon: &Arc<Daemon>, uid: u32, call: Call) -> serde_json::Value
         }
     };
     value.unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_follows_the_tenants_concurrency_quota() {
+        let mut c = Config::from_toml(
+            "[quotas]\nconcurrent_executions = 2\n[quotas.users.\"4242\"]\nconcurrent_executions = 100\n",
+        )
+        .unwrap();
+        // (2 executions + 1 load) × a component's 32 core instances.
+        assert_eq!(pool_instances(&c, 1000), 96);
+        // Never more than engine.pool_instances.
+        assert_eq!(pool_instances(&c, 4242), 512);
+        c.engine.pool_instances = 50;
+        assert_eq!(pool_instances(&c, 1000), 50);
+    }
+
+    #[test]
+    fn usage_parses_statm_and_stat() {
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .unwrap()
+            .unwrap() as u64;
+        let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .unwrap()
+            .unwrap() as u64;
+        let stat = "42 (a b) c) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 1 2 3";
+        let (rss, cpu) = parse_usage("1000 300 20 1 0 50 0", stat);
+        assert_eq!(rss, 300 * page);
+        assert_eq!(cpu, 300 * 1_000_000 / tick);
+        assert_eq!(parse_usage("", "garbage"), (0, 0));
+    }
 }
