@@ -5,7 +5,7 @@ execution after its worker exited against a warm one.
 Runs a dev-mode wasmcored (target/release) on a temporary socket and state directory with
 `workers.idle_timeout_s = 1`. N tenants (UIDs --first-uid…, no accounts needed; children of
 this root process with those credentials) each load the uppercase plugin and execute it
-once; then the RSS of the broker and of every worker is read from /proc. Then one tenant
+once; then the RSS and PSS of the broker and of every worker are read from /proc. Then one tenant
 times a connect + execute on a warm worker (--samples times, median) and, --samples times,
 the same after its worker exited (idle), which starts a worker and restores its binary.
 Needs root; bounded in time; the daemon is stopped at the end.
@@ -50,6 +50,19 @@ def rss_kib(pid):
     return 0
 
 
+def pss_kib(pid):
+    """Proportional set size: shared pages (the daemon's executable, the compiler's code)
+    counted once over every process that maps them, as RSS does not."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def workers(path):
     s = socket.socket(socket.AF_UNIX)
     s.connect(path)
@@ -75,7 +88,8 @@ def main():
         ws = [w for w in workers(sock) if w["uid"] in uids]
         broker = rss_kib(d.pid)
         total = broker + sum(rss_kib(w["pid"]) for w in ws)
-        print(f"memory, {what}: broker {broker / 1024:.1f} MiB + {len(ws)} workers: {total / 1024:.1f} MiB RSS in all ({(total - broker) / len(ws) / 1024:.1f} MiB per worker)")
+        pss = pss_kib(d.pid) + sum(pss_kib(w["pid"]) for w in ws)
+        print(f"memory, {what}: broker {broker / 1024:.1f} MiB + {len(ws)} workers: {total / 1024:.1f} MiB RSS in all ({(total - broker) / len(ws) / 1024:.1f} MiB per worker); {pss / 1024:.1f} MiB PSS in all")
 
     d, sock = start_daemon(tmp, config)
     try:
