@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The socket benchmark against a daemon of this checkout: starts wasmcored on a temporary
+# The socket benchmark against a daemon of this checkout (or $WASMCORED): starts it on a temporary
 # socket and state directory, runs `wasmcorectl bench` with every row (uppercase, an Extism
 # call of count_vowels, the example plugins' compile times, memory, and `wasmtime run` when
 # a wasmtime CLI is on PATH), with the in-process cost of one execution from the exec bench as the yardstick for
@@ -16,7 +16,7 @@ sock=$dir/wasm-core.sock
 mkdir "$dir/state"
 # The multi-tenant scenario connects from other UIDs.
 chmod 755 "$dir"
-"$bin/wasmcored" --listen "$sock" --state-dir "$dir/state" --log-level warn &
+"${WASMCORED:-$bin/wasmcored}" --listen "$sock" --state-dir "$dir/state" --log-level warn &
 pid=$!
 cleanup() { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$dir"; }
 trap cleanup EXIT
