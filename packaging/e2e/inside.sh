@@ -209,7 +209,8 @@ if [ -e "$cgdir/cpu.weight" ] && [ -e "$cgdir/memory.max" ]; then
   check "bob's worker cgroup has the default cpu.weight 100" \
     test "$(cat "${cgdir%-*}-$(id -u bob)/cpu.weight")" = 100
 else
-  echo "# skipped: cpu.weight and memory.max (this kernel's cgroup v2 hierarchy offers: $(cat "$(dirname "$(dirname "$cgdir")")/cgroup.controllers" 2>/dev/null || echo nothing))"
+  offered=$(cat "$(dirname "$cgdir")/cgroup.controllers" 2>/dev/null)
+  echo "# skipped: cpu.weight and memory.max (the service's cgroup v2 offers: ${offered:-no controllers})"
   check "the journal says the cpu and memory controllers are not in force" grep -q 'not offered here: .*memory' <<<"$cgmode"
 fi
 # Alice goes over her memory quota: her worker alone is killed; bob is served throughout by

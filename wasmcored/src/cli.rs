@@ -19,6 +19,10 @@ Processes:
   runs tenant code; it exits when idle
   (workers.idle_timeout_s) and is started again, with
   backoff after repeated failures, when it dies.
+  Under systemd with Delegate= each worker runs in a
+  cgroup of its own (tenant-UID/, the daemon in
+  broker/) with cpu.weight, memory.max and pids.max
+  from its quotas; the log says which mode is in force.
 
 Signals:
   SIGHUP   reload the config file. Limits, quotas, access
