@@ -297,8 +297,20 @@ fn describe_json_error(text: &str, e: &serde_json::Error) -> String {
     if trimmed.is_empty() {
         return "empty request line; send one JSON object per line".to_string();
     }
-    if !trimmed.starts_with('{') && e.is_syntax() {
-        return format!("request is not a JSON object: {e}");
+    if !trimmed.starts_with('{') {
+        if e.is_syntax() {
+            return format!("request is not a JSON object: {e}");
+        }
+        let what = match trimmed.as_bytes()[0] {
+            b'[' => "an array",
+            b'"' => "a string",
+            b't' | b'f' => "a boolean",
+            b'n' => "null",
+            _ => "a number",
+        };
+        return format!(
+            "request is not a JSON object but {what}; send one object per line, such as {{\"op\":\"status\"}}"
+        );
     }
     let msg = e.to_string();
     if msg.contains("missing field `op`") {
@@ -969,6 +981,22 @@ mod tests {
         assert!(e.message.contains("UTF-8"));
         let e = decode_request(b"hello").unwrap_err();
         assert!(e.message.contains("not a JSON object"), "{}", e.message);
+        // Valid JSON, not an object: said so, not serde's "expected variant identifier".
+        for (line, what) in [
+            (&b"[1,2]"[..], "an array"),
+            (b"42", "a number"),
+            (b"\"op\"", "a string"),
+            (b"null", "null"),
+            (b"true", "a boolean"),
+        ] {
+            let e = decode_request(line).unwrap_err();
+            assert!(
+                e.message.starts_with("request is not a JSON object but")
+                    && e.message.contains(what),
+                "{}",
+                e.message
+            );
+        }
         let e = decode_request(br#"{"binary":"x"}"#).unwrap_err();
         assert!(e.message.contains("missing field `op`"), "{}", e.message);
         let e = decode_request(br#"{"op":"execute"}"#).unwrap_err();

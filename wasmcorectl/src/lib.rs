@@ -407,6 +407,12 @@ pub fn failure_from(resp: &Value) -> Failure {
         _ => exit::INTERNAL,
     };
     let mut message = format!("{code}: {msg}");
+    // The plugin's own error code (the message names the chain stage, counted from 0).
+    if let Some(pc) = resp["error"]["plugin_code"].as_i64()
+        && !msg.ends_with(&format!(" {pc}"))
+    {
+        message.push_str(&format!(" (plugin code {pc})"));
+    }
     if let Some(bt) = resp["error"]["backtrace"].as_array() {
         for f in bt {
             message.push_str(&format!("\n    at {}", f.as_str().unwrap_or("?")));
@@ -435,6 +441,23 @@ fn load(
     }
     if public {
         req["public"] = json!(true);
+    }
+    // What the daemon would refuse, said here with the path the user gave.
+    let meta = std::fs::metadata(&file).map_err(io_err)?;
+    if meta.is_dir() {
+        return Err(Failure::new(
+            exit::USAGE,
+            format!(
+                "cannot load {}: it is a directory, not a module file",
+                file.display()
+            ),
+        ));
+    }
+    if !meta.is_file() {
+        return Err(Failure::new(
+            exit::USAGE,
+            format!("cannot load {}: not a regular file", file.display()),
+        ));
     }
     let is_text = file.extension().is_some_and(|e| e == "wat");
     // On a terminal: the daemon answers once the module is compiled and stored.

@@ -32,6 +32,14 @@ pub enum Error {
     /// binary), passed on as it was.
     #[error("{}", .0.message)]
     Relayed(Box<ErrorBody>),
+    /// A chain stage that could not start (its binary not found, a function it lacks):
+    /// the stage's number, from 0, travels with the error.
+    #[error("stage {stage} ({reference}): {inner}")]
+    Stage {
+        stage: usize,
+        reference: String,
+        inner: Box<Error>,
+    },
 }
 
 /// A failed execution: what went wrong, which chain stage, and the guest's logs so far.
@@ -102,6 +110,7 @@ impl Error {
             Error::Busy(_) => ErrorCode::Busy,
             Error::Internal(_) => ErrorCode::Internal,
             Error::Relayed(b) => b.code,
+            Error::Stage { inner, .. } => inner.code(),
             Error::Execution(e) => match e.failure {
                 ExecFailure::Timeout { .. } => ErrorCode::Timeout,
                 ExecFailure::OutOfFuel { .. } => ErrorCode::OutOfFuel,
@@ -121,6 +130,11 @@ impl Error {
     pub fn to_body(&self) -> ErrorBody {
         if let Error::Relayed(body) = self {
             return (**body).clone();
+        }
+        if let Error::Stage { stage, .. } = self {
+            let mut body = ErrorBody::new(self.code(), self.to_string());
+            body.stage = Some(*stage);
+            return body;
         }
         let mut body = ErrorBody::new(self.code(), self.to_string());
         if let Error::Execution(e) = self {

@@ -573,7 +573,7 @@ impl Registry {
         }
         if access == Access::Manage && !tenant.is_admin() && (!owns || bin.public) {
             return Err(Error::Forbidden(format!(
-                "binary {reference:?} is public; only an admin may unload it"
+                "binary {reference:?} is public; only an admin may change or unload it"
             )));
         }
         Ok(bin)

@@ -3,6 +3,7 @@
 mod clients;
 mod components;
 mod docs;
+mod errors;
 mod extism;
 mod hostile;
 mod metrics;

@@ -181,6 +181,8 @@ fn malformed_requests_get_clear_errors_and_the_connection_survives() {
     let mut c = d.client();
     let cases: Vec<(&[u8], &str)> = vec![
         (b"this is not json\n", "not a JSON object"),
+        (b"[1,2]\n", "not a JSON object but an array"),
+        (b"42\n", "not a JSON object but a number"),
         (b"{\"op\":\"status\"\n", "invalid request"),
         (b"{\"op\":\"fly\",\"tag\":5}\n", "unknown op"),
         (b"{\"binary\":\"x\"}\n", "missing field `op`"),
@@ -389,7 +391,7 @@ fn passed_file_descriptors_are_checked() {
         r["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("not a regular file"),
+            .contains("passed file descriptor is a directory, not a module file"),
         "{r}"
     );
     let (a, _b) = UnixStream::pair().unwrap();

@@ -131,9 +131,16 @@ fn the_access_matrix_on_every_op() {
                 .any(|b| b["binary"] == json!(p_id))
         );
         assert!(run(who, &["info", "shared"]).status.success());
-        // ...but only admins may unload it.
+        // ...but only admins may unload or configure it, and the refusal names both.
         let o = run(who, &["unload", &p_id]);
         assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+        let o = run(who, &["configure", &p_id, "--config", "a=b"]);
+        assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("only an admin may change or unload it"),
+            "{}",
+            stderr(&o)
+        );
     }
     // Plugin state of a public binary is per tenant (counter): not shared.
     let counter = module_file(&tmp, "counter");

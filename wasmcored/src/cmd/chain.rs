@@ -28,13 +28,22 @@ pub async fn apply(daemon: &Daemon, tenant: &Tenant, req: ChainRequest) -> Resul
     let stages = req
         .binaries
         .iter()
-        .map(|r| {
+        .enumerate()
+        .map(|(i, r)| {
             let (reference, function) = match r.split_once(':') {
                 Some((b, f)) => (b, Some(f.to_string())),
                 None => (r.as_str(), None),
             };
-            let bin = daemon.registry.resolve(tenant, reference, Access::Use)?;
-            Executor::check_function(&bin, function.as_deref())?;
+            let staged = |e: Error| Error::Stage {
+                stage: i,
+                reference: r.clone(),
+                inner: Box::new(e),
+            };
+            let bin = daemon
+                .registry
+                .resolve(tenant, reference, Access::Use)
+                .map_err(staged)?;
+            Executor::check_function(&bin, function.as_deref()).map_err(staged)?;
             Ok(Stage { bin, function })
         })
         .collect::<Result<Vec<_>>>()?;

@@ -66,6 +66,11 @@ pub async fn apply(
                 "only admins may load by `path`; send the module itself (wasmcorectl load passes the open file)".into(),
             ));
         }
+        if !std::path::Path::new(&path).is_absolute() {
+            return Err(Error::bad_request(format!(
+                "path {path:?} is relative: the daemon would resolve it against its own working directory, not yours; give an absolute path (wasmcorectl load sends the file itself)"
+            )));
+        }
         // A worker cannot open paths outside its subtree: the broker opens it.
         let f = match daemon.upstream() {
             Some(up) => File::from(up.open(tenant, &path).await?),
@@ -168,6 +173,11 @@ fn read_module(daemon: &Arc<Daemon>, mut f: File, what: &str) -> Result<Vec<u8>>
     let meta = f
         .metadata()
         .map_err(|e| Error::bad_request(format!("{what}: {e}")))?;
+    if meta.file_type().is_dir() {
+        return Err(Error::bad_request(format!(
+            "{what} is a directory, not a module file"
+        )));
+    }
     if !meta.file_type().is_file() {
         return Err(Error::bad_request(format!("{what} is not a regular file")));
     }

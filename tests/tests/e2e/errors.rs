@@ -1,0 +1,81 @@
+//! Errors a user can act on: each says what went wrong and where (the path, the chain
+//! stage, the plugin's own code).
+
+use serde_json::json;
+use wasmcore_tests::*;
+
+use crate::{err_code, ok};
+
+#[test]
+fn loading_a_directory_names_it_on_the_client_and_in_the_daemon() {
+    let d = Daemon::start();
+    let tmp = TempDir::new("dirload");
+    let o = d.ctl(&["load", tmp.0.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains(tmp.0.to_str().unwrap()) && e.contains("is a directory"),
+        "{e}"
+    );
+    // An admin's `path` load of a directory: the daemon says the same of the path.
+    let r = d
+        .client()
+        .call(&json!({"op": "load", "path": tmp.0.to_str().unwrap()}));
+    assert_eq!(err_code(&r), "bad_request");
+    let msg = r["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains(tmp.0.to_str().unwrap()) && msg.contains("is a directory"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_relative_load_path_is_refused_with_the_reason() {
+    let d = Daemon::start();
+    let r = d
+        .client()
+        .call(&json!({"op": "load", "path": "plugins/dist/uppercase.wasm"}));
+    assert_eq!(err_code(&r), "bad_request");
+    let msg = r["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("\"plugins/dist/uppercase.wasm\" is relative") && msg.contains("absolute"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_chain_stage_that_cannot_start_is_named_and_numbered_from_zero() {
+    let d = Daemon::start();
+    let mut c = d.client();
+    ok(&c.call(&json!({
+        "op": "load", "name": "up",
+        "wasm_base64": b64(&std::fs::read(plugin_path("uppercase")).unwrap()),
+    })));
+    let r = c.call(&json!({"op": "chain", "binaries": ["up", "nope", "up"], "input": "x"}));
+    assert_eq!(err_code(&r), "not_found");
+    assert_eq!(r["error"]["stage"], json!(1), "{r}");
+    let msg = r["error"]["message"].as_str().unwrap();
+    assert!(msg.starts_with("stage 1 (nope): "), "{msg}");
+    // A function the stage's binary lacks.
+    let r = c.call(&json!({"op": "chain", "binaries": ["up:nosuch"], "input": "x"}));
+    assert_eq!(r["error"]["stage"], json!(0), "{r}");
+    // The CLI prints the same.
+    let o = d.ctl(&["chain", "up", "nope", "--input", "x"]);
+    assert_eq!(o.status.code(), Some(5));
+    assert!(stderr(&o).contains("stage 1 (nope)"), "{}", stderr(&o));
+}
+
+#[test]
+fn the_human_form_of_a_plugin_error_carries_the_plugins_code() {
+    let d = Daemon::start();
+    let greet = plugin_path("greet");
+    let o = d.ctl(&["load", greet.to_str().unwrap(), "--name", "greet"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = d.ctl(&["execute", "greet", "--function", "fail", "--input", "x"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("plugin_error: refusing") && e.contains("(plugin code 3)"),
+        "{e}"
+    );
+}
