@@ -64,7 +64,9 @@ pub struct Args {
     /// Config file [default: /etc/wasm-core/config.toml, used only if it exists].
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Validate the config file and exit.
+    /// Validate the config file and exit. Stricter than a start or reload: a user or group
+    /// that does not exist in allow_users, allow_groups or quotas.users is an error; a missing
+    /// default file is reported as such (the defaults apply).
     #[arg(long)]
     pub check_config: bool,
     /// Socket path to bind when systemd passes no listener (repeatable) [default: /tmp/wasm-core.sock].
@@ -100,6 +102,21 @@ impl Args {
         self.config
             .as_deref()
             .unwrap_or(Path::new(config::DEFAULT_PATH))
+    }
+
+    /// What `--check-config` prints: the file checked strictly (a user or group that does
+    /// not exist is an error), or that it is absent and the defaults apply.
+    pub fn check_config(&self) -> Result<String, String> {
+        let (_, present) = Config::load_strict(self.config_path(), self.config.is_none())?;
+        self.load_config()?;
+        let path = self.config_path().display();
+        Ok(if present {
+            format!("{path}: configuration is valid")
+        } else {
+            format!(
+                "{path}: no such file; the defaults apply (with the flags given), and they are valid"
+            )
+        })
     }
 
     /// The file (a missing default file means defaults) with the flags applied on top.

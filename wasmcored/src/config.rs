@@ -288,8 +288,12 @@ impl Default for Config {
             registry: RegistryConfig::default(),
             quotas: QuotaConfig::default(),
             access: AccessConfig {
-                admin_gids: group_ids(&[NameOrId::Name(DEFAULT_ADMIN_GROUP.into())], true)
-                    .unwrap_or_default(),
+                admin_gids: group_ids(
+                    &[NameOrId::Name(DEFAULT_ADMIN_GROUP.into())],
+                    true,
+                    Names::Lenient,
+                )
+                .unwrap_or_default(),
                 ..AccessConfig::default()
             },
             server: ServerConfig::default(),
@@ -313,8 +317,19 @@ fn default_state_dir() -> PathBuf {
 impl Config {
     /// Read `path`. A missing file is an error unless `missing_ok` (the default path).
     pub fn load(path: &Path, missing_ok: bool) -> Result<Config, String> {
+        Config::load_with(path, missing_ok, Names::Lenient)
+    }
+
+    /// As [`Config::load`] with [`Config::from_toml_strict`]; also says whether the file
+    /// was there (`false`: a missing default file, the defaults apply).
+    pub fn load_strict(path: &Path, missing_ok: bool) -> Result<(Config, bool), String> {
+        let present = path.exists();
+        Config::load_with(path, missing_ok, Names::Strict).map(|c| (c, present))
+    }
+
+    fn load_with(path: &Path, missing_ok: bool, names: Names) -> Result<Config, String> {
         match std::fs::read_to_string(path) {
-            Ok(text) => Config::from_toml(&text).map_err(|e| format!("{}: {e}", path.display())),
+            Ok(text) => Config::parse(&text, names).map_err(|e| format!("{}: {e}", path.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && missing_ok => {
                 Ok(Config::default())
             }
@@ -322,10 +337,22 @@ impl Config {
         }
     }
 
-    /// Parse and validate a config file's text.
+    /// Parse and validate a config file's text. A user or group that does not exist is
+    /// ignored with a warning (it may be created later; a reload must not fail for it).
     pub fn from_toml(text: &str) -> Result<Config, String> {
+        Config::parse(text, Names::Lenient)
+    }
+
+    /// As [`Config::from_toml`], but a user or group that does not exist is an error: what
+    /// `wasmcored --check-config` applies, since such a name in `allow_users` would refuse
+    /// everyone it was meant to admit.
+    pub fn from_toml_strict(text: &str) -> Result<Config, String> {
+        Config::parse(text, Names::Strict)
+    }
+
+    fn parse(text: &str, names: Names) -> Result<Config, String> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| e.to_string())?;
-        let c = raw.into_config()?;
+        let c = raw.into_config(names)?;
         c.check()?;
         Ok(c)
     }
@@ -468,7 +495,14 @@ enum NameOrId {
     Name(String),
 }
 
-fn group_ids(names: &[NameOrId], quiet: bool) -> Result<Vec<u32>, String> {
+/// What to do with a user or group name that does not exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Names {
+    Lenient,
+    Strict,
+}
+
+fn group_ids(names: &[NameOrId], quiet: bool, mode: Names) -> Result<Vec<u32>, String> {
     let mut out = Vec::new();
     for n in names {
         match n {
@@ -477,6 +511,9 @@ fn group_ids(names: &[NameOrId], quiet: bool) -> Result<Vec<u32>, String> {
                 Ok(Some(g)) => out.push(g.gid.as_raw()),
                 // A group that does not exist yet has no members: nobody gains anything.
                 Ok(None) if quiet => {}
+                Ok(None) if mode == Names::Strict => {
+                    return Err(format!("group {name:?} does not exist"));
+                }
                 Ok(None) => log::warn!("config: group {name:?} does not exist; ignored"),
                 Err(e) => return Err(format!("looking up group {name:?}: {e}")),
             },
@@ -485,12 +522,13 @@ fn group_ids(names: &[NameOrId], quiet: bool) -> Result<Vec<u32>, String> {
     Ok(out)
 }
 
-fn user_id(n: &str) -> Result<Option<u32>, String> {
+fn user_id(n: &str, mode: Names) -> Result<Option<u32>, String> {
     if let Ok(id) = n.parse::<u32>() {
         return Ok(Some(id));
     }
     match nix::unistd::User::from_name(n) {
         Ok(Some(u)) => Ok(Some(u.uid.as_raw())),
+        Ok(None) if mode == Names::Strict => Err(format!("user {n:?} does not exist")),
         Ok(None) => {
             log::warn!("config: user {n:?} does not exist; ignored");
             Ok(None)
@@ -628,7 +666,7 @@ struct RawQuotas {
 }
 
 impl RawConfig {
-    fn into_config(self) -> Result<Config, String> {
+    fn into_config(self, names: Names) -> Result<Config, String> {
         let d = Config::default();
         let s = self.server;
         let log_level = match s.log_level {
@@ -657,8 +695,10 @@ impl RawConfig {
         };
         let a = self.access;
         let access = AccessConfig {
+            // An admin group that does not exist has no members: it grants nothing, so it
+            // is only warned about, also by --check-config.
             admin_gids: match a.admin_groups {
-                Some(g) => group_ids(&g, false)?,
+                Some(g) => group_ids(&g, false, Names::Lenient)?,
                 None => d.access.admin_gids,
             },
             allow_uids: match a.allow_users {
@@ -668,14 +708,17 @@ impl RawConfig {
                     for n in list {
                         let id = match n {
                             NameOrId::Id(id) => Some(id),
-                            NameOrId::Name(name) => user_id(&name)?,
+                            NameOrId::Name(name) => user_id(&name, names)?,
                         };
                         ids.extend(id);
                     }
                     Some(ids)
                 }
             },
-            allow_gids: a.allow_groups.map(|g| group_ids(&g, false)).transpose()?,
+            allow_gids: a
+                .allow_groups
+                .map(|g| group_ids(&g, false, names))
+                .transpose()?,
         };
         let l = self.limits;
         let dl = d.limits;
@@ -730,7 +773,7 @@ impl RawConfig {
         .over(d.quotas.default);
         let mut users = HashMap::new();
         for (name, q) in self.quotas.users {
-            if let Some(uid) = user_id(&name)? {
+            if let Some(uid) = user_id(&name, names)? {
                 users.insert(uid, q.over(default_quota));
             }
         }

@@ -29,11 +29,11 @@ fn real_main(args: wasmcored::cli::Args) -> anyhow::Result<ExitCode> {
     // Take systemd's listeners first: listenfd reads and clears the environment, which is
     // only sound while this is the only thread.
     let mut listeners = wasmcored::systemd::take_activated()?;
-    let config = args.load_config().map_err(anyhow::Error::msg)?;
     if args.check_config {
-        println!("{}: configuration is valid", args.config_path().display());
+        println!("{}", args.check_config().map_err(anyhow::Error::msg)?);
         return Ok(ExitCode::SUCCESS);
     }
+    let config = args.load_config().map_err(anyhow::Error::msg)?;
     log::set_max_level(config.server.log_level);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -3,6 +3,7 @@
 //! check of who serves a socket.
 
 use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -182,6 +183,51 @@ fn check_config_validates_and_exits() {
         .unwrap();
     assert!(!o.status.success());
     assert!(stderr(&o).contains("default_timeout_ms"), "{}", stderr(&o));
+    // A user that does not exist in an access list would refuse everyone it was meant to
+    // admit: --check-config says so (a running daemon only warns, and a reload keeps going).
+    for (name, text) in [
+        (
+            "users.toml",
+            "[access]\nallow_users = [\"wasmcore-no-such-user\"]\n",
+        ),
+        (
+            "groups.toml",
+            "[access]\nallow_groups = [\"wasmcore-no-such-group\"]\n",
+        ),
+        (
+            "quota.toml",
+            "[quotas.users.wasmcore-no-such-user]\nbinaries = 3\n",
+        ),
+    ] {
+        let f = tmp.write(name, text.as_bytes());
+        let o = Command::new(wasmcored())
+            .arg("--config")
+            .arg(&f)
+            .arg("--check-config")
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{name}: {}", stdout(&o));
+        assert!(
+            stderr(&o).contains("\"wasmcore-no-such-") && stderr(&o).contains("does not exist"),
+            "{name}: {}",
+            stderr(&o)
+        );
+    }
+    // Without a config file: said so, not "valid" of a file that is not there.
+    if !Path::new("/etc/wasm-core/config.toml").exists() {
+        let o = Command::new(wasmcored())
+            .arg("--check-config")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(
+            stdout(&o).contains("/etc/wasm-core/config.toml: no such file; the defaults apply"),
+            "{}",
+            stdout(&o)
+        );
+    } else {
+        eprintln!("skipped: /etc/wasm-core/config.toml exists on this machine");
+    }
     let shipped = repo().join("systemd/config.toml");
     if shipped.exists() {
         let o = Command::new(wasmcored())
