@@ -185,8 +185,12 @@ pub struct InputArgs {
 /// Limits for one execution; each may only lower the daemon's maximum.
 #[derive(Debug, Args)]
 pub struct LimitArgs {
+    /// Wall-time limit of the execution (a chain: of all its stages), in milliseconds
+    /// [default: the daemon's limits.default_timeout_ms, 5000; at most max_timeout_ms].
     #[arg(long, value_name = "MS")]
     pub timeout_ms: Option<u64>,
+    /// Linear-memory limit of the execution, in MiB [default: the daemon's
+    /// limits.default_memory_mb, 64; at most max_memory_mb].
     #[arg(long, value_name = "MIB")]
     pub memory_limit_mb: Option<u64>,
     /// Fuel budget (deterministic CPU limit).

@@ -38,3 +38,36 @@ fn the_config_man_page_covers_every_key_of_the_shipped_file() {
         "keys missing from wasm-core.toml(5): {missing:?}"
     );
 }
+
+/// Every option and argument of every command says what it does in `--help` and so in the
+/// man pages.
+#[test]
+fn every_option_has_a_description() {
+    use clap::CommandFactory;
+    fn walk(cmd: &clap::Command, path: String, missing: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            let id = a.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            if a.get_help().is_none() && a.get_long_help().is_none() {
+                missing.push(format!("{path} {id}"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            walk(sub, format!("{path} {}", sub.get_name()), missing);
+        }
+    }
+    let mut missing = Vec::new();
+    walk(
+        &wasmcorectl::Cli::command(),
+        "wasmcorectl".into(),
+        &mut missing,
+    );
+    walk(
+        &wasmcored::cli::Args::command(),
+        "wasmcored".into(),
+        &mut missing,
+    );
+    assert!(missing.is_empty(), "without a description: {missing:?}");
+}
