@@ -472,6 +472,14 @@ impl Config {
         keep!(state_dir, "server.state_dir");
         keep!(server.listen, "server.listen");
         keep!(server.max_connections, "server.max_connections");
+        keep!(engine.fuel_metering, "engine.fuel_metering");
+        keep!(engine.pool_instances, "engine.pool_instances");
+        keep!(engine.memory_keep_resident, "engine.memory_keep_resident");
+        keep!(engine.max_unused_warm_slots, "engine.max_unused_warm_slots");
+        keep!(engine.max_wasm_stack, "engine.max_wasm_stack");
+        keep!(engine.epoch_tick, "engine.epoch_tick_ms");
+        keep!(engine.guard_pages, "engine.guard_pages");
+        // A field added to EngineConfig and not named above is still kept.
         keep!(engine, "engine.*");
         keep!(limits.max_memory_mb, "limits.max_memory_mb");
         keep!(limits.max_table_elements, "limits.max_table_elements");
@@ -896,7 +904,7 @@ mod tests {
         assert_eq!(applied.server.listen, old.server.listen);
         assert_eq!(
             restart,
-            vec!["server.listen", "engine.*", "limits.max_memory_mb"]
+            vec!["server.listen", "engine.pool_instances", "limits.max_memory_mb"]
         );
     }
 
