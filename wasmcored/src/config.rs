@@ -904,7 +904,11 @@ mod tests {
         assert_eq!(applied.server.listen, old.server.listen);
         assert_eq!(
             restart,
-            vec!["server.listen", "engine.pool_instances", "limits.max_memory_mb"]
+            vec![
+                "server.listen",
+                "engine.pool_instances",
+                "limits.max_memory_mb"
+            ]
         );
     }
 

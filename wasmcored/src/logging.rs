@@ -5,9 +5,39 @@
 //! (`journalctl -u wasm-core TENANT_UID=1001`). The field names are the literal keys of the
 //! log calls, never built from tenant input. Otherwise: stderr, with `<N>` severity prefixes
 //! when stderr is some other journal stream, plain `wasmcored: level: message` lines else.
+//! The dependencies' debug lines (Cranelift writes hundreds per compile) are left out unless
+//! the level is `trace`.
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use std::io::Write;
+
+/// Whether to pass on `m`: the daemon's own records at the level set; the dependencies'
+/// (Wasmtime, Cranelift: hundreds of lines per compile at `debug`) at most `info` unless the
+/// level is `trace`.
+fn wanted(m: &Metadata<'_>) -> bool {
+    m.target().starts_with("wasmcore")
+        || m.level() <= Level::Info
+        || log::max_level() >= LevelFilter::Trace
+}
+
+/// A logger with [`wanted`] in front.
+struct Filtered<L>(L);
+
+impl<L: Log> Log for Filtered<L> {
+    fn enabled(&self, m: &Metadata<'_>) -> bool {
+        wanted(m) && self.0.enabled(m)
+    }
+
+    fn log(&self, record: &Record<'_>) {
+        if wanted(record.metadata()) {
+            self.0.log(record);
+        }
+    }
+
+    fn flush(&self) {
+        self.0.flush();
+    }
+}
 
 struct Logger {
     journal: bool,
@@ -16,8 +46,8 @@ struct Logger {
 }
 
 impl Log for Logger {
-    fn enabled(&self, _m: &Metadata<'_>) -> bool {
-        true
+    fn enabled(&self, m: &Metadata<'_>) -> bool {
+        wanted(m)
     }
 
     fn log(&self, record: &Record<'_>) {
@@ -52,10 +82,11 @@ impl Log for Logger {
 pub fn init(level: LevelFilter, worker: Option<u32>) {
     if systemd_journal_logger::connected_to_journal()
         && let Ok(j) = systemd_journal_logger::JournalLog::new()
-        && j.with_syslog_identifier("wasmcored".into())
-            .with_extra_fields(worker.map(|uid| ("WORKER_UID", uid.to_string())))
-            .install()
-            .is_ok()
+        && log::set_boxed_logger(Box::new(Filtered(
+            j.with_syslog_identifier("wasmcored".into())
+                .with_extra_fields(worker.map(|uid| ("WORKER_UID", uid.to_string()))),
+        )))
+        .is_ok()
     {
         log::set_max_level(level);
         return;

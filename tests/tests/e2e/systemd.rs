@@ -150,7 +150,11 @@ fn reload_applies_a_valid_file_and_keeps_the_old_config_on_an_invalid_one() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(d.log().contains("need a restart: engine.pool_instances"), "{}", d.log());
+    assert!(
+        d.log().contains("need a restart: engine.pool_instances"),
+        "{}",
+        d.log()
+    );
     std::fs::write(&path, "[limits]\ndefault_timeout_ms = 99\nbogus = 1\n").unwrap();
     d.signal(Signal::SIGHUP);
     let t = Instant::now();
@@ -322,5 +326,38 @@ fn wasmcorectl_refuses_a_socket_squatted_by_another_user() {
         stderr(&o).contains(&format!("uid {}", user.uid)),
         "{}",
         stderr(&o)
+    );
+}
+
+/// `--log-level debug` shows the daemon's own debug lines, not the compiler's hundreds per
+/// load; `trace` shows those too.
+#[test]
+fn debug_logging_leaves_the_dependencies_out_unless_trace() {
+    let load_and_count = |level: &str| {
+        let d = Daemon::start_config("", &["--log-level", level]);
+        let mut c = d.client();
+        let r = c.call(&json!({
+            "op": "load",
+            "wasm_base64": b64(&std::fs::read(plugin_path("uppercase")).unwrap()),
+        }));
+        assert_eq!(r["ok"], json!(true), "{r}");
+        std::thread::sleep(Duration::from_millis(200));
+        let log = d.log();
+        (
+            log.lines().filter(|l| l.contains(": debug: ")).count(),
+            log.lines().filter(|l| l.contains(": trace: ")).count(),
+            log,
+        )
+    };
+    let (debug, _, log) = load_and_count("debug");
+    assert!(debug < 40, "{debug} debug lines for one load:\n{log}");
+    assert!(
+        log.contains("is ready"),
+        "the daemon's own debug lines stay: {log}"
+    );
+    let (debug_at_trace, trace, _) = load_and_count("trace");
+    assert!(
+        debug_at_trace + trace > 100,
+        "at trace the compiler's lines are there ({debug_at_trace} + {trace})"
     );
 }
