@@ -437,6 +437,7 @@ impl Broker {
             uid,
             admin,
             config: Box::new((*self.config()).clone()),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
         });
         tokio::spawn(async move {
             while let Some(msg) = rx.recv().await {

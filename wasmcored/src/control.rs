@@ -79,6 +79,10 @@ pub enum ToWorker {
         uid: u32,
         admin: bool,
         config: Box<Config>,
+        /// How long the daemon has been running: a tenant's `status` reports the daemon's
+        /// uptime, not its worker's.
+        #[serde(default)]
+        uptime_ms: u64,
     },
     /// A call the worker answers with [`FromWorker::Reply`] of the same id.
     Call { id: u64, call: Call },
@@ -253,6 +257,7 @@ mod tests {
             uid: 1001,
             admin: false,
             config: Box::new(c.clone()),
+            uptime_ms: 5,
         });
         match serde_json::from_slice::<ToWorker>(&line).unwrap() {
             ToWorker::Hello { uid, config, .. } => {

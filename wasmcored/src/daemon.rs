@@ -166,7 +166,7 @@ impl Daemon {
         };
         let store = opened.map_err(|e| anyhow::anyhow!("state directory: {e}"))?;
         let engine = WasmEngine::configure(&config.engine, &config.limits)?;
-        Daemon::build(config, engine, store, scope, upstream)
+        Daemon::build(config, engine, store, scope, upstream, Instant::now())
     }
 
     /// [`Daemon::new`] from an engine and a state directory made beforehand (a worker makes
@@ -177,6 +177,7 @@ impl Daemon {
         store: StateDir,
         scope: Scope,
         upstream: Option<Box<dyn Upstream>>,
+        started: Instant,
     ) -> anyhow::Result<Arc<Daemon>> {
         config
             .check()
@@ -225,7 +226,7 @@ impl Daemon {
             restore_report: report,
             registry,
             executor,
-            started: Instant::now(),
+            started,
             connections: AtomicU64::new(0),
             executions: AtomicU64::new(0),
             loads: Arc::new(Semaphore::new(match config_loads {

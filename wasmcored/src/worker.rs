@@ -128,12 +128,13 @@ pub fn main(uid: u32) -> anyhow::Result<()> {
     let mut reader = std::io::BufReader::new(control);
     let mut line = Vec::new();
     std::io::BufRead::read_until(&mut reader, b'\n', &mut line)?;
-    let (admin, config) = match serde_json::from_slice(&line)? {
+    let (admin, config, uptime_ms) = match serde_json::from_slice(&line)? {
         ToWorker::Hello {
             uid: u,
             admin,
             config,
-        } if u == uid => (admin, *config),
+            uptime_ms,
+        } if u == uid => (admin, *config, uptime_ms),
         other => anyhow::bail!("expected the broker's hello for uid {uid}, got {other:?}"),
     };
     let early = reader.buffer().to_vec();
@@ -174,6 +175,9 @@ pub fn main(uid: u32) -> anyhow::Result<()> {
         engine,
         store,
         early,
+        daemon_started: std::time::Instant::now()
+            .checked_sub(Duration::from_millis(uptime_ms))
+            .unwrap_or_else(std::time::Instant::now),
     };
     let r = runtime.block_on(run(parts, handover, control));
     // Guests still running past the grace period are abandoned with the runtime.
@@ -189,6 +193,8 @@ struct Parts {
     store: StateDir,
     /// Control bytes read past the hello.
     early: Vec<u8>,
+    /// When the daemon (the broker) started.
+    daemon_started: std::time::Instant,
 }
 
 /// Asks to the broker waiting for their answer.
@@ -286,6 +292,7 @@ async fn run(
         engine,
         store,
         early,
+        daemon_started,
     } = parts;
     control.set_nonblocking(true)?;
     let (rd, mut wr) = tokio::net::UnixStream::from_std(control)?.into_split();
@@ -315,6 +322,7 @@ async fn run(
             store,
             Scope::Tenant(uid),
             Some(Box::new(link)),
+            daemon_started,
         )
     })
     .await??;

@@ -73,8 +73,8 @@ fn every_op_over_a_raw_socket() {
     assert_eq!(r["binaries"], json!(1));
     assert_eq!(
         r["executions"],
-        json!(2),
-        "one execute and one chain so far"
+        json!(3),
+        "one execute and a chain of two stages so far"
     );
     assert_eq!(r["tenant"]["uid"], json!(nix::unistd::getuid().as_raw()));
 

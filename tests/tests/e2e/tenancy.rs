@@ -317,3 +317,64 @@ fn only_allowed_users_may_connect() {
     // Root is an admin and always allowed.
     assert!(d.ctl(&["status"]).status.success());
 }
+
+/// A tenant's `status` counts what is its own (and the daemon's uptime); an admin's counts
+/// every tenant's. A chain counts once per stage, as `metrics` and `list` count it.
+#[test]
+fn a_tenants_status_counts_its_own() {
+    let alice = TestUser::create("wasmcore-e2e-salice");
+    let bob = TestUser::create("wasmcore-e2e-sbob");
+    let d = Daemon::start();
+    let tmp = TempDir::new("status");
+    let up = tmp.write("up.wasm", &std::fs::read(plugin_path("uppercase")).unwrap());
+    let up = up.to_str().unwrap();
+    let run = |who: &RunAs, args: &[&str]| d.ctl_with(args, None, Some(who));
+    assert!(
+        d.ctl(&["load", up, "--name", "pub", "--public"])
+            .status
+            .success()
+    );
+    for who in [&alice, &bob] {
+        for name in ["a", "b"] {
+            assert!(run(who, &["load", up, "--name", name]).status.success());
+        }
+    }
+    std::thread::sleep(Duration::from_millis(1100));
+    for _ in 0..4 {
+        assert!(
+            run(&bob, &["execute", "a", "--input", "x"])
+                .status
+                .success()
+        );
+    }
+    assert!(
+        run(&alice, &["chain", "a", "b", "pub", "--input", "x"])
+            .status
+            .success()
+    );
+    let status = |who: Option<&RunAs>| {
+        let o = d.ctl_with(&["--json", "status"], None, who);
+        serde_json::from_slice::<Value>(&o.stdout).unwrap()
+    };
+    // Her earlier connections close as their clients exit: give the worker a moment.
+    let t = Instant::now();
+    let a = loop {
+        let a = status(Some(&alice));
+        if a["connections"] == json!(1) || t.elapsed() > Duration::from_secs(3) {
+            break a;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(a["binaries"], json!(3), "her two and the public one: {a}");
+    assert_eq!(a["executions"], json!(3), "one chain of three stages: {a}");
+    assert_eq!(a["connections"], json!(1), "this one: {a}");
+    assert!(
+        a["uptime_s"].as_u64().unwrap() >= 1,
+        "the daemon's uptime, not her new worker's: {a}"
+    );
+    let b = status(Some(&bob));
+    assert_eq!(b["executions"], json!(4), "{b}");
+    let all = status(None);
+    assert_eq!(all["binaries"], json!(5), "{all}");
+    assert_eq!(all["executions"], json!(7), "{all}");
+}
