@@ -79,3 +79,47 @@ fn the_human_form_of_a_plugin_error_carries_the_plugins_code() {
         "{e}"
     );
 }
+
+#[test]
+fn one_message_names_every_missing_import_wasi_ones_too() {
+    let d = Daemon::start();
+    let module = wat::parse_str(
+        r#"(module
+            (import "env" "foo" (func))
+            (import "host" "nope" (func))
+            (import "extism:host/user" "hf" (func))
+            (import "wasi_snapshot_preview1" "bar" (func))
+            (memory (export "memory") 1)
+            (func (export "_start")))"#,
+    )
+    .unwrap();
+    let r = d
+        .client()
+        .call(&json!({"op": "load", "wasm_base64": b64(&module)}));
+    assert_eq!(err_code(&r), "invalid_module");
+    let msg = r["error"]["message"].as_str().unwrap();
+    for import in [
+        "env::foo",
+        "host::nope",
+        "extism:host/user::hf",
+        "wasi_snapshot_preview1::bar",
+    ] {
+        assert!(msg.contains(import), "{import} missing from: {msg}");
+    }
+    // Alone, the WASI one gets the same wording.
+    let alone = wat::parse_str(
+        r#"(module (import "wasi_snapshot_preview1" "bar" (func))
+            (memory (export "memory") 1) (func (export "_start")))"#,
+    )
+    .unwrap();
+    let r = d
+        .client()
+        .call(&json!({"op": "load", "wasm_base64": b64(&alone)}));
+    let msg = r["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains(
+            "the module imports what wasm-core does not provide: wasi_snapshot_preview1::bar"
+        ),
+        "{msg}"
+    );
+}

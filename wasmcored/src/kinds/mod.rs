@@ -160,12 +160,11 @@ impl Linkers {
     }
 }
 
-/// The import modules the core linker serves, with the functions each defines (WASI's are
-/// checked by the linker itself).
+/// The import modules the core linker serves, with the functions each defines.
 const KNOWN_IMPORTS: &[(&str, Option<&[&str]>)] = &[
     (process::HOST_MODULE, Some(process::FUNCTIONS)),
     (extism::ENV_MODULE, Some(extism::FUNCTIONS)),
-    (wasi::WASI_MODULE, None),
+    (wasi::WASI_MODULE, Some(wasi::FUNCTIONS)),
     #[cfg(feature = "escape-probe")]
     (probe::PROBE_MODULE, Some(probe::FUNCTIONS)),
 ];
@@ -238,4 +237,47 @@ where
 {
     f.typed(store, instance)
         .ok_or_else(|| wasmtime::Error::msg(format!("module has no `{name}` function export")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every name on the list of WASI functions is one the linker defines: a module that
+    /// imports it (with a made-up signature) is refused for its type, not for its name.
+    #[test]
+    fn the_wasi_function_list_is_the_linkers() {
+        let engine = Engine::default();
+        let linkers = Linkers::new(&engine).unwrap();
+        for f in wasi::FUNCTIONS {
+            let wat = format!(
+                "(module (import \"{}\" \"{f}\" (func (param i64 i64 i64 i64 i64 i64 i64 i64))))",
+                wasi::WASI_MODULE
+            );
+            let module = Module::new(&engine, wat::parse_str(&wat).unwrap()).unwrap();
+            assert!(missing_imports(&module).is_empty(), "{f}");
+            let e = format!("{:#}", linkers.core.instantiate_pre(&module).err().unwrap());
+            assert!(
+                !e.contains("has not been defined") && !e.contains("unknown import"),
+                "{f}: {e}"
+            );
+        }
+        // A name that is not WASI's is named with the rest.
+        let module = Module::new(
+            &engine,
+            wat::parse_str(format!(
+                "(module (import \"{}\" \"bar\" (func)) (import \"host\" \"nope\" (func)))",
+                wasi::WASI_MODULE
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            missing_imports(&module),
+            vec![
+                format!("{}::bar", wasi::WASI_MODULE),
+                "host::nope".to_string()
+            ]
+        );
+    }
 }
