@@ -100,3 +100,30 @@ fn the_protocols_execute_example_is_what_the_daemon_answers() {
         "PROTOCOL.md shows {shown}, the daemon answers {got}"
     );
 }
+
+/// Each man page's SYNOPSIS is a command one can type, with the values options take.
+#[test]
+fn man_page_synopses_are_runnable() {
+    let root = wasmcore_tests::repo();
+    for (page, want) in [
+        (
+            "man/wasmcorectl-chain.1",
+            "wasmcorectl chain [--input INPUT] [--input-file FILE] [--timeout-ms MS]",
+        ),
+        ("man/wasmcorectl-load.1", "wasmcorectl load [--name NAME]"),
+        (
+            "man/wasmcored.8",
+            "wasmcored [--config PATH] [--check-config]",
+        ),
+    ] {
+        let text = std::fs::read_to_string(root.join(page)).unwrap();
+        let start = text.find(".SH SYNOPSIS\n").unwrap() + ".SH SYNOPSIS\n".len();
+        let line = text[start..].lines().next().unwrap();
+        let plain = line
+            .replace("\\fB", "")
+            .replace("\\fI", "")
+            .replace("\\fR", "")
+            .replace("\\-", "-");
+        assert!(plain.starts_with(want), "{page}: {plain}");
+    }
+}
