@@ -155,7 +155,7 @@ impl Worker {
 
     /// Keep what the worker said of itself in answer to `Call::Counts`.
     fn counted(&self, answer: &serde_json::Value) -> Option<WorkerCounts> {
-        let c = serde_json::from_value::<WorkerCounts>(answer.clone()).ok()?;
+        let c = <WorkerCounts as serde::Deserialize>::deserialize(answer).ok()?;
         *self.reported.lock().unwrap_or_else(|p| p.into_inner()) = (c.rss_bytes, c.cpu_us);
         Some(c)
     }
@@ -407,7 +407,7 @@ impl Broker {
             {
                 log::warn!(tenant_uid = uid; "moving the worker of uid {uid} into its cgroup: {e}");
             }
-            oom_kills_before = cg.usage(uid).map_or(0, |u| u.oom_kills);
+            oom_kills_before = cg.oom_kills(uid);
         }
         let control = std::os::unix::net::UnixStream::from(control);
         control.set_nonblocking(true)?;
@@ -561,9 +561,7 @@ impl Broker {
         // the workers' lock, which a worker's start holds too.
         let oom_killed = self.cgroups.as_ref().is_some_and(|cg| {
             let workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
-            let killed = cg
-                .usage(w.uid)
-                .is_some_and(|u| u.oom_kills > w.oom_kills_before);
+            let killed = cg.oom_kills(w.uid) > w.oom_kills_before;
             if !workers.contains_key(&w.uid) {
                 cg.remove(w.uid);
             }

@@ -72,16 +72,6 @@ pub struct Slot {
     pub procs: OwnedFd,
 }
 
-/// One worker's usage as its cgroup counts it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub cpu_us: u64,
-    /// `memory.current`, if the memory controller is enabled.
-    pub memory_bytes: Option<u64>,
-    /// OOM kills in this cgroup (`memory.events`).
-    pub oom_kills: u64,
-}
-
 impl Cgroups {
     /// Take over this process's cgroup if it is a delegated cgroup v2 subtree; `Err` says
     /// why not (for the log).
@@ -236,27 +226,12 @@ impl Cgroups {
         write(&slot.dir.join("cgroup.procs"), &pid.to_string())
     }
 
-    /// The usage of `uid`'s worker cgroup, if there is one.
-    pub fn usage(&self, uid: u32) -> Option<Usage> {
-        let dir = self.tenant_dir(uid);
-        let stat = std::fs::read_to_string(dir.join("cpu.stat")).ok()?;
-        let cpu_us = keyed(&stat, "usage_usec").unwrap_or(0);
-        let memory_bytes = if self.controllers.memory {
-            std::fs::read_to_string(dir.join("memory.current"))
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-        } else {
-            None
-        };
-        let oom_kills = std::fs::read_to_string(dir.join("memory.events"))
+    /// The OOM kills counted in `uid`'s worker cgroup (`memory.events`; 0 without one).
+    pub fn oom_kills(&self, uid: u32) -> u64 {
+        std::fs::read_to_string(self.tenant_dir(uid).join("memory.events"))
             .ok()
             .and_then(|s| keyed(&s, "oom_kill"))
-            .unwrap_or(0);
-        Some(Usage {
-            cpu_us,
-            memory_bytes,
-            oom_kills,
-        })
+            .unwrap_or(0)
     }
 
     /// Remove `uid`'s worker cgroup once its worker has been reaped.

@@ -268,6 +268,38 @@ for i in range(n):
 print(json.dumps({"ok": okays, "other": other}))
 "#;
 
+/// Start [`PING_PONG`]: `n` executions of `binary` as `who`.
+fn ping_pong(d: &Daemon, who: &RunAs, binary: &str, n: u32) -> std::process::Child {
+    who.command()
+        .arg("/usr/bin/python3")
+        .arg("-c")
+        .arg(PING_PONG)
+        .arg(&d.socket)
+        .arg(binary)
+        .arg(n.to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// What a [`ping_pong`] run reported.
+fn ping_pong_result(run: std::process::Child) -> Value {
+    serde_json::from_slice(&run.wait_with_output().unwrap().stdout).unwrap()
+}
+
+/// `binary`'s output for input `k` as `who`, retried until a (new) worker serves it.
+fn execute_once_served(d: &Daemon, who: &RunAs, binary: &str) -> String {
+    let t = Instant::now();
+    loop {
+        let o = d.ctl_with(&["execute", binary, "--input", "k"], None, Some(who));
+        if o.status.success() {
+            return stdout(&o);
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{}", stderr(&o));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn a_killed_worker_fails_only_its_tenant_and_comes_back() {
     let alice = TestUser::create("wasmcore-e2e-kalice");
@@ -282,17 +314,7 @@ fn a_killed_worker_fails_only_its_tenant_and_comes_back() {
     assert_eq!(stdout(&o), "1");
     let b_pid = workers(&d)[&u64::from(bob.uid)];
     // Bob keeps executing while alice's worker is killed, three times.
-    let bob_run = bob
-        .command()
-        .arg("/usr/bin/python3")
-        .arg("-c")
-        .arg(PING_PONG)
-        .arg(&d.socket)
-        .arg("up")
-        .arg("3000")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let bob_run = ping_pong(&d, &bob, "up", 3000);
     for _ in 0..3 {
         let a_pid = workers(&d)[&u64::from(alice.uid)];
         nix::sys::signal::kill(
@@ -301,20 +323,11 @@ fn a_killed_worker_fails_only_its_tenant_and_comes_back() {
         )
         .unwrap();
         // Alice's next connection starts a new worker with her binary and state.
-        let t = Instant::now();
-        let out = loop {
-            let o = d.ctl_with(&["execute", "hits", "--input", "k"], None, Some(&alice));
-            if o.status.success() {
-                break stdout(&o);
-            }
-            assert!(t.elapsed() < Duration::from_secs(10), "{}", stderr(&o));
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let out = execute_once_served(&d, &alice, "hits");
         assert!(["2", "3", "4"].contains(&out.as_str()), "{out}");
         assert_ne!(workers(&d)[&u64::from(alice.uid)], a_pid);
     }
-    let o = bob_run.wait_with_output().unwrap();
-    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let r = ping_pong_result(bob_run);
     assert_eq!(r, json!({"ok": 3000, "other": null}), "bob lost nothing");
     assert_eq!(
         workers(&d)[&u64::from(bob.uid)],
@@ -447,17 +460,7 @@ fn a_tenant_over_its_memory_quota_is_killed_alone() {
     assert_eq!(stdout(&o), "1");
     let calm_pid = workers(&d)[&u64::from(calm.uid)];
     let hog_pid = workers(&d)[&u64::from(hog.uid)];
-    let calm_run = calm
-        .command()
-        .arg("/usr/bin/python3")
-        .arg("-c")
-        .arg(PING_PONG)
-        .arg(&d.socket)
-        .arg("up")
-        .arg("2000")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let calm_run = ping_pong(&d, &calm, "up", 2000);
     let t = Instant::now();
     let o = d.ctl_with(
         &[
@@ -485,8 +488,7 @@ fn a_tenant_over_its_memory_quota_is_killed_alone() {
         "{}",
         d.log()
     );
-    let o = calm_run.wait_with_output().unwrap();
-    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let r = ping_pong_result(calm_run);
     assert_eq!(
         r,
         json!({"ok": 2000, "other": null}),
@@ -494,15 +496,7 @@ fn a_tenant_over_its_memory_quota_is_killed_alone() {
     );
     assert_eq!(workers(&d)[&u64::from(calm.uid)], calm_pid);
     // The hog's binaries and state are served again, by a new worker.
-    let t = Instant::now();
-    let out = loop {
-        let o = d.ctl_with(&["execute", "hits", "--input", "k"], None, Some(&hog));
-        if o.status.success() {
-            break stdout(&o);
-        }
-        assert!(t.elapsed() < Duration::from_secs(10), "{}", stderr(&o));
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let out = execute_once_served(&d, &hog, "hits");
     assert_eq!(out, "2");
     assert_ne!(workers(&d)[&u64::from(hog.uid)], hog_pid);
     assert!(
