@@ -99,7 +99,7 @@ complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand top" -s b -l bat
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand top" -l tenants -d 'One row per tenant (its worker process\'s CPU and memory) instead of one per binary'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand top" -l json -d 'Print the daemon\'s full JSON response instead of human output'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand top" -s h -l help -d 'Print help'
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l binary -d 'Binary to run (UUID or name)' -r
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l binary -d 'Binary to run (UUID, NAME or OWNER/NAME)' -r
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l load -d 'Load this module for the run and unload it after' -r -F
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l input -d 'Input of every execution' -r
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand bench" -l duration-ms -d 'How long each throughput measurement runs' -r

@@ -109,7 +109,7 @@ impl Client {
         self.call(&Request::Load(req), None)
     }
 
-    /// Execute a binary (UUID or name) on `input` with the daemon's default limits.
+    /// Execute a binary (UUID, name or `OWNER/NAME`) on `input` with the daemon's default limits.
     pub fn execute(&mut self, binary: &str, input: &[u8]) -> Result<Output, Error> {
         self.execute_with(binary, input, &ExecOptions::default())
     }

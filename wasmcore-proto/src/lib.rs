@@ -165,7 +165,8 @@ pub struct ExecuteRequest {
 }
 
 /// `chain`: run binaries in order, each one's output the next one's input. A stage is a
-/// binary's UUID or name, or `BINARY:FUNCTION` to call one function of an Extism plugin.
+/// binary reference (see [`split_owner`]), or `BINARY:FUNCTION` to call one function of an
+/// Extism plugin.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChainRequest {
@@ -190,7 +191,7 @@ pub struct ListRequest {
     pub all: bool,
 }
 
-/// `unload` and `info`: one binary by UUID or name.
+/// `unload` and `info`: one binary by UUID, name or `OWNER/NAME`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BinaryRequest {
@@ -259,6 +260,66 @@ impl Request {
             Request::Metrics(r) => r.tag.take(),
         }
     }
+}
+
+impl Request {
+    /// The binary references the request names, in order (a chain's stages with their
+    /// `:FUNCTION`: see [`split_stage`]).
+    pub fn references(&self) -> &[String] {
+        match self {
+            Request::Execute(r) => std::slice::from_ref(&r.binary),
+            Request::Info(r) | Request::Unload(r) => std::slice::from_ref(&r.binary),
+            Request::Configure(r) => std::slice::from_ref(&r.binary),
+            Request::Chain(r) => &r.binaries,
+            _ => &[],
+        }
+    }
+
+    /// [`Request::references`], to be rewritten in place.
+    pub fn references_mut(&mut self) -> &mut [String] {
+        match self {
+            Request::Execute(r) => std::slice::from_mut(&mut r.binary),
+            Request::Info(r) | Request::Unload(r) => std::slice::from_mut(&mut r.binary),
+            Request::Configure(r) => std::slice::from_mut(&mut r.binary),
+            Request::Chain(r) => &mut r.binaries,
+            _ => &mut [],
+        }
+    }
+}
+
+/// A chain stage, `BINARY` or `BINARY:FUNCTION`: the binary reference and the function.
+/// (UUIDs, names and user names have no colon.)
+pub fn split_stage(stage: &str) -> (&str, Option<&str>) {
+    match stage.split_once(':') {
+        Some((binary, function)) => (binary, Some(function)),
+        None => (stage, None),
+    }
+}
+
+/// Whose binary an owner-qualified reference names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner<'a> {
+    /// A uid, in decimal.
+    Uid(u32),
+    /// A user name, looked up in the host's user database.
+    User(&'a str),
+}
+
+/// A binary reference of the form `OWNER/NAME`: the binary named NAME of the user OWNER (a
+/// user name or a uid). `None` for a reference without a `/` (a UUID or a bare name); an
+/// error, for the user, when either side is empty.
+pub fn split_owner(reference: &str) -> Option<Result<(Owner<'_>, &str), String>> {
+    let (owner, name) = reference.split_once('/')?;
+    if owner.is_empty() || name.is_empty() || name.contains('/') {
+        return Some(Err(format!(
+            "invalid binary reference {reference:?}: an owner-qualified name is OWNER/NAME, OWNER a user name or a uid"
+        )));
+    }
+    let owner = match owner.parse::<u32>() {
+        Ok(uid) if owner.bytes().all(|b| b.is_ascii_digit()) => Owner::Uid(uid),
+        _ => Owner::User(owner),
+    };
+    Some(Ok((owner, name)))
 }
 
 /// Why a line could not be decoded into a [`Request`].
@@ -918,6 +979,33 @@ fn memchr_newline(hay: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn owner_qualified_references() {
+        assert_eq!(split_owner("resize"), None);
+        assert_eq!(
+            split_owner("alice/resize"),
+            Some(Ok((Owner::User("alice"), "resize")))
+        );
+        assert_eq!(
+            split_owner("984/resize"),
+            Some(Ok((Owner::Uid(984), "resize")))
+        );
+        assert_eq!(split_owner("+984/r"), Some(Ok((Owner::User("+984"), "r"))));
+        for bad in ["/resize", "alice/", "a/b/c"] {
+            let err = split_owner(bad).unwrap().unwrap_err();
+            assert!(err.contains("OWNER/NAME"), "{err}");
+        }
+        assert_eq!(
+            split_stage("alice/greet:hello"),
+            ("alice/greet", Some("hello"))
+        );
+        assert_eq!(split_stage("greet"), ("greet", None));
+        let chain = decode_request(br#"{"op":"chain","binaries":["a","b:f"]}"#).unwrap();
+        assert_eq!(chain.references(), ["a", "b:f"]);
+        let list = decode_request(br#"{"op":"list"}"#).unwrap();
+        assert!(list.references().is_empty());
+    }
 
     #[test]
     fn decodes_every_op() {

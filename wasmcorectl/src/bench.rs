@@ -31,7 +31,7 @@ use wasmcore_client::Client;
 /// Options of `bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Binary to run (UUID or name).
+    /// Binary to run (UUID, NAME or OWNER/NAME).
     #[arg(long, conflicts_with = "load", required_unless_present = "load")]
     pub binary: Option<String>,
     /// Load this module for the run and unload it after.

@@ -24,6 +24,12 @@ pub mod top;
 use wasmcore_client::Client;
 
 const AFTER_HELP: &str = "\
+Naming a binary:
+  UUID        that binary
+  NAME        yours of that name, else the public one
+  OWNER/NAME  user OWNER's (a user name or uid): its public
+              binaries for everyone, any binary for admins
+
 Exit status:
   0  success
   1  the execution failed: timeout, out_of_fuel,
@@ -112,7 +118,7 @@ pub enum Command {
     },
     /// Run a binary; its output goes to stdout as raw bytes.
     Execute {
-        /// UUID or name.
+        /// UUID, NAME, or OWNER/NAME (OWNER a user name or uid).
         binary: String,
         /// The function to call, for an Extism plugin that exports several.
         #[arg(long, value_name = "NAME")]
@@ -124,7 +130,8 @@ pub enum Command {
     },
     /// Run binaries in order, each one's output the next one's input.
     Chain {
-        /// UUIDs or names, in order; BINARY:FUNCTION calls one function of an Extism plugin.
+        /// UUIDs, names or OWNER/NAMEs, in order; BINARY:FUNCTION calls one function of an
+        /// Extism plugin.
         #[arg(required = true, num_args = 1..)]
         binaries: Vec<String>,
         #[command(flatten)]
@@ -140,17 +147,17 @@ pub enum Command {
     },
     /// Remove a binary and its plugin state.
     Unload {
-        /// UUID or name.
+        /// UUID, NAME, or OWNER/NAME (OWNER a user name or uid).
         binary: String,
     },
     /// Show a binary's metadata, imports, exports and limits.
     Info {
-        /// UUID or name.
+        /// UUID, NAME, or OWNER/NAME (OWNER a user name or uid).
         binary: String,
     },
     /// Replace an Extism plugin's configuration without reloading it.
     Configure {
-        /// UUID or name.
+        /// UUID, NAME, or OWNER/NAME (OWNER a user name or uid).
         binary: String,
         /// The new configuration, whole (repeatable; none clears it).
         #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_config_entry)]
@@ -595,7 +602,7 @@ fn print_list(resp: &Value) {
         table.push(vec![
             text(&b["binary"]),
             text(&b["name"]),
-            text(&b["owner_uid"]),
+            owner(&b["owner_uid"]),
             text(&b["kind"]),
             text(&b["size"]),
             if b["public"] == json!(true) {
@@ -620,6 +627,16 @@ fn print_list(resp: &Value) {
         out.push('\n');
     }
     let _ = write_stdout(out.as_bytes());
+}
+
+/// A binary's owner as `OWNER/NAME` references take it: the user name where this host has
+/// one, else the uid.
+fn owner(uid: &Value) -> String {
+    uid.as_u64()
+        .and_then(|uid| u32::try_from(uid).ok())
+        .and_then(|uid| nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok())
+        .flatten()
+        .map_or_else(|| text(uid), |user| user.name)
 }
 
 fn text(v: &Value) -> String {

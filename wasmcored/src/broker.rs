@@ -33,7 +33,7 @@ use crate::cgroup::{Cgroups, Limits};
 use crate::config::{Config, Live, Quota};
 use crate::control::{self, Ask, Call, FromWorker, Handover, TenantWire, ToWorker, WorkerCounts};
 use crate::metrics::{Metrics, Refusal};
-use crate::store::StateDir;
+use crate::store::{BinaryMeta, StateDir};
 use crate::sys;
 use crate::tenant::{Scope, Tenant};
 
@@ -747,6 +747,20 @@ impl Broker {
             groups: claimed.groups,
             admin: claimed.admin && from.admin && claimed.uid == from.uid,
         };
+        if let Ask::Uid { user } = &ask {
+            let user = user.clone();
+            let uid = tokio::task::spawn_blocking(move || crate::tenant::uid_of_user(&user))
+                .await
+                .unwrap_or_else(|e| Err(crate::error::Error::internal(e.to_string())));
+            return Some(match uid {
+                Ok(uid) => serde_json::json!({"ok": true, "uid": uid}),
+                Err(e) => serde_json::to_value(Response::<wasmcore_proto::Empty>::failure(
+                    None,
+                    e.to_body(),
+                ))
+                .unwrap_or_default(),
+            });
+        }
         let result = if !tenant.admin {
             Err(ErrorBody::new(
                 ErrorCode::Forbidden,
@@ -797,7 +811,7 @@ impl Broker {
         ask: Ask,
     ) -> Result<serde_json::Value, ErrorBody> {
         match ask {
-            Ask::Forward { binary, request } => self.forward(from, tenant, binary, request).await,
+            Ask::Forward { request } => self.forward(from, tenant, request).await,
             Ask::ListAll => self.list_all().await,
             Ask::Metrics => self.metrics_all().await,
             Ask::Status { own } => self.status_all(*own).await,
@@ -811,20 +825,19 @@ impl Broker {
                 }
                 Ok(serde_json::json!({"ok": true}))
             }
-            Ask::Open { .. } => Err(ErrorBody::new(
-                ErrorCode::Internal,
-                "open is answered above",
-            )),
+            Ask::Open { .. } | Ask::Uid { .. } => {
+                Err(ErrorBody::new(ErrorCode::Internal, "answered above"))
+            }
         }
     }
 
-    /// An admin's request about `binary`, run in its owner's worker.
+    /// An admin's request naming a binary its worker does not hold, run in the worker of
+    /// the binary's owner with its references made UUIDs.
     async fn forward(
         self: &Arc<Self>,
         from: &Arc<Worker>,
         tenant: TenantWire,
-        binary: uuid::Uuid,
-        request: Box<wasmcore_proto::Request>,
+        mut request: Box<wasmcore_proto::Request>,
     ) -> Result<serde_json::Value, ErrorBody> {
         use wasmcore_proto::Request as R;
         if !matches!(
@@ -840,32 +853,51 @@ impl Broker {
             ));
         }
         let store = self.store.clone();
-        let meta = tokio::task::spawn_blocking(move || store.read_meta(binary))
-            .await
-            .ok()
-            .flatten();
-        let Some(meta) = meta.filter(|m| m.owner != from.uid) else {
-            return Err(ErrorBody::new(
-                ErrorCode::NotFound,
-                format!(
-                    "no binary {binary:?} is visible to you (uid {})",
-                    tenant.uid
-                ),
-            ));
-        };
-        let owner = self
+        let admin = from.uid;
+        let (request, owner) = tokio::task::spawn_blocking(move || {
+            let by_id: Vec<uuid::Uuid> = request
+                .references()
+                .iter()
+                .filter_map(|r| uuid::Uuid::parse_str(wasmcore_proto::split_stage(r).0).ok())
+                .collect();
+            // UUIDs alone are read one by one; a name needs every binary's metadata.
+            let metas: Vec<BinaryMeta> = if by_id.len() == request.references().len() {
+                by_id
+                    .into_iter()
+                    .filter_map(|id| store.read_meta(id))
+                    .collect()
+            } else {
+                store
+                    .list_binaries(Scope::All)
+                    .map_err(|e| {
+                        ErrorBody::new(
+                            ErrorCode::Internal,
+                            format!("reading the stored binaries: {e}"),
+                        )
+                    })?
+                    .into_iter()
+                    .filter_map(Result::ok)
+                    .map(|b| b.meta)
+                    .collect()
+            };
+            let owner = route(admin, &mut request, &metas, &crate::tenant::user_name_of)?;
+            Ok::<_, ErrorBody>((request, owner))
+        })
+        .await
+        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))??;
+        let worker = self
             .worker_for(
-                meta.owner,
-                admin_by_database(meta.owner, &self.live.load().access.admin_gids),
+                owner,
+                admin_by_database(owner, &self.live.load().access.admin_gids),
             )
             .map_err(|r| ErrorBody::new(r.code, r.message))?;
-        owner
+        worker
             .call(Call::Request { tenant, request }, None)
             .await
             .ok_or_else(|| {
                 ErrorBody::new(
                     ErrorCode::Internal,
-                    format!("the worker of uid {} ended before it answered", meta.owner),
+                    format!("the worker of uid {owner} ended before it answered"),
                 )
             })
     }
@@ -1043,6 +1075,92 @@ fn send_fd(sock: &OwnedFd, what: &Handover, fd: &impl AsFd) -> nix::Result<usize
 /// Whether the user database makes `uid` an admin (root, or a member of an admin group): for
 /// a worker started without a connection of its own (an admin's request about a binary of
 /// `uid`).
+/// Find the binaries an admin's `request` names among `metas` (every stored binary, or
+/// those named by UUID), make its references UUIDs, and say whose worker runs it: the one
+/// that holds every binary named (another tenant's private binaries and the public ones).
+/// `admin` is the admin's uid; `user_name` names uids in the errors.
+fn route(
+    admin: u32,
+    request: &mut wasmcore_proto::Request,
+    metas: &[BinaryMeta],
+    user_name: &dyn Fn(u32) -> Option<String>,
+) -> Result<u32, ErrorBody> {
+    let chain = matches!(request, wasmcore_proto::Request::Chain(_));
+    let staged = |stage: usize, reference: &str, mut e: ErrorBody| {
+        if chain {
+            e.message = format!("stage {stage} ({reference}): {}", e.message);
+            e.stage = Some(stage);
+        }
+        e
+    };
+    let who = |uid: u32| match user_name(uid) {
+        Some(name) => format!("{name} (uid {uid})"),
+        None => format!("uid {uid}"),
+    };
+    // The tenant whose private binary the request names, and at which stage.
+    let mut runs_in: Option<(u32, usize)> = None;
+    for (stage, r) in request.references_mut().iter_mut().enumerate() {
+        let (reference, function) = wasmcore_proto::split_stage(r);
+        let found = match uuid::Uuid::parse_str(reference) {
+            Ok(id) => metas.iter().find(|m| m.id == id),
+            Err(_) => match wasmcore_proto::split_owner(reference) {
+                Some(Ok((wasmcore_proto::Owner::Uid(uid), name))) => metas
+                    .iter()
+                    .find(|m| m.owner == uid && m.name.as_deref() == Some(name)),
+                Some(_) => {
+                    return Err(staged(
+                        stage,
+                        r,
+                        ErrorBody::new(
+                            ErrorCode::BadRequest,
+                            format!("invalid binary reference {reference:?}"),
+                        ),
+                    ));
+                }
+                None => metas.iter().find(|m| {
+                    m.name.as_deref() == Some(reference) && (m.owner == admin || m.public)
+                }),
+            },
+        };
+        let Some(meta) = found else {
+            let holders: Vec<u32> = metas
+                .iter()
+                .filter(|m| m.name.as_deref() == Some(reference))
+                .map(|m| m.owner)
+                .collect();
+            let message = crate::registry::missing_for_admin(admin, reference, &holders, user_name);
+            return Err(staged(
+                stage,
+                r,
+                ErrorBody::new(ErrorCode::NotFound, message),
+            ));
+        };
+        if !meta.public {
+            match runs_in {
+                Some((owner, first)) if owner != meta.owner => {
+                    return Err(ErrorBody::new(
+                        ErrorCode::BadRequest,
+                        format!(
+                            "a chain runs in one tenant's worker: stage {first} is a binary of {}, stage {stage} one of {}; use public binaries or one tenant's",
+                            who(owner),
+                            who(meta.owner)
+                        ),
+                    ));
+                }
+                None => runs_in = Some((meta.owner, stage)),
+                _ => {}
+            }
+        }
+        let mut id = meta.id.to_string();
+        if let Some(function) = function {
+            id.push(':');
+            id.push_str(function);
+        }
+        *r = id;
+    }
+    Ok(runs_in.map_or(admin, |(owner, _)| owner))
+}
+
 fn admin_by_database(uid: u32, admin_gids: &[u32]) -> bool {
     if uid == 0 {
         return true;
@@ -1203,6 +1321,87 @@ fn add_binary(into: &mut BinaryMetrics, b: &BinaryMetrics) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_admins_request_goes_to_the_worker_holding_what_it_names() {
+        let meta = |n: u128, owner: u32, name: &str, public: bool| BinaryMeta {
+            format: 1,
+            id: uuid::Uuid::from_u128(n),
+            name: Some(name.to_string()),
+            owner,
+            sha256: String::new(),
+            size: 1,
+            kind: wasmcore_proto::ModuleKind::Process,
+            public,
+            loaded_at: 0,
+            config: BTreeMap::new(),
+        };
+        let metas = [
+            meta(1, 984, "a1", false),
+            meta(2, 985, "a1", false),
+            meta(3, 985, "shared", true),
+            meta(4, 0, "mine", false),
+        ];
+        let names = |uid: u32| (uid == 984).then(|| "alice".to_string());
+        let chain = |stages: &[&str]| {
+            wasmcore_proto::Request::Chain(wasmcore_proto::ChainRequest {
+                binaries: stages.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            })
+        };
+        let mut req = chain(&[
+            "984/a1:run",
+            "shared",
+            &uuid::Uuid::from_u128(3).to_string(),
+        ]);
+        assert_eq!(route(0, &mut req, &metas, &names), Ok(984));
+        let one = uuid::Uuid::from_u128(1).to_string();
+        let three = uuid::Uuid::from_u128(3).to_string();
+        assert_eq!(
+            req.references(),
+            [format!("{one}:run"), three.clone(), three]
+        );
+        // Public binaries alone run in the admin's own worker, as do its own.
+        assert_eq!(
+            route(0, &mut chain(&["shared", "mine"]), &metas, &names),
+            Ok(0)
+        );
+        let err = route(0, &mut chain(&["984/a1", "985/a1"]), &metas, &names).unwrap_err();
+        assert_eq!(err.code, ErrorCode::BadRequest);
+        assert!(
+            err.message
+                .contains("stage 0 is a binary of alice (uid 984), stage 1 one of uid 985"),
+            "{}",
+            err.message
+        );
+        // Wrong names say what is not there, never that it is hidden.
+        let err = route(0, &mut chain(&["shared", "984/a2"]), &metas, &names).unwrap_err();
+        assert_eq!(
+            (err.code, err.stage, err.message.as_str()),
+            (
+                ErrorCode::NotFound,
+                Some(1),
+                "stage 1 (984/a2): alice (uid 984) has no binary named \"a2\""
+            )
+        );
+        let mut info = wasmcore_proto::Request::Info(wasmcore_proto::BinaryRequest {
+            tag: None,
+            binary: "a1".into(),
+        });
+        let err = route(0, &mut info, &metas, &names).unwrap_err();
+        assert_eq!(
+            err.message,
+            "you (uid 0) have no binary named \"a1\" and no public binary has that name; another tenant's binary is named OWNER/NAME: alice/a1, 985/a1"
+        );
+        assert!(!err.message.contains("visible"));
+        let missing = uuid::Uuid::from_u128(9).to_string();
+        let mut info = wasmcore_proto::Request::Info(wasmcore_proto::BinaryRequest {
+            tag: None,
+            binary: missing.clone(),
+        });
+        let err = route(0, &mut info, &metas, &names).unwrap_err();
+        assert_eq!(err.message, format!("no binary {missing} is loaded"));
+    }
 
     fn hist(counts: &[u64]) -> HistogramData {
         HistogramData {

@@ -145,12 +145,11 @@ pub enum FromWorker {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Ask {
-    /// An admin's request about `binary`, which this worker does not hold: run it in the
-    /// worker of the binary's owner.
-    Forward {
-        binary: uuid::Uuid,
-        request: Box<Request>,
-    },
+    /// An admin's request naming a binary this worker does not hold: run it in the worker
+    /// of the binary's owner, its references made UUIDs.
+    Forward { request: Box<Request> },
+    /// The uid of a user name (any tenant: a worker cannot read the user database).
+    Uid { user: String },
     /// An admin's `list --all`.
     ListAll,
     /// An admin's `metrics`.

@@ -15,7 +15,7 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
-use wasmcore_proto::{BinaryInfo, ExternInfo, ModuleKind};
+use wasmcore_proto::{BinaryInfo, ExternInfo, ModuleKind, Owner};
 use wasmtime::component::Component;
 use wasmtime::{ExternType, Module};
 
@@ -545,31 +545,18 @@ impl Registry {
         Ok(())
     }
 
-    /// Find a binary by UUID or name as `tenant` sees it. Binaries the tenant may not see
-    /// are reported as not found, so their existence does not leak.
+    /// Find a binary as `tenant` sees it, by UUID, by name (the tenant's own binary of that
+    /// name, else the public one) or by `UID/NAME` (the binary named NAME of uid UID: the
+    /// dispatcher has put uids for user names). Binaries the tenant may not see are reported
+    /// as not found, so their existence does not leak.
     pub fn resolve(&self, tenant: &Tenant, reference: &str, access: Access) -> Result<Arc<Binary>> {
-        let not_found = || {
-            Error::NotFound(format!(
-                "no binary {reference:?} is visible to you (uid {})",
-                tenant.uid
-            ))
+        let Some(bin) = self.find(tenant, reference)? else {
+            return Err(self.missing(tenant, reference));
         };
-        let bin = match Uuid::parse_str(reference) {
-            Ok(id) => self.binaries.get(&id).map(|b| b.clone()),
-            Err(_) => {
-                let id = self
-                    .names
-                    .get(&(tenant.uid, reference.to_string()))
-                    .map(|e| *e)
-                    .or_else(|| self.public_names.get(reference).map(|e| *e));
-                id.and_then(|id| self.binaries.get(&id).map(|b| b.clone()))
-            }
-        }
-        .ok_or_else(not_found)?;
         let owns = tenant.is(bin.owner);
         let visible = owns || bin.public || tenant.is_admin();
         if !visible {
-            return Err(not_found());
+            return Err(self.missing(tenant, reference));
         }
         if access == Access::Manage && !tenant.is_admin() && (!owns || bin.public) {
             return Err(Error::Forbidden(format!(
@@ -577,6 +564,49 @@ impl Registry {
             )));
         }
         Ok(bin)
+    }
+
+    fn find(&self, tenant: &Tenant, reference: &str) -> Result<Option<Arc<Binary>>> {
+        let id = if let Ok(id) = Uuid::parse_str(reference) {
+            Some(id)
+        } else {
+            match wasmcore_proto::split_owner(reference) {
+                None => self
+                    .names
+                    .get(&(tenant.uid, reference.to_string()))
+                    .map(|e| *e)
+                    .or_else(|| self.public_names.get(reference).map(|e| *e)),
+                Some(Err(e)) => return Err(Error::bad_request(e)),
+                Some(Ok((Owner::Uid(uid), name))) => {
+                    self.names.get(&(uid, name.to_string())).map(|e| *e)
+                }
+                Some(Ok((Owner::User(user), _))) => {
+                    return Err(Error::internal(format!(
+                        "the user {user:?} of {reference:?} was not looked up"
+                    )));
+                }
+            }
+        };
+        Ok(id.and_then(|id| self.binaries.get(&id).map(|b| b.clone())))
+    }
+
+    /// The error for a reference that names nothing `tenant` may see.
+    fn missing(&self, tenant: &Tenant, reference: &str) -> Error {
+        if !tenant.is_admin() {
+            return Error::NotFound(format!(
+                "no binary {reference:?} is visible to you (uid {})",
+                tenant.uid
+            ));
+        }
+        let holders: Vec<u32> = self
+            .names
+            .iter()
+            .filter(|e| e.key().1 == reference)
+            .map(|e| e.key().0)
+            .collect();
+        Error::NotFound(missing_for_admin(tenant.uid, reference, &holders, &|_| {
+            None
+        }))
     }
 
     /// Binaries visible to `tenant`: its own and public ones; with `all`, every binary
@@ -626,6 +656,53 @@ impl Registry {
         // State belongs to the binary: every tenant's namespace for it goes.
         self.state.remove_binary(bin.id);
         Ok(bin)
+    }
+}
+
+/// What an admin is told when a reference names no binary. Admins see every binary, so
+/// this says what is not there, never that it is hidden. `holders` are the tenants with a
+/// binary of that name (for a bare name, which means the admin's own or a public one);
+/// `user_name` gives a uid's user name where it can be looked up.
+pub fn missing_for_admin(
+    admin: u32,
+    reference: &str,
+    holders: &[u32],
+    user_name: &dyn Fn(u32) -> Option<String>,
+) -> String {
+    let who = |uid: u32| match user_name(uid) {
+        Some(name) => format!("{name} (uid {uid})"),
+        None => format!("uid {uid}"),
+    };
+    if Uuid::parse_str(reference).is_ok() {
+        return format!("no binary {reference} is loaded");
+    }
+    match wasmcore_proto::split_owner(reference) {
+        Some(Ok((Owner::Uid(uid), name))) if uid == admin => {
+            format!("you (uid {uid}) have no binary named {name:?}")
+        }
+        Some(Ok((Owner::Uid(uid), name))) => {
+            format!("{} has no binary named {name:?}", who(uid))
+        }
+        _ => {
+            let mut msg = format!(
+                "you (uid {admin}) have no binary named {reference:?} and no public binary has that name"
+            );
+            if holders.is_empty() {
+                msg.push_str("; no tenant has one");
+            } else {
+                let named: Vec<String> = holders
+                    .iter()
+                    .map(|&uid| {
+                        format!("{}/{reference}", user_name(uid).unwrap_or(uid.to_string()))
+                    })
+                    .collect();
+                msg.push_str(&format!(
+                    "; another tenant's binary is named OWNER/NAME: {}",
+                    named.join(", ")
+                ));
+            }
+            msg
+        }
     }
 }
 

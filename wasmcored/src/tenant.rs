@@ -79,6 +79,26 @@ impl Scope {
     }
 }
 
+/// The uid of user `name` in the host's user database (blocking: NSS may ask a server).
+pub fn uid_of_user(name: &str) -> crate::error::Result<u32> {
+    use crate::error::Error;
+    match nix::unistd::User::from_name(name) {
+        Ok(Some(user)) => Ok(user.uid.as_raw()),
+        Ok(None) => Err(Error::NotFound(format!(
+            "no user named {name:?} on this host (OWNER in OWNER/NAME is a user name or a uid)"
+        ))),
+        Err(e) => Err(Error::internal(format!("looking up user {name:?}: {e}"))),
+    }
+}
+
+/// The user name of `uid`, when the host's user database has one (blocking).
+pub fn user_name_of(uid: u32) -> Option<String> {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+}
+
 /// SO_PEERGROUPS (Linux ≥ 4.13): the peer's supplementary groups at connect time.
 fn peer_groups(sock: &impl AsFd) -> std::io::Result<Vec<u32>> {
     use std::os::fd::AsRawFd;

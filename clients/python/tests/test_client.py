@@ -11,6 +11,7 @@ Without them every test is skipped.
 
 import io
 import os
+import pwd
 
 import pytest
 
@@ -50,6 +51,11 @@ def test_load_execute_chain_unload(client):
     assert client.execute(loaded.binary, "text in").output == b"TEXT IN"
     chained = client.chain(["up", loaded.binary, "up"], b"abc")
     assert chained.output == b"ABC" and len(chained.stages) == 3
+    # OWNER/NAME, OWNER a user name or a uid.
+    me = pwd.getpwuid(os.getuid()).pw_name
+    assert client.execute(me + "/up", b"q").output == b"Q"
+    assert client.chain(["%d/up" % os.getuid(), me + "/up"], b"r").output == b"R"
+    assert client.info(me + "/up")["binary"] == loaded.binary
     assert [b.name for b in client.list()] == ["up"]
     client.unload("up")
     with pytest.raises(wasmcore.NotFound) as e:

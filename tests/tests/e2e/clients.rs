@@ -164,6 +164,10 @@ fn rust_client_calls_errors_and_pipelining() {
         (chained.bytes.as_slice(), chained.stages.len()),
         (&b"X"[..], 2)
     );
+    // OWNER/NAME, OWNER a uid or a user name.
+    let me = nix::unistd::getuid().as_raw();
+    assert_eq!(c.execute(&format!("{me}/up"), b"q").unwrap().bytes, b"Q");
+    assert_eq!(c.info("root/up").unwrap().info.binary, up.binary);
 
     // From an open descriptor; a pipe is refused with the daemon's reason.
     let file = std::fs::File::open(plugin_path("uppercase")).unwrap();

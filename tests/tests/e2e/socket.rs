@@ -179,6 +179,11 @@ fn pipelined_executions_never_see_each_others_secrets() {
 fn malformed_requests_get_clear_errors_and_the_connection_survives() {
     let d = Daemon::start();
     let mut c = d.client();
+    // The binary the requests name exists: what is wrong is the request.
+    ok(&c.call(&json!({
+        "op": "load", "name": "x",
+        "wasm_base64": b64(&std::fs::read(plugin_path("uppercase")).unwrap()),
+    })));
     let cases: Vec<(&[u8], &str)> = vec![
         (b"this is not json\n", "not a JSON object"),
         (b"[1,2]\n", "not a JSON object but an array"),

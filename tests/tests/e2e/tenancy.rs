@@ -378,3 +378,119 @@ fn a_tenants_status_counts_its_own() {
     assert_eq!(all["binaries"], json!(5), "{all}");
     assert_eq!(all["executions"], json!(7), "{all}");
 }
+
+/// `OWNER/NAME` (OWNER a user name or a uid) reaches another tenant's binary by name: any
+/// binary for admins, public ones for everyone. An admin's wrong name says what is not
+/// there, never that it is hidden.
+#[test]
+fn owner_qualified_names_reach_what_the_caller_may_see() {
+    let admins = TestGroup::create("wasmcore-e2e-qadmins");
+    let alice = TestUser::create("wasmcore-e2e-qalice");
+    let bob = TestUser::create("wasmcore-e2e-qbob");
+    let mut carol = TestUser::create("wasmcore-e2e-qcarol");
+    carol.groups = vec![admins.gid];
+    let d = Daemon::start_config(
+        &format!("[access]\nadmin_groups = [\"{}\"]\n", admins.name),
+        &[],
+    );
+    let tmp = TempDir::new("qualified");
+    let up = module_file(&tmp, "uppercase");
+    let hash = module_file(&tmp, "hash");
+    let run = |who: &RunAs, args: &[&str]| d.ctl_with(args, None, Some(who));
+    for who in [&alice, &bob] {
+        let o = run(who, &["load", &up, "--name", "a1"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let o = run(&carol, &["load", &hash, "--name", "shared", "--public"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let a1 = format!("{}/a1", alice.name);
+    let a1_by_uid = format!("{}/a1", alice.uid);
+    let shared = format!("{}/shared", carol.name);
+
+    // `list` names the owners as `OWNER/NAME` takes them.
+    let listed = stdout(&run(&carol, &["list", "--all"]));
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.contains(" a1 ") && l.contains(&alice.name)),
+        "{listed}"
+    );
+
+    // The admin: another tenant's binary by user name or uid, in every op and in chains.
+    assert_eq!(run(&carol, &["execute", &a1, "--input", "c"]).stdout, b"C");
+    assert_eq!(
+        run(&carol, &["execute", &a1_by_uid, "--input", "d"]).stdout,
+        b"D"
+    );
+    let info: Value =
+        serde_json::from_slice(&run(&carol, &["--json", "info", &a1]).stdout).unwrap();
+    assert_eq!(info["owner_uid"], json!(alice.uid), "{info}");
+    let o = run(&carol, &["chain", &a1, "shared", "--input", "x"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&run(&carol, &["chain", "shared", "--input", "X"])),
+        stdout(&o)
+    );
+    let o = run(&carol, &["configure", &a1, "--config", "k=v"]);
+    assert_eq!(
+        o.status.code(),
+        Some(6),
+        "not an Extism plugin: {}",
+        stderr(&o)
+    );
+    assert!(stderr(&o).contains("kind process"), "{}", stderr(&o));
+    // Two tenants' private binaries cannot share a chain: no worker holds both.
+    let o = run(&carol, &["chain", &a1, &format!("{}/a1", bob.name)]);
+    assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
+    assert!(stderr(&o).contains("one tenant's worker"), "{}", stderr(&o));
+
+    // The admin's wrong names: what is not there, and where the name is.
+    let o = run(&carol, &["info", "a1"]);
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("no binary named \"a1\"")
+            && e.contains(&a1)
+            && e.contains(&format!("{}/a1", bob.name))
+            && !e.contains("visible"),
+        "{e}"
+    );
+    let o = run(&carol, &["unload", &format!("{}/a2", alice.name)]);
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains(&format!(
+            "{} (uid {}) has no binary named \"a2\"",
+            alice.name, alice.uid
+        )) && !e.contains("visible"),
+        "{e}"
+    );
+    let o = run(&carol, &["info", "wasmcore-e2e-nosuchuser/a1"]);
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no user named \"wasmcore-e2e-nosuchuser\""),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&carol, &["info", "/a1"]);
+    assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
+    assert!(stderr(&o).contains("OWNER/NAME"), "{}", stderr(&o));
+
+    // A tenant: its own by its own name, public ones by their owner's, others' never.
+    assert_eq!(run(&alice, &["execute", &a1, "--input", "a"]).stdout, b"A");
+    let o = run(&bob, &["execute", &shared, "--input", "b"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for reference in [a1.as_str(), a1_by_uid.as_str()] {
+        let o = run(&bob, &["execute", reference, "--input", "b"]);
+        assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+        assert!(stderr(&o).contains("is visible to you"), "{}", stderr(&o));
+    }
+    let o = run(&bob, &["chain", "a1", &a1, "--input", "b"]);
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    assert!(stderr(&o).contains("stage 1 ("), "{}", stderr(&o));
+    // Bob's own `a1` is still his, and the admin unloads Alice's by name.
+    assert_eq!(run(&bob, &["execute", "a1", "--input", "b"]).stdout, b"B");
+    assert!(run(&carol, &["unload", &a1]).status.success());
+    assert_eq!(run(&alice, &["execute", "a1"]).status.code(), Some(5));
+    assert_eq!(run(&bob, &["execute", "a1", "--input", "b"]).stdout, b"B");
+}

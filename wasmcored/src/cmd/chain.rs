@@ -24,16 +24,14 @@ pub async fn apply(daemon: &Daemon, tenant: &Tenant, req: ChainRequest) -> Resul
     let limits = daemon.executor.resolve_limits(&req.limits)?;
     let input = super::input_bytes(daemon, req.input, req.input_base64)?;
     // Resolve every stage before running any, so a typo fails fast and runs nothing. A
-    // stage is `BINARY` or `BINARY:FUNCTION` (names and UUIDs have no colon).
+    // stage is `BINARY` or `BINARY:FUNCTION`.
     let stages = req
         .binaries
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            let (reference, function) = match r.split_once(':') {
-                Some((b, f)) => (b, Some(f.to_string())),
-                None => (r.as_str(), None),
-            };
+            let (reference, function) = wasmcore_proto::split_stage(r);
+            let function = function.map(str::to_string);
             let staged = |e: Error| Error::Stage {
                 stage: i,
                 reference: r.clone(),

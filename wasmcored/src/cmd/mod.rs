@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use wasmcore_proto::{
     BinaryRequest, ConfigureRequest, Empty, ErrorBody, ErrorCode, ExecuteResponse, InfoResponse,
-    ListResponse, LoadResponse, MetricsResponse, Request, StatusResponse,
+    ListResponse, LoadResponse, MetricsResponse, Owner, Request, StatusResponse,
 };
 
 use crate::control::Ask;
@@ -56,14 +56,15 @@ pub enum Origin {
 
 /// Run one request for `tenant`. `fds` are the descriptors that arrived with its line.
 ///
-/// In a tenant's worker, what crosses tenants goes to the broker: an admin's `list --all`,
-/// `metrics` and `status`, and an admin's request naming (by UUID) a binary this worker
-/// does not hold, which runs in the worker of its owner. A change to a public binary is
+/// `OWNER/NAME` references get the owner's uid for its user name first. In a tenant's
+/// worker, what crosses tenants goes to the broker: an admin's `list --all`, `metrics` and
+/// `status`, and an admin's request naming a binary this worker does not hold, which runs
+/// in the worker of its owner. A change to a public binary is
 /// seen by every other worker before the caller is answered.
 pub async fn dispatch(
     daemon: &Arc<Daemon>,
     tenant: &Tenant,
-    req: Request,
+    mut req: Request,
     fds: Vec<OwnedFd>,
     origin: Origin,
 ) -> Result<Reply> {
@@ -71,6 +72,9 @@ pub async fn dispatch(
         return Err(Error::bad_request(
             "file descriptors were passed with a request that takes none (only load with \"fd\": true does)",
         ));
+    }
+    if origin == Origin::Client {
+        qualify(daemon, tenant, &mut req).await?;
     }
     let up = match daemon.upstream() {
         Some(up) if origin == Origin::Client => up,
@@ -83,8 +87,7 @@ pub async fn dispatch(
             Request::Status(r) => Some(Ask::Status {
                 own: Box::new(status::apply(daemon, tenant, r.clone())),
             }),
-            _ => foreign_binary(daemon, &req).map(|binary| Ask::Forward {
-                binary,
+            _ => unresolved_here(daemon, tenant, &req).then(|| Ask::Forward {
                 request: Box::new(req.clone()),
             }),
         };
@@ -108,18 +111,77 @@ pub async fn dispatch(
     Ok(reply)
 }
 
-/// The binary (by UUID) that `req` names first and this process does not hold.
-fn foreign_binary(daemon: &Daemon, req: &Request) -> Option<uuid::Uuid> {
-    let refs: &[String] = match req {
-        Request::Execute(r) => std::slice::from_ref(&r.binary),
-        Request::Info(r) | Request::Unload(r) => std::slice::from_ref(&r.binary),
-        Request::Configure(r) => std::slice::from_ref(&r.binary),
-        Request::Chain(r) => &r.binaries,
-        _ => return None,
+/// Whether `req` names a binary that this process cannot find for `tenant` (an admin):
+/// another tenant's, which the broker finds and runs in its owner's worker, or none, which
+/// the broker says in an admin's terms.
+fn unresolved_here(daemon: &Daemon, tenant: &Tenant, req: &Request) -> bool {
+    req.references().iter().any(|r| {
+        let (reference, _) = wasmcore_proto::split_stage(r);
+        match uuid::Uuid::parse_str(reference) {
+            Ok(id) => daemon.registry.get(id).is_none(),
+            Err(_) => matches!(
+                daemon.registry.resolve(tenant, reference, Access::Use),
+                Err(Error::NotFound(_))
+            ),
+        }
+    })
+}
+
+/// Put uids for user names in the `OWNER/NAME` references of `req`: the registry knows
+/// owners by uid, and a worker cannot read the user database (the broker looks the names
+/// up for it). Other references are left as they are.
+async fn qualify(daemon: &Daemon, tenant: &Tenant, req: &mut Request) -> Result<()> {
+    let chain = matches!(req, Request::Chain(_));
+    for (stage, r) in req.references_mut().iter_mut().enumerate() {
+        let (reference, function) = wasmcore_proto::split_stage(r);
+        let Some(Ok((Owner::User(user), name))) = wasmcore_proto::split_owner(reference) else {
+            continue;
+        };
+        let uid = match uid_of_user(daemon, tenant, user).await {
+            Ok(uid) => uid,
+            Err(e) if chain => {
+                return Err(Error::Stage {
+                    stage,
+                    reference: r.clone(),
+                    inner: Box::new(e),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        let mut qualified = format!("{uid}/{name}");
+        if let Some(function) = function {
+            qualified.push(':');
+            qualified.push_str(function);
+        }
+        *r = qualified;
+    }
+    Ok(())
+}
+
+/// The uid of user `name`: from the broker in a worker, else from the user database.
+async fn uid_of_user(daemon: &Daemon, tenant: &Tenant, name: &str) -> Result<u32> {
+    let Some(up) = daemon.upstream() else {
+        let name = name.to_string();
+        return tokio::task::spawn_blocking(move || crate::tenant::uid_of_user(&name))
+            .await
+            .map_err(|e| Error::internal(e.to_string()))?;
     };
-    refs.iter()
-        .filter_map(|r| uuid::Uuid::parse_str(r).ok())
-        .find(|id| daemon.registry.get(*id).is_none())
+    let Reply::Relayed(body) = relayed(
+        up.ask(
+            tenant,
+            Ask::Uid {
+                user: name.to_string(),
+            },
+        )
+        .await?,
+    )?
+    else {
+        return Err(Error::internal("the broker answered no uid"));
+    };
+    body.get("uid")
+        .and_then(serde_json::Value::as_u64)
+        .and_then(|uid| u32::try_from(uid).ok())
+        .ok_or_else(|| Error::internal("the broker answered no uid"))
 }
 
 /// A wire response made elsewhere, as this process's result.

@@ -274,9 +274,10 @@ class Client:
     def execute(self, binary: str, input: Input = b"", *, function: Optional[str] = None,
                 timeout_ms: Optional[int] = None, memory_limit_mb: Optional[int] = None,
                 fuel: Optional[int] = None) -> Output:
-        """Execute ``binary`` (UUID or name) on ``input``. ``function`` picks an Extism
-        plugin's function; the limits may only lower the daemon's maximums. Raises a
-        :class:`~wasmcore.errors.DaemonError` subclass when the daemon answers an error."""
+        """Execute ``binary`` (UUID, name or ``OWNER/NAME``) on ``input``. ``function``
+        picks an Extism plugin's function; the limits may only lower the daemon's maximums.
+        Raises a :class:`~wasmcore.errors.DaemonError` subclass when the daemon answers an
+        error."""
         line = ('{"op":"execute","binary":' + json.dumps(binary) + ","
                 + _input_field(input)
                 + _limits(function, timeout_ms, memory_limit_mb, fuel) + "}\n")
