@@ -51,9 +51,9 @@ dev: build plugins
 
 # What the end-to-end tests run besides our binaries: systemd-socket-activate, setpriv,
 # useradd/groupadd, mount, Debian's python3 as a client under other UIDs, and curl and
-# promtool (prometheus) for the metrics exporter, tmux as the terminal of `top`, and pytest
-# for the Python client's tests.
-TEST_DEBS := systemd util-linux passwd mount python3 curl prometheus tmux python3-pytest
+# promtool (prometheus) for the metrics exporter, tmux as the terminal of `top`, pytest
+# for the Python client's tests, and socat as the README's example client.
+TEST_DEBS := systemd util-linux passwd mount python3 curl prometheus tmux python3-pytest socat
 
 test: build plugins probe
 	packaging/ensure-packages.sh $(TEST_DEBS)

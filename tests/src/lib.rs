@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod docs;
+pub mod examples;
 
 /// Directory holding the built binaries (next to this test executable's `deps/`).
 pub fn bin_dir() -> PathBuf {

@@ -12,7 +12,8 @@ fn main() {
     }
     let mut lines: Vec<&str> = input.lines().collect();
     lines.sort_unstable();
-    eprintln!("sort: {} lines", lines.len());
+    let n = lines.len();
+    eprintln!("sort: {n} line{}", if n == 1 { "" } else { "s" });
     let mut out = std::io::stdout().lock();
     for l in lines {
         let _ = writeln!(out, "{l}");

@@ -4,6 +4,7 @@ mod clients;
 mod components;
 mod docs;
 mod errors;
+mod examples;
 mod extism;
 mod hostile;
 mod metrics;
