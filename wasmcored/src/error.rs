@@ -81,6 +81,53 @@ pub enum ExecFailure {
 }
 
 impl Error {
+    /// This error with the binary references the dispatcher rewrote (`(as rewritten, as
+    /// the caller wrote it)`: `OWNER/NAME` with a uid for the user name) shown as the caller
+    /// wrote them, where the message quotes them or names a chain stage by them.
+    pub fn as_written(self, rewritten: &[(String, String)]) -> Error {
+        let fix = |mut text: String| {
+            for (ours, theirs) in rewritten {
+                for (from, to) in [
+                    (format!("{ours:?}"), format!("{theirs:?}")),
+                    (format!("({ours})"), format!("({theirs})")),
+                    (format!("({ours}:"), format!("({theirs}:")),
+                ] {
+                    text = text.replace(&from, &to);
+                }
+            }
+            text
+        };
+        match self {
+            Error::BadRequest(m) => Error::BadRequest(fix(m)),
+            Error::NotFound(m) => Error::NotFound(fix(m)),
+            Error::Forbidden(m) => Error::Forbidden(fix(m)),
+            Error::Relayed(mut body) => {
+                body.message = fix(body.message);
+                Error::Relayed(body)
+            }
+            Error::Stage {
+                stage,
+                reference,
+                inner,
+            } => {
+                let (binary, function) = wasmcore_proto::split_stage(&reference);
+                let reference = match rewritten.iter().find(|(ours, _)| ours == binary) {
+                    Some((_, theirs)) => match function {
+                        Some(f) => format!("{theirs}:{f}"),
+                        None => theirs.clone(),
+                    },
+                    None => reference,
+                };
+                Error::Stage {
+                    stage,
+                    reference,
+                    inner: Box::new(inner.as_written(rewritten)),
+                }
+            }
+            other => other,
+        }
+    }
+
     pub fn bad_request(msg: impl Into<String>) -> Self {
         Error::BadRequest(msg.into())
     }

@@ -483,11 +483,27 @@ fn owner_qualified_names_reach_what_the_caller_may_see() {
     for reference in [a1.as_str(), a1_by_uid.as_str()] {
         let o = run(&bob, &["execute", reference, "--input", "b"]);
         assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
-        assert!(stderr(&o).contains("is visible to you"), "{}", stderr(&o));
+        // The error quotes the reference as written.
+        assert!(
+            stderr(&o).contains(&format!("no binary {reference:?} is visible to you")),
+            "{}",
+            stderr(&o)
+        );
     }
-    let o = run(&bob, &["chain", "a1", &a1, "--input", "b"]);
+    let o = run(&bob, &["chain", "a1", &format!("{a1}:run"), "--input", "b"]);
     assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
-    assert!(stderr(&o).contains("stage 1 ("), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("stage 1 ({a1}:run): no binary {a1:?}")),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&bob, &["unload", &shared]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("binary {shared:?} is public")),
+        "{}",
+        stderr(&o)
+    );
     // Bob's own `a1` is still his, and the admin unloads Alice's by name.
     assert_eq!(run(&bob, &["execute", "a1", "--input", "b"]).stdout, b"B");
     assert!(run(&carol, &["unload", &a1]).status.success());

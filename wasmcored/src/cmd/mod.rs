@@ -73,9 +73,26 @@ pub async fn dispatch(
             "file descriptors were passed with a request that takes none (only load with \"fd\": true does)",
         ));
     }
-    if origin == Origin::Client {
-        qualify(daemon, tenant, &mut req).await?;
+    let rewritten = match origin {
+        Origin::Client => qualify(daemon, tenant, &mut req).await?,
+        Origin::Broker => Vec::new(),
+    };
+    let reply = serve(daemon, tenant, req, fds, origin).await;
+    if rewritten.is_empty() {
+        reply
+    } else {
+        reply.map_err(|e| e.as_written(&rewritten))
     }
+}
+
+/// [`dispatch`], the references rewritten.
+async fn serve(
+    daemon: &Arc<Daemon>,
+    tenant: &Tenant,
+    req: Request,
+    fds: Vec<OwnedFd>,
+    origin: Origin,
+) -> Result<Reply> {
     let up = match daemon.upstream() {
         Some(up) if origin == Origin::Client => up,
         _ => return run(daemon, tenant, req, fds).await,
@@ -129,9 +146,15 @@ fn unresolved_here(daemon: &Daemon, tenant: &Tenant, req: &Request) -> bool {
 
 /// Put uids for user names in the `OWNER/NAME` references of `req`: the registry knows
 /// owners by uid, and a worker cannot read the user database (the broker looks the names
-/// up for it). Other references are left as they are.
-async fn qualify(daemon: &Daemon, tenant: &Tenant, req: &mut Request) -> Result<()> {
+/// up for it). Other references are left as they are. Returns each reference rewritten,
+/// as `(rewritten, as written)`, for the errors.
+async fn qualify(
+    daemon: &Daemon,
+    tenant: &Tenant,
+    req: &mut Request,
+) -> Result<Vec<(String, String)>> {
     let chain = matches!(req, Request::Chain(_));
+    let mut rewritten = Vec::new();
     for (stage, r) in req.references_mut().iter_mut().enumerate() {
         let (reference, function) = wasmcore_proto::split_stage(r);
         let Some(Ok((Owner::User(user), name))) = wasmcore_proto::split_owner(reference) else {
@@ -148,14 +171,16 @@ async fn qualify(daemon: &Daemon, tenant: &Tenant, req: &mut Request) -> Result<
             }
             Err(e) => return Err(e),
         };
-        let mut qualified = format!("{uid}/{name}");
+        let qualified = format!("{uid}/{name}");
+        let mut stage = qualified.clone();
         if let Some(function) = function {
-            qualified.push(':');
-            qualified.push_str(function);
+            stage.push(':');
+            stage.push_str(function);
         }
-        *r = qualified;
+        rewritten.push((qualified, reference.to_string()));
+        *r = stage;
     }
-    Ok(())
+    Ok(rewritten)
 }
 
 /// The uid of user `name`: from the broker in a worker, else from the user database.
