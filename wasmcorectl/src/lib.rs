@@ -491,7 +491,19 @@ fn load(
         c.call_json(&req, Some(f.as_fd()))?
     };
     drop(progress);
-    let resp = check(resp)?;
+    // What the daemon says of the module, said of the file the user named.
+    let of_file = matches!(
+        resp["error"]["code"].as_str(),
+        Some("invalid_module" | "too_large")
+    );
+    let resp = check(resp).map_err(|mut f| {
+        if of_file {
+            f.message = f
+                .message
+                .replacen(": ", &format!(": {}: ", file.display()), 1);
+        }
+        f
+    })?;
     if json {
         return print_json(&resp);
     }

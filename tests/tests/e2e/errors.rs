@@ -30,6 +30,23 @@ fn loading_a_directory_names_it_on_the_client_and_in_the_daemon() {
 }
 
 #[test]
+fn a_module_the_daemon_refuses_is_named_by_its_file() {
+    let d = Daemon::start();
+    let tmp = TempDir::new("badload");
+    let notes = tmp.write("notes.txt", b"not wasm");
+    let o = d.ctl(&["load", notes.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
+    assert!(
+        stderr(&o).starts_with(&format!(
+            "wasmcorectl: invalid_module: {}: not a WebAssembly binary",
+            notes.display()
+        )),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
 fn a_relative_load_path_is_refused_with_the_reason() {
     let d = Daemon::start();
     let r = d
