@@ -76,7 +76,7 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// Log level: off, error, warn, info, debug, trace [default: info].
-    #[arg(long, value_name = "LEVEL")]
+    #[arg(long, value_name = "LEVEL", value_parser = log_level(), hide_possible_values = true)]
     pub log_level: Option<log::LevelFilter>,
     /// Most concurrent connections.
     #[arg(long, value_name = "N")]
@@ -107,8 +107,8 @@ impl Args {
     /// What `--check-config` prints: the file checked strictly (a user or group that does
     /// not exist is an error), or that it is absent and the defaults apply.
     pub fn check_config(&self) -> Result<String, String> {
-        let (_, present) = Config::load_strict(self.config_path(), self.config.is_none())?;
-        self.load_config()?;
+        let (c, present) = Config::load_strict(self.config_path(), self.config.is_none())?;
+        self.with_flags(c)?;
         let path = self.config_path().display();
         Ok(if present {
             format!("{path}: configuration is valid")
@@ -121,7 +121,11 @@ impl Args {
 
     /// The file (a missing default file means defaults) with the flags applied on top.
     pub fn load_config(&self) -> Result<Config, String> {
-        let mut c = Config::load(self.config_path(), self.config.is_none())?;
+        self.with_flags(Config::load(self.config_path(), self.config.is_none())?)
+    }
+
+    /// `c` with the flags applied on top, checked.
+    fn with_flags(&self, mut c: Config) -> Result<Config, String> {
         if !self.listen.is_empty() {
             c.server.listen = self.listen.clone();
         }
@@ -147,6 +151,13 @@ impl Args {
             .map_err(|e| format!("{}: {e}", self.config_path().display()))?;
         Ok(c)
     }
+}
+
+/// A `--log-level` value, by name.
+fn log_level() -> impl clap::builder::TypedValueParser<Value = log::LevelFilter> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["off", "error", "warn", "info", "debug", "trace"])
+        .map(|s| s.parse().unwrap_or(log::LevelFilter::Info))
 }
 
 #[cfg(test)]

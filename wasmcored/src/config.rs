@@ -289,6 +289,7 @@ impl Default for Config {
             quotas: QuotaConfig::default(),
             access: AccessConfig {
                 admin_gids: group_ids(
+                    "access.admin_groups",
                     &[NameOrId::Name(DEFAULT_ADMIN_GROUP.into())],
                     true,
                     Names::Lenient,
@@ -510,7 +511,7 @@ enum Names {
     Strict,
 }
 
-fn group_ids(names: &[NameOrId], quiet: bool, mode: Names) -> Result<Vec<u32>, String> {
+fn group_ids(key: &str, names: &[NameOrId], quiet: bool, mode: Names) -> Result<Vec<u32>, String> {
     let mut out = Vec::new();
     for n in names {
         match n {
@@ -520,28 +521,28 @@ fn group_ids(names: &[NameOrId], quiet: bool, mode: Names) -> Result<Vec<u32>, S
                 // A group that does not exist yet has no members: nobody gains anything.
                 Ok(None) if quiet => {}
                 Ok(None) if mode == Names::Strict => {
-                    return Err(format!("group {name:?} does not exist"));
+                    return Err(format!("{key}: group {name:?} does not exist"));
                 }
-                Ok(None) => log::warn!("config: group {name:?} does not exist; ignored"),
-                Err(e) => return Err(format!("looking up group {name:?}: {e}")),
+                Ok(None) => log::warn!("config: {key}: group {name:?} does not exist; ignored"),
+                Err(e) => return Err(format!("{key}: looking up group {name:?}: {e}")),
             },
         }
     }
     Ok(out)
 }
 
-fn user_id(n: &str, mode: Names) -> Result<Option<u32>, String> {
+fn user_id(key: &str, n: &str, mode: Names) -> Result<Option<u32>, String> {
     if let Ok(id) = n.parse::<u32>() {
         return Ok(Some(id));
     }
     match nix::unistd::User::from_name(n) {
         Ok(Some(u)) => Ok(Some(u.uid.as_raw())),
-        Ok(None) if mode == Names::Strict => Err(format!("user {n:?} does not exist")),
+        Ok(None) if mode == Names::Strict => Err(format!("{key}: user {n:?} does not exist")),
         Ok(None) => {
-            log::warn!("config: user {n:?} does not exist; ignored");
+            log::warn!("config: {key}: user {n:?} does not exist; ignored");
             Ok(None)
         }
-        Err(e) => Err(format!("looking up user {n:?}: {e}")),
+        Err(e) => Err(format!("{key}: looking up user {n:?}: {e}")),
     }
 }
 
@@ -706,7 +707,7 @@ impl RawConfig {
             // An admin group that does not exist has no members: it grants nothing, so it
             // is only warned about, also by --check-config.
             admin_gids: match a.admin_groups {
-                Some(g) => group_ids(&g, false, Names::Lenient)?,
+                Some(g) => group_ids("access.admin_groups", &g, false, Names::Lenient)?,
                 None => d.access.admin_gids,
             },
             allow_uids: match a.allow_users {
@@ -716,7 +717,7 @@ impl RawConfig {
                     for n in list {
                         let id = match n {
                             NameOrId::Id(id) => Some(id),
-                            NameOrId::Name(name) => user_id(&name, names)?,
+                            NameOrId::Name(name) => user_id("access.allow_users", &name, names)?,
                         };
                         ids.extend(id);
                     }
@@ -725,7 +726,7 @@ impl RawConfig {
             },
             allow_gids: a
                 .allow_groups
-                .map(|g| group_ids(&g, false, names))
+                .map(|g| group_ids("access.allow_groups", &g, false, names))
                 .transpose()?,
         };
         let l = self.limits;
@@ -781,7 +782,7 @@ impl RawConfig {
         .over(d.quotas.default);
         let mut users = HashMap::new();
         for (name, q) in self.quotas.users {
-            if let Some(uid) = user_id(&name, names)? {
+            if let Some(uid) = user_id(&format!("quotas.users.{name}"), &name, names)? {
                 users.insert(uid, q.over(default_quota));
             }
         }

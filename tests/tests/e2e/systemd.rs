@@ -189,18 +189,21 @@ fn check_config_validates_and_exits() {
     assert!(stderr(&o).contains("default_timeout_ms"), "{}", stderr(&o));
     // A user that does not exist in an access list would refuse everyone it was meant to
     // admit: --check-config says so (a running daemon only warns, and a reload keeps going).
-    for (name, text) in [
+    for (name, text, key) in [
         (
             "users.toml",
             "[access]\nallow_users = [\"wasmcore-no-such-user\"]\n",
+            "access.allow_users: ",
         ),
         (
             "groups.toml",
             "[access]\nallow_groups = [\"wasmcore-no-such-group\"]\n",
+            "access.allow_groups: ",
         ),
         (
             "quota.toml",
             "[quotas.users.wasmcore-no-such-user]\nbinaries = 3\n",
+            "quotas.users.wasmcore-no-such-user: ",
         ),
     ] {
         let f = tmp.write(name, text.as_bytes());
@@ -212,11 +215,24 @@ fn check_config_validates_and_exits() {
             .unwrap();
         assert!(!o.status.success(), "{name}: {}", stdout(&o));
         assert!(
-            stderr(&o).contains("\"wasmcore-no-such-") && stderr(&o).contains("does not exist"),
+            stderr(&o).contains(key)
+                && stderr(&o).contains("\"wasmcore-no-such-")
+                && stderr(&o).contains("does not exist"),
             "{name}: {}",
             stderr(&o)
         );
     }
+    // A log level that is not one says which are.
+    let o = Command::new(wasmcored())
+        .args(["--log-level", "loud", "--check-config"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("[possible values: off, error, warn, info, debug, trace]"),
+        "{}",
+        stderr(&o)
+    );
     // Without a config file: said so, not "valid" of a file that is not there.
     if !Path::new("/etc/wasm-core/config.toml").exists() {
         let o = Command::new(wasmcored())
