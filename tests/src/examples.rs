@@ -92,6 +92,30 @@ pub fn python_snippets(markdown: &str) -> Vec<(String, Vec<String>)> {
         .collect()
 }
 
+/// The C snippets whose first comment is the command that builds them: (command, code).
+pub fn c_snippets(markdown: &str) -> Vec<(String, String)> {
+    blocks(markdown)
+        .into_iter()
+        .filter(|(lang, lines)| lang == "c" && lines.first().is_some_and(|l| l.starts_with("/* ")))
+        .map(|(_, lines)| {
+            let mut command = String::new();
+            for line in &lines {
+                let part = line
+                    .trim_start_matches("/* ")
+                    .trim_start_matches(" * ")
+                    .trim_end_matches("*/")
+                    .trim();
+                command.push_str(part.trim_end_matches('\\').trim());
+                command.push(' ');
+                if line.ends_with("*/") {
+                    break;
+                }
+            }
+            (command.trim().to_string(), lines.join("\n") + "\n")
+        })
+        .collect()
+}
+
 /// Each JSON request shown (a one-line ```` ```json ```` block starting `{"op"`) with the
 /// response shown in the block right after it.
 pub fn json_exchanges(markdown: &str) -> Vec<(String, String)> {
@@ -304,6 +328,14 @@ mod tests {
         assert_eq!(
             python_snippets(md),
             [("import x\nprint(1)      # 1\n".to_string(), lines("1"))]
+        );
+        let c = "```c\n/* cc -o x.wasm \\\n *    x.c */\nint x;\n```\n";
+        assert_eq!(
+            c_snippets(c),
+            [(
+                "cc -o x.wasm x.c".to_string(),
+                "/* cc -o x.wasm \\\n *    x.c */\nint x;\n".to_string()
+            )]
         );
         assert_eq!(
             json_exchanges(md),

@@ -6,7 +6,9 @@ use std::collections::BTreeSet;
 use std::process::Command;
 
 use serde_json::{Value, json};
-use wasmcore_tests::examples::{compare, json_exchanges, python_snippets, sessions, shown_json};
+use wasmcore_tests::examples::{
+    c_snippets, compare, json_exchanges, python_snippets, sessions, shown_json,
+};
 use wasmcore_tests::*;
 
 const DOCS: [&str; 3] = ["README.md", "docs/PROTOCOL.md", "docs/PLUGIN_ABI.md"];
@@ -166,4 +168,37 @@ fn the_protocol_examples_answer_what_they_show() {
         }
     }
     assert!(ran >= 4, "only {ran} exchanges found");
+}
+
+/// The C plugin of PLUGIN_ABI.md builds with the command in its first comment, loads, and
+/// upper-cases as the text says.
+#[test]
+fn the_c_example_builds_with_its_own_command_and_runs() {
+    let d = Daemon::start();
+    let dir = TempDir::new("c-example");
+    let snippets = c_snippets(&doc("docs/PLUGIN_ABI.md"));
+    assert!(!snippets.is_empty(), "no C example with its command");
+    for (command, code) in snippets {
+        let out = command
+            .split_whitespace()
+            .skip_while(|w| *w != "-o")
+            .nth(1)
+            .expect("the command names its output")
+            .to_string();
+        let source = command.split_whitespace().last().unwrap().to_string();
+        dir.write(&source, code.as_bytes());
+        let o = Command::new("sh")
+            .arg("-c")
+            .arg(&command)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "`{command}`: {}", stderr(&o));
+        let wasm = dir.path().join(&out);
+        let o = d.ctl(&["load", wasm.to_str().unwrap(), "--name", "c-example"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let o = d.ctl(&["execute", "c-example", "--input", "from C"]);
+        assert_eq!(stdout(&o), "FROM C", "{}", stderr(&o));
+        assert!(d.ctl(&["unload", "c-example"]).status.success());
+    }
 }
