@@ -589,8 +589,13 @@ fn classify(
             Trap::Interrupt => return ExecFailure::Timeout { timeout_ms },
             _ => {}
         }
+        // Wasmtime's text starts with the "wasm trap: " that our message puts first.
+        let text = trap.to_string();
         return ExecFailure::Trap {
-            message: trap.to_string(),
+            message: text
+                .strip_prefix("wasm trap: ")
+                .unwrap_or(&text)
+                .to_string(),
             backtrace: backtrace(&e),
         };
     }

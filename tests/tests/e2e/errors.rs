@@ -140,3 +140,31 @@ fn one_message_names_every_missing_import_wasi_ones_too() {
         "{msg}"
     );
 }
+
+#[test]
+fn a_trap_says_so_once_and_shows_its_frames() {
+    let d = Daemon::start();
+    let wasm = wat::parse_str(
+        r#"(module (memory (export "memory") 1)
+             (func (export "alloc") (param i32) (result i32) i32.const 0)
+             (func $deep unreachable)
+             (func (export "process") (param i32 i32) (result i32) call $deep i32.const 0))"#,
+    )
+    .unwrap();
+    let mut c = d.client();
+    ok(&c.call(&json!({"op": "load", "name": "trap", "wasm_base64": b64(&wasm)})));
+    let r = c.call(&json!({"op": "execute", "binary": "trap"}));
+    assert_eq!(err_code(&r), "trap");
+    assert_eq!(
+        r["error"]["message"],
+        json!("wasm trap: wasm `unreachable` instruction executed"),
+        "{r}"
+    );
+    assert!(
+        r["error"]["backtrace"][0]
+            .as_str()
+            .unwrap()
+            .contains("deep"),
+        "{r}"
+    );
+}
