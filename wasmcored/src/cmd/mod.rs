@@ -59,8 +59,8 @@ pub enum Origin {
 /// `OWNER/NAME` references get the owner's uid for its user name first. In a tenant's
 /// worker, what crosses tenants goes to the broker: an admin's `list --all`, `metrics` and
 /// `status`, and an admin's request naming a binary this worker does not hold, which runs
-/// in the worker of its owner. A change to a public binary is
-/// seen by every other worker before the caller is answered.
+/// in the worker of its owner. A change to a public binary is seen by every other worker
+/// before the caller is answered.
 pub async fn dispatch(
     daemon: &Arc<Daemon>,
     tenant: &Tenant,
