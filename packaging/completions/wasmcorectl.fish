@@ -55,7 +55,7 @@ complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand execute" -l memo
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand execute" -l fuel -d 'Fuel budget (deterministic CPU limit)' -r
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand execute" -l socket -d 'Daemon socket [default: /run/wasm-core/wasm-core.sock if present, else /tmp/wasm-core.sock]' -r -F
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand execute" -l json -d 'Print the daemon\'s full JSON response instead of human output'
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand execute" -s h -l help -d 'Print help'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand execute" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand chain" -l input -d 'The input as a string' -r
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand chain" -l input-file -d 'Read the input from a file' -r -F
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand chain" -l timeout-ms -d 'Wall-time limit of the execution (a chain: of all its stages), in milliseconds [default: the daemon\'s limits.default_timeout_ms, 5000; at most max_timeout_ms]' -r
@@ -63,7 +63,7 @@ complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand chain" -l memory
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand chain" -l fuel -d 'Fuel budget (deterministic CPU limit)' -r
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand chain" -l socket -d 'Daemon socket [default: /run/wasm-core/wasm-core.sock if present, else /tmp/wasm-core.sock]' -r -F
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand chain" -l json -d 'Print the daemon\'s full JSON response instead of human output'
-complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand chain" -s h -l help -d 'Print help'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand chain" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand list" -l socket -d 'Daemon socket [default: /run/wasm-core/wasm-core.sock if present, else /tmp/wasm-core.sock]' -r -F
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand list" -l all -d 'Every tenant\'s binaries (admins only)'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand list" -l json -d 'Print the daemon\'s full JSON response instead of human output'

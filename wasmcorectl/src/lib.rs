@@ -117,6 +117,9 @@ pub enum Command {
         config: Vec<(String, String)>,
     },
     /// Run a binary; its output goes to stdout as raw bytes.
+    ///
+    /// On a terminal, an output that does not end in a newline gets one, so that the prompt
+    /// starts on a line of its own; into a pipe or a file the bytes are exactly the output.
     Execute {
         /// UUID, NAME, or OWNER/NAME (OWNER a user name or uid).
         binary: String,
@@ -129,6 +132,9 @@ pub enum Command {
         limits: LimitArgs,
     },
     /// Run binaries in order, each one's output the next one's input.
+    ///
+    /// The last output goes to stdout as `execute` writes it (a final newline added on a
+    /// terminal only).
     Chain {
         /// UUIDs, names or OWNER/NAMEs, in order; BINARY:FUNCTION calls one function of an
         /// Extism plugin.
@@ -572,9 +578,14 @@ fn execution(c: &mut Client, json: bool, req: &Value) -> Result<(), Failure> {
     let resp = check(resp)?;
     let out: wasmcore_proto::ExecuteResponse = serde_json::from_value(resp)
         .map_err(|e| Failure::new(exit::INTERNAL, format!("unexpected response: {e}")))?;
-    let bytes = out
+    let mut bytes = out
         .output_bytes()
         .map_err(|e| Failure::new(exit::INTERNAL, e))?;
+    // On a terminal, an output without a final newline would run into the prompt; a pipe
+    // or a file gets the bytes exactly.
+    if !bytes.is_empty() && !bytes.ends_with(b"\n") && std::io::stdout().is_terminal() {
+        bytes.push(b'\n');
+    }
     write_stdout(&bytes)
 }
 

@@ -235,3 +235,43 @@ fn progress_lines_never_reach_a_pipe() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// On a terminal, `execute` ends an output that lacks a newline with one (the prompt starts
+/// on its own line); into a pipe the bytes stay exact.
+#[test]
+fn execute_on_a_terminal_ends_its_output_with_a_newline() {
+    let d = setup();
+    let t = Tmux::new();
+    let cmd = format!(
+        "{} --socket {} execute busy --input hi; printf 'END'; sleep 30",
+        wasmcorectl().display(),
+        d.socket.display()
+    );
+    t.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "top",
+        "-x",
+        "80",
+        "-y",
+        "10",
+        &cmd,
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut screen = String::new();
+    while Instant::now() < deadline && !screen.contains("END") {
+        std::thread::sleep(Duration::from_millis(100));
+        screen = t.screen();
+    }
+    assert_eq!(
+        screen.lines().take(2).collect::<Vec<_>>(),
+        ["HI", "END"],
+        "{screen}"
+    );
+    assert_eq!(
+        d.ctl(&["execute", "busy", "--input", "hi"]).stdout,
+        b"HI",
+        "a pipe gets the output as it is"
+    );
+}
