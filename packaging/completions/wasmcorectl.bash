@@ -113,7 +113,7 @@ _wasmcorectl() {
             return 0
             ;;
         wasmcorectl__subcmd__bench)
-            opts="-h --binary --load --input --duration-ms --rounds --pipeline --chain --plugins --executions --copies --extism --wasi --rotate --tenants --tenant-uid --engine-us --only --check --socket --json --help"
+            opts="-h --binary --load --input --duration-ms --rounds --pipeline --chain --plugins --executions --copies --extism --wasi --rotate --tenants --tenant-uid --engine-us --floor-us --only --check --socket --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -180,6 +180,10 @@ _wasmcorectl() {
                     return 0
                     ;;
                 --engine-us)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --floor-us)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

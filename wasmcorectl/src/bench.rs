@@ -84,6 +84,11 @@ pub struct BenchArgs {
     /// exec`), to compare the daemon's CPU per request against.
     #[arg(long, value_name = "US")]
     pub engine_us: Option<f64>,
+    /// The bare-Wasmtime floor of one execution in µs (from `cargo bench -p wasmcored
+    /// --bench exec -- --floor-us`): the daemon's CPU per request beyond the echo's is also
+    /// reported in floors.
+    #[arg(long, value_name = "US")]
+    pub floor_us: Option<f64>,
     /// Run only these scenarios (comma-separated: ping1, ping10, pipe1, pipe10, chain10,
     /// tenants, rotate, extism10), e.g. to profile one.
     #[arg(long, value_delimiter = ',', value_name = "NAMES")]
@@ -233,6 +238,9 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
     );
     if let Some(us) = args.engine_us {
         println!("in-process cost of one execution (engine bench): {us:.2} µs");
+    }
+    if let Some(us) = args.floor_us {
+        println!("bare-Wasmtime floor of one execution (engine bench): {us:.2} µs");
     }
     println!();
 
@@ -549,6 +557,34 @@ fn targets(results: &[(Kind, Measured, Measured)], args: &BenchArgs) -> Vec<(Tar
             m.and_then(|(js, d)| Some((d.cpu_us? - js.cpu_us?) / args.engine_us?)),
         );
     }
+    // The daemon's CPU per request beyond the echo's, in floors (bare Wasmtime: a store,
+    // an instance from its InstancePre, an epoch deadline and fuel, the call): reported
+    // against the targets, not yet a regression floor.
+    for (what, m) in [
+        ("1 connection ping-pong", ping1),
+        ("10 connections ping-pong", ping10),
+        ("10 × pipelined", pipe10),
+    ] {
+        check(
+            Target::cost(format!("{what}: (daemon − echo CPU/req) / floor"), 1.5),
+            m.and_then(|(js, d)| Some((d.cpu_us? - js.cpu_us?) / args.floor_us?)),
+        );
+    }
+    check(
+        Target::cost(
+            format!(
+                "chain of {}, 10 connections: daemon CPU/req / {} floors",
+                args.chain, args.chain
+            ),
+            1.5,
+        ),
+        get(Kind::Chain10)
+            .and_then(|(_, d)| Some(d.cpu_us? / (args.chain as f64 * args.floor_us?))),
+    );
+    check(
+        Target::cost("1 connection: (daemon p50 − echo p50) / floor", 2.0),
+        ping1.and_then(|(js, d)| Some((d.p50_us - js.p50_us) / args.floor_us?)),
+    );
     // An Extism plugin's call against the process-ABI binary's execution, both relative
     // to the echo under the same clients: what the Extism glue costs over the socket.
     check(

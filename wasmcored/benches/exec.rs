@@ -106,12 +106,25 @@ fn executor_fn_ns(
 struct Bare {
     engine: Engine,
     pre: wasmtime::InstancePre<Vec<u8>>,
+    /// Each store gets an epoch deadline and a fuel budget (the engine meters both).
+    limited: bool,
 }
 
 /// `tuned`: the daemon's memory settings (keep resident + PAGEMAP_SCAN, compiled-in bounds
 /// checks), so the ratio isolates the executor's own work; otherwise Wasmtime's defaults.
 fn bare(bytes: &[u8], tuned: bool) -> Bare {
+    bare_with(bytes, tuned, false)
+}
+
+/// The floor of one execution: the daemon's pool tuning, and an epoch deadline and fuel
+/// as every execution of the daemon has them; nothing else.
+fn floor(bytes: &[u8]) -> Bare {
+    bare_with(bytes, true, true)
+}
+
+fn bare_with(bytes: &[u8], tuned: bool, limited: bool) -> Bare {
     let mut c = wasmtime::Config::new();
+    c.epoch_interruption(limited).consume_fuel(limited);
     let mut pool = PoolingAllocationConfig::default();
     if tuned {
         let d = Config::default();
@@ -146,13 +159,21 @@ fn bare(bytes: &[u8], tuned: bool) -> Bare {
         .define_unknown_imports_as_traps(&module)
         .expect("stubs");
     let pre = linker.instantiate_pre(&module).expect("pre");
-    Bare { engine, pre }
+    Bare {
+        engine,
+        pre,
+        limited,
+    }
 }
 
 fn bare_ns(b: &Bare, input: &[u8], iters: usize) -> f64 {
     let t = Instant::now();
     for _ in 0..iters {
         let mut store = Store::new(&b.engine, Vec::new());
+        if b.limited {
+            store.set_fuel(u64::MAX / 2).expect("fuel");
+            store.set_epoch_deadline(1_000_000);
+        }
         let instance = b.pre.instantiate(&mut store).expect("instantiate");
         let memory = instance.get_memory(&mut store, "memory").expect("memory");
         let alloc = instance
@@ -406,6 +427,15 @@ fn main() {
         println!("{:.2}", median(runs.collect()) / 1000.0);
         return;
     }
+    // `--floor-us`: only the bare-Wasmtime floor of one execution, in µs, the unit in which
+    // the socket bench reports the daemon's CPU per request.
+    if std::env::args().any(|a| a == "--floor-us") {
+        let fl = floor(&bytes);
+        bare_ns(&fl, INPUT, 1000);
+        let runs = (0..ROUNDS).map(|_| bare_ns(&fl, INPUT, iters));
+        println!("{:.2}", median(runs.collect()) / 1000.0);
+        return;
+    }
     // `--kinds`: only the rows of the other kinds.
     if std::env::args().any(|a| a == "--kinds") {
         kinds(&rt, &with_fuel, iters);
@@ -415,21 +445,24 @@ fn main() {
     let bin_nofuel = load(&without_fuel, &bytes);
     let b = bare(&bytes, false);
     let bt = bare(&bytes, true);
+    let fl = floor(&bytes);
     // Warm up every variant (pool slots, code, caches).
     bare_ns(&b, INPUT, 1000);
     bare_ns(&bt, INPUT, 1000);
+    bare_ns(&fl, INPUT, 1000);
     executor_ns(&rt, &with_fuel, &bin_fuel, INPUT, 1000);
     executor_ns(&rt, &without_fuel, &bin_nofuel, INPUT, 1000);
 
-    let (mut bare_r, mut tuned_r, mut fuel_r, mut nofuel_r) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut bare_r, mut tuned_r, mut floor_r, mut fuel_r, mut nofuel_r) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         bare_r.push(bare_ns(&b, INPUT, iters));
         tuned_r.push(bare_ns(&bt, INPUT, iters));
+        floor_r.push(bare_ns(&fl, INPUT, iters));
         fuel_r.push(executor_ns(&rt, &with_fuel, &bin_fuel, INPUT, iters));
         nofuel_r.push(executor_ns(&rt, &without_fuel, &bin_nofuel, INPUT, iters));
     }
-    let (bare_m, tuned_m) = (median(bare_r), median(tuned_r));
+    let (bare_m, tuned_m, floor_m) = (median(bare_r), median(tuned_r), median(floor_r));
     let (fuel_m, nofuel_m) = (median(fuel_r), median(nofuel_r));
     println!(
         "per-execution cost, uppercase, 11-byte input ({ROUNDS} rounds x {iters}, median round)"
@@ -449,8 +482,14 @@ fn main() {
             v / tuned_m
         )
     };
+    row("bare wasmtime floor (+ epoch, fuel)", floor_m);
     row("executor, fuel metering on", fuel_m);
     row("executor, fuel metering off", nofuel_m);
+    println!(
+        "  executor, fuel metering on / floor   {:>8.2}x   (the executor's overhead in floors: {:.2})",
+        fuel_m / floor_m,
+        fuel_m / floor_m - 1.0
+    );
     kinds(&rt, &with_fuel, iters);
 
     // Inline on a runtime worker (what the daemon does) vs a hop to the blocking pool per
