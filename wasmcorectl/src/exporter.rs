@@ -87,12 +87,15 @@ fn listener(args: &Args) -> anyhow::Result<Listener> {
         .unwrap_or_else(|| format!("127.0.0.1:{DEFAULT_PORT}"));
     if addr.starts_with('/') || addr.starts_with('.') {
         let l = std::os::unix::net::UnixListener::bind(&addr)
-            .map_err(|e| anyhow::anyhow!("listening on {addr}: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         l.set_nonblocking(true)?;
         return Ok(Listener::Unix(tokio::net::UnixListener::from_std(l)?));
     }
-    let l = std::net::TcpListener::bind(&addr)
-        .map_err(|e| anyhow::anyhow!("listening on {addr}: {e}"))?;
+    let l = std::net::TcpListener::bind(&addr).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {addr:?}: {e} (--listen takes HOST:PORT, or a Unix socket's path starting with / or .)"
+        )
+    })?;
     l.set_nonblocking(true)?;
     Ok(Listener::Tcp(tokio::net::TcpListener::from_std(l)?))
 }
