@@ -78,11 +78,11 @@ pub struct Args {
     /// Log level: off, error, warn, info, debug, trace [default: info].
     #[arg(long, value_name = "LEVEL", value_parser = log_level(), hide_possible_values = true)]
     pub log_level: Option<log::LevelFilter>,
-    /// Most concurrent connections.
-    #[arg(long, value_name = "N")]
-    pub max_connections: Option<usize>,
-    /// Concurrent instances in the pool (the cap on concurrent executions).
-    #[arg(long, value_name = "N")]
+    /// Most concurrent connections (at least 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: Option<u64>,
+    /// Concurrent instances in the pool (the cap on concurrent executions; at least 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub pool_instances: Option<u32>,
     /// Disable fuel metering (faster loop-heavy guests; `fuel` requests are then refused).
     #[arg(long)]
@@ -136,7 +136,7 @@ impl Args {
             c.server.log_level = l;
         }
         if let Some(n) = self.max_connections {
-            c.server.max_connections = n;
+            c.server.max_connections = usize::try_from(n).unwrap_or(usize::MAX);
         }
         if let Some(n) = self.pool_instances {
             c.engine.pool_instances = n;

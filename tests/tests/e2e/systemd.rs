@@ -222,6 +222,17 @@ fn check_config_validates_and_exits() {
             stderr(&o)
         );
     }
+    // A flag's bad value is the flag's, not the config file's.
+    let o = Command::new(wasmcored())
+        .args(["--pool-instances", "0", "--check-config"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("'--pool-instances <N>'") && !stderr(&o).contains("config.toml"),
+        "{}",
+        stderr(&o)
+    );
     // A log level that is not one says which are.
     let o = Command::new(wasmcored())
         .args(["--log-level", "loud", "--check-config"])
