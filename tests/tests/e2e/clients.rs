@@ -362,6 +362,16 @@ fn python_package_tests_as_an_unprivileged_user() {
     let sq = Squatter::start(&squatter_user, &tmp);
 
     let python = repo().join("clients/python");
+    // pytest's temporary files in this test's directory, not /tmp/pytest-of-USER: that one
+    // outlives the user, and a later user of the same name but another uid is refused it.
+    let basetemp = tmp.path().join("pytest");
+    std::fs::create_dir(&basetemp).unwrap();
+    nix::unistd::chown(
+        &basetemp,
+        Some(nix::unistd::Uid::from_raw(alice.uid)),
+        Some(nix::unistd::Gid::from_raw(alice.gid)),
+    )
+    .unwrap();
     let o = alice
         .command()
         .args([
@@ -373,6 +383,7 @@ fn python_package_tests_as_an_unprivileged_user() {
             "-p",
             "no:cacheprovider",
         ])
+        .arg(format!("--basetemp={}", basetemp.join("run").display()))
         .arg(python.join("tests"))
         .current_dir(tmp.path())
         .env("PYTHONPATH", python.join("src"))
