@@ -84,6 +84,12 @@ impl Tmux {
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
+    /// Run `cmd` in the session `top` on a terminal of `columns` × `lines`.
+    fn start(&self, cmd: &str, columns: u16, lines: u16) {
+        let (x, y) = (columns.to_string(), lines.to_string());
+        self.run(&["new-session", "-d", "-s", "top", "-x", &x, "-y", &y, cmd]);
+    }
+
     fn screen(&self) -> String {
         self.run(&["capture-pane", "-p", "-t", "top"])
     }
@@ -114,17 +120,7 @@ fn top_in_a_terminal_shows_the_busiest_binary_first_and_updates() {
         wasmcorectl().display(),
         d.socket.display()
     );
-    t.run(&[
-        "new-session",
-        "-d",
-        "-s",
-        "top",
-        "-x",
-        "150",
-        "-y",
-        "30",
-        &cmd,
-    ]);
+    t.start(&cmd, 150, 30);
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut screen = String::new();
     while Instant::now() < deadline {
@@ -247,17 +243,7 @@ fn execute_on_a_terminal_ends_its_output_with_a_newline() {
         wasmcorectl().display(),
         d.socket.display()
     );
-    t.run(&[
-        "new-session",
-        "-d",
-        "-s",
-        "top",
-        "-x",
-        "80",
-        "-y",
-        "10",
-        &cmd,
-    ]);
+    t.start(&cmd, 80, 10);
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut screen = String::new();
     while Instant::now() < deadline && !screen.contains("END") {
