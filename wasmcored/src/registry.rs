@@ -598,12 +598,17 @@ impl Registry {
                 tenant.uid
             ));
         }
-        let holders: Vec<u32> = self
-            .names
-            .iter()
-            .filter(|e| e.key().1 == reference)
-            .map(|e| e.key().0)
-            .collect();
+        // Who has a binary of this name matters only for a bare name.
+        let bare = Uuid::parse_str(reference).is_err() && !reference.contains('/');
+        let holders: Vec<u32> = if bare {
+            self.names
+                .iter()
+                .filter(|e| e.key().1 == reference)
+                .map(|e| e.key().0)
+                .collect()
+        } else {
+            Vec::new()
+        };
         Error::NotFound(missing_for_admin(tenant.uid, reference, &holders, &|_| {
             None
         }))
