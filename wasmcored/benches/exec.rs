@@ -102,6 +102,90 @@ fn executor_fn_ns(
     })
 }
 
+/// A state directory removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        let p = std::env::temp_dir().join(format!("wasmcore-exec-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&p).expect("state dir");
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A daemon in this process (as a tenant's worker has it, without the broker) with the
+/// plugin loaded by tenant 1000, and the execute line that names it.
+fn request_daemon(bytes: &[u8]) -> (Arc<wasmcored::Daemon>, Tenant, Vec<u8>, TempDir) {
+    let dir = TempDir::new();
+    let mut c = Config {
+        state_dir: dir.0.clone(),
+        ..Config::default()
+    };
+    if let Some(n) = std::env::var("BENCH_POOL_INSTANCES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        c.engine.pool_instances = n;
+        c.engine.max_unused_warm_slots = n;
+    }
+    // The state directory is made as the broker makes it; the worker attaches to it.
+    wasmcored::store::StateDir::open(&c.state_dir)
+        .and_then(|s| s.prepare_tenant(1000))
+        .expect("state dir");
+    let daemon =
+        wasmcored::Daemon::new(c, wasmcored::tenant::Scope::Tenant(1000), None).expect("daemon");
+    let tenant = Tenant::new(1000, 1000, vec![], &[]);
+    let compiled = daemon.registry.compile(bytes).expect("compile");
+    let bin = daemon
+        .registry
+        .insert(&tenant, compiled, LoadOptions::default())
+        .expect("insert");
+    let line = format!(
+        r#"{{"op":"execute","binary":"{}","input":"{}"}}"#,
+        bin.id,
+        std::str::from_utf8(INPUT).expect("utf-8")
+    );
+    (daemon, tenant, line.into_bytes(), dir)
+}
+
+/// Nanoseconds per request line through the daemon's request path: decode, dispatch (the
+/// name lookup, quotas, the executor, metrics), encode the response line. No socket.
+fn request_ns(
+    rt: &tokio::runtime::Runtime,
+    d: &(Arc<wasmcored::Daemon>, Tenant, Vec<u8>, TempDir),
+    iters: usize,
+) -> f64 {
+    use wasmcore_proto::{Response, decode_request, encode_line_into};
+    let (daemon, tenant, line, _) = d;
+    let mut out = Vec::with_capacity(4096);
+    rt.block_on(async {
+        let t = Instant::now();
+        for _ in 0..iters {
+            let mut req = decode_request(line).expect("decode");
+            let tag = req.take_tag();
+            let reply = wasmcored::cmd::dispatch(
+                daemon,
+                tenant,
+                req,
+                Vec::new(),
+                wasmcored::cmd::Origin::Client,
+            )
+            .await
+            .expect("execute");
+            encode_line_into(&Response::success(tag, reply), &mut out);
+            std::hint::black_box(&out);
+            out.clear();
+        }
+        t.elapsed().as_nanos() as f64 / iters as f64
+    })
+}
+
 /// The bare embedding: pooling allocator, `InstancePre`, sync calls, output into a Vec.
 struct Bare {
     engine: Engine,
@@ -436,6 +520,14 @@ fn main() {
         println!("{:.2}", median(runs.collect()) / 1000.0);
         return;
     }
+    // `--request-us`: only the request path's cost (decode, dispatch, encode), in µs.
+    if std::env::args().any(|a| a == "--request-us") {
+        let d = request_daemon(&bytes);
+        request_ns(&rt, &d, 1000);
+        let runs = (0..ROUNDS).map(|_| request_ns(&rt, &d, iters));
+        println!("{:.2}", median(runs.collect()) / 1000.0);
+        return;
+    }
     // `--kinds`: only the rows of the other kinds.
     if std::env::args().any(|a| a == "--kinds") {
         kinds(&rt, &with_fuel, iters);
@@ -446,24 +538,33 @@ fn main() {
     let b = bare(&bytes, false);
     let bt = bare(&bytes, true);
     let fl = floor(&bytes);
+    let rd = request_daemon(&bytes);
     // Warm up every variant (pool slots, code, caches).
     bare_ns(&b, INPUT, 1000);
     bare_ns(&bt, INPUT, 1000);
     bare_ns(&fl, INPUT, 1000);
     executor_ns(&rt, &with_fuel, &bin_fuel, INPUT, 1000);
     executor_ns(&rt, &without_fuel, &bin_nofuel, INPUT, 1000);
+    request_ns(&rt, &rd, 1000);
 
-    let (mut bare_r, mut tuned_r, mut floor_r, mut fuel_r, mut nofuel_r) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut bare_r, mut tuned_r, mut floor_r, mut fuel_r, mut nofuel_r, mut req_r) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     for _ in 0..ROUNDS {
         bare_r.push(bare_ns(&b, INPUT, iters));
         tuned_r.push(bare_ns(&bt, INPUT, iters));
         floor_r.push(bare_ns(&fl, INPUT, iters));
         fuel_r.push(executor_ns(&rt, &with_fuel, &bin_fuel, INPUT, iters));
         nofuel_r.push(executor_ns(&rt, &without_fuel, &bin_nofuel, INPUT, iters));
+        req_r.push(request_ns(&rt, &rd, iters));
     }
     let (bare_m, tuned_m, floor_m) = (median(bare_r), median(tuned_r), median(floor_r));
-    let (fuel_m, nofuel_m) = (median(fuel_r), median(nofuel_r));
+    let (fuel_m, nofuel_m, req_m) = (median(fuel_r), median(nofuel_r), median(req_r));
     println!(
         "per-execution cost, uppercase, 11-byte input ({ROUNDS} rounds x {iters}, median round)"
     );
@@ -485,10 +586,16 @@ fn main() {
     row("bare wasmtime floor (+ epoch, fuel)", floor_m);
     row("executor, fuel metering on", fuel_m);
     row("executor, fuel metering off", nofuel_m);
+    row("request line: decode, dispatch, encode", req_m);
     println!(
         "  executor, fuel metering on / floor   {:>8.2}x   (the executor's overhead in floors: {:.2})",
         fuel_m / floor_m,
         fuel_m / floor_m - 1.0
+    );
+    println!(
+        "  request line / floor                 {:>8.2}x   (decode, dispatch, encode: {:.2} floors beyond the executor)",
+        req_m / floor_m,
+        (req_m - fuel_m) / floor_m
     );
     kinds(&rt, &with_fuel, iters);
 
