@@ -64,7 +64,7 @@ pub enum Origin {
 pub async fn dispatch(
     daemon: &Arc<Daemon>,
     tenant: &Tenant,
-    mut req: Request,
+    req: Request,
     fds: Vec<OwnedFd>,
     origin: Origin,
 ) -> Result<Reply> {
@@ -73,6 +73,45 @@ pub async fn dispatch(
             "file descriptors were passed with a request that takes none (only load with \"fd\": true does)",
         ));
     }
+    // An execution that names no user and that this process answers itself (what nearly
+    // every request is) runs directly: every `async` layer between the connection and the
+    // executor moves the request's future once more. The rest is boxed, so that it does
+    // not make every request's future as large as its own (docs/PERFORMANCE.md).
+    if runs_here(daemon, tenant, &req, origin) {
+        match req {
+            Request::Execute(r) => {
+                return execute::apply(daemon, tenant, r).await.map(Reply::Execute);
+            }
+            Request::Chain(r) => return chain::apply(daemon, tenant, r).await.map(Reply::Execute),
+            _ => unreachable!("runs_here admits executions only"),
+        }
+    }
+    Box::pin(qualify_and_serve(daemon, tenant, req, fds, origin)).await
+}
+
+/// Whether `req` is an `execute` or a `chain` that [`qualify_and_serve`] would pass
+/// unchanged to [`run`]: it names no binary by a user name, and it is not an admin's
+/// request in a worker (which may name a binary another worker holds).
+fn runs_here(daemon: &Daemon, tenant: &Tenant, req: &Request, origin: Origin) -> bool {
+    matches!(req, Request::Execute(_) | Request::Chain(_))
+        && (origin == Origin::Broker || daemon.upstream().is_none() || !tenant.is_admin())
+        && !req.references().iter().any(|r| {
+            let (reference, _) = wasmcore_proto::split_stage(r);
+            matches!(
+                wasmcore_proto::split_owner(reference),
+                Some(Ok((Owner::User(_), _)))
+            )
+        })
+}
+
+/// [`dispatch`] of any request: user names qualified, then served here or by the broker.
+async fn qualify_and_serve(
+    daemon: &Arc<Daemon>,
+    tenant: &Tenant,
+    mut req: Request,
+    fds: Vec<OwnedFd>,
+    origin: Origin,
+) -> Result<Reply> {
     let rewritten = match origin {
         Origin::Client => qualify(daemon, tenant, &mut req).await?,
         Origin::Broker => Vec::new(),
