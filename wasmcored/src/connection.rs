@@ -53,6 +53,12 @@ pub async fn serve(
     };
     let idle = cfg.server.idle_timeout;
     drop(cfg);
+    // One timer for the connection's life, not one per read: it is set to the idle
+    // timeout from the first wait and, when it fires while the connection was busy since,
+    // moved to the idle timeout from the latest wait (docs/PERFORMANCE.md).
+    let mut waiting_since = tokio::time::Instant::now();
+    let idle_timer = tokio::time::sleep_until(waiting_since + idle);
+    tokio::pin!(idle_timer);
     loop {
         // Answer every complete request already buffered.
         loop {
@@ -76,22 +82,29 @@ pub async fn serve(
         if *shutdown.borrow() {
             return;
         }
-        let read = tokio::select! {
-            r = tokio::time::timeout(idle, conn.read_more()) => r,
-            _ = shutdown.changed() => return,
+        waiting_since = tokio::time::Instant::now();
+        let read = loop {
+            tokio::select! {
+                r = conn.read_more() => break r,
+                _ = shutdown.changed() => return,
+                _ = &mut idle_timer => {
+                    let deadline = waiting_since + idle;
+                    if tokio::time::Instant::now() >= deadline {
+                        log::debug!(
+                            "connection from uid {} idle for {idle:?}; closing",
+                            tenant.uid
+                        );
+                        return;
+                    }
+                    idle_timer.as_mut().reset(deadline);
+                }
+            }
         };
         match read {
-            Ok(Ok(0)) => return, // peer closed
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
+            Ok(0) => return, // peer closed
+            Ok(_) => {}
+            Err(e) => {
                 log::debug!("connection from uid {}: read error: {e}", tenant.uid);
-                return;
-            }
-            Err(_) => {
-                log::debug!(
-                    "connection from uid {} idle for {idle:?}; closing",
-                    tenant.uid
-                );
                 return;
             }
         }

@@ -294,6 +294,25 @@ fn idle_and_half_closed_connections_end_cleanly() {
         waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
         "{waited:?}"
     );
+    // Busy: a connection that sends a request every 400 ms lives past several timeouts
+    // (the timeout counts from the latest wait, not from the connection's start), then
+    // idles out in its turn.
+    let mut busy = d.client();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(2600) {
+        assert_eq!(
+            ok(&busy.call(&json!({"op": "status", "tag": 3})))["tag"],
+            json!(3)
+        );
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let t = Instant::now();
+    assert!(busy.recv_line().is_none());
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
     // Half-closed: the requests sent before the shutdown are all answered, then EOF.
     let mut c = d.client();
     c.send_raw(b"{\"op\":\"status\",\"tag\":1}\n{\"op\":\"status\",\"tag\":2}\n");
