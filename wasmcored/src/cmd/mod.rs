@@ -91,10 +91,10 @@ pub async fn dispatch(
 
 /// Whether `req` is an `execute` or a `chain` that [`qualify_and_serve`] would pass
 /// unchanged to [`run`]: it names no binary by a user name, and it is not an admin's
-/// request in a worker (which may name a binary another worker holds).
+/// request in a worker for a binary this worker does not hold (which the broker runs in
+/// its owner's worker).
 fn runs_here(daemon: &Daemon, tenant: &Tenant, req: &Request, origin: Origin) -> bool {
     matches!(req, Request::Execute(_) | Request::Chain(_))
-        && (origin == Origin::Broker || daemon.upstream().is_none() || !tenant.is_admin())
         && !req.references().iter().any(|r| {
             let (reference, _) = wasmcore_proto::split_stage(r);
             matches!(
@@ -102,6 +102,10 @@ fn runs_here(daemon: &Daemon, tenant: &Tenant, req: &Request, origin: Origin) ->
                 Some(Ok((Owner::User(_), _)))
             )
         })
+        && (origin == Origin::Broker
+            || daemon.upstream().is_none()
+            || !tenant.is_admin()
+            || !unresolved_here(daemon, tenant, req))
 }
 
 /// [`dispatch`] of any request: user names qualified, then served here or by the broker.
