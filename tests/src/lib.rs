@@ -433,6 +433,27 @@ impl std::ops::DerefMut for TestUser {
     }
 }
 
+/// Run `useradd`, `userdel`, `groupadd` or `groupdel`. Tests running side by side take
+/// turns at /etc/passwd and /etc/group: the tools fail on a lock held rather than wait for
+/// it, so a failure that names a lock is tried again (for up to 5 s).
+fn account_tool(tool: &str, args: &[&str]) -> Output {
+    let mut tries = 0;
+    loop {
+        let out = Command::new(tool)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("run {tool}: {e}"));
+        tries += 1;
+        if out.status.success()
+            || tries == 50
+            || !String::from_utf8_lossy(&out.stderr).contains("lock")
+        {
+            return out;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 impl TestUser {
     /// Create `name` (root only). Fails the test if it cannot: the access tests need real UIDs.
     pub fn create(name: &str) -> TestUser {
@@ -440,18 +461,18 @@ impl TestUser {
             nix::unistd::getuid().is_root(),
             "the multi-user tests create real users and must run as root"
         );
-        let _ = Command::new("userdel").arg(name).output();
-        let out = Command::new("useradd")
-            .args([
+        account_tool("userdel", &[name]);
+        let out = account_tool(
+            "useradd",
+            &[
                 "--system",
                 "--no-create-home",
                 "--shell",
                 "/usr/sbin/nologin",
                 "--user-group",
                 name,
-            ])
-            .output()
-            .expect("run useradd");
+            ],
+        );
         assert!(
             out.status.success(),
             "useradd {name}: {}",
@@ -473,7 +494,7 @@ impl TestUser {
 
 impl Drop for TestUser {
     fn drop(&mut self) {
-        let _ = Command::new("userdel").arg(&self.name).output();
+        account_tool("userdel", &[&self.name]);
     }
 }
 
@@ -490,11 +511,8 @@ impl TestGroup {
             nix::unistd::getuid().is_root(),
             "creating groups needs root"
         );
-        let _ = Command::new("groupdel").arg(name).output();
-        let out = Command::new("groupadd")
-            .args(["--system", name])
-            .output()
-            .expect("run groupadd");
+        account_tool("groupdel", &[name]);
+        let out = account_tool("groupadd", &["--system", name]);
         assert!(
             out.status.success(),
             "groupadd {name}: {}",
@@ -512,7 +530,7 @@ impl TestGroup {
 
 impl Drop for TestGroup {
     fn drop(&mut self) {
-        let _ = Command::new("groupdel").arg(&self.name).output();
+        account_tool("groupdel", &[&self.name]);
     }
 }
 
