@@ -43,6 +43,9 @@ _wasmcorectl() {
             wasmcorectl,metrics)
                 cmd="wasmcorectl__subcmd__metrics"
                 ;;
+            wasmcorectl,rollback)
+                cmd="wasmcorectl__subcmd__rollback"
+                ;;
             wasmcorectl,status)
                 cmd="wasmcorectl__subcmd__status"
                 ;;
@@ -51,6 +54,9 @@ _wasmcorectl() {
                 ;;
             wasmcorectl,unload)
                 cmd="wasmcorectl__subcmd__unload"
+                ;;
+            wasmcorectl,versions)
+                cmd="wasmcorectl__subcmd__versions"
                 ;;
             wasmcorectl__subcmd__help,bench)
                 cmd="wasmcorectl__subcmd__help__subcmd__bench"
@@ -79,6 +85,9 @@ _wasmcorectl() {
             wasmcorectl__subcmd__help,metrics)
                 cmd="wasmcorectl__subcmd__help__subcmd__metrics"
                 ;;
+            wasmcorectl__subcmd__help,rollback)
+                cmd="wasmcorectl__subcmd__help__subcmd__rollback"
+                ;;
             wasmcorectl__subcmd__help,status)
                 cmd="wasmcorectl__subcmd__help__subcmd__status"
                 ;;
@@ -88,6 +97,9 @@ _wasmcorectl() {
             wasmcorectl__subcmd__help,unload)
                 cmd="wasmcorectl__subcmd__help__subcmd__unload"
                 ;;
+            wasmcorectl__subcmd__help,versions)
+                cmd="wasmcorectl__subcmd__help__subcmd__versions"
+                ;;
             *)
                 ;;
         esac
@@ -95,7 +107,7 @@ _wasmcorectl() {
 
     case "${cmd}" in
         wasmcorectl)
-            opts="-h -V --socket --json --help --version load execute chain list unload info configure status metrics top bench help"
+            opts="-h -V --socket --json --help --version load execute chain list rollback versions unload info configure status metrics top bench help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -305,7 +317,7 @@ _wasmcorectl() {
             return 0
             ;;
         wasmcorectl__subcmd__help)
-            opts="load execute chain list unload info configure status metrics top bench help"
+            opts="load execute chain list rollback versions unload info configure status metrics top bench help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -444,6 +456,20 @@ _wasmcorectl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        wasmcorectl__subcmd__help__subcmd__rollback)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         wasmcorectl__subcmd__help__subcmd__status)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -473,6 +499,20 @@ _wasmcorectl() {
             return 0
             ;;
         wasmcorectl__subcmd__help__subcmd__unload)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        wasmcorectl__subcmd__help__subcmd__versions)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -523,7 +563,7 @@ _wasmcorectl() {
             return 0
             ;;
         wasmcorectl__subcmd__load)
-            opts="-h --name --public --inline --config --socket --json --help"
+            opts="-h --name --replace --public --inline --config --socket --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -550,6 +590,24 @@ _wasmcorectl() {
             ;;
         wasmcorectl__subcmd__metrics)
             opts="-h --prometheus --socket --json --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        wasmcorectl__subcmd__rollback)
+            opts="-h --socket --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -627,6 +685,24 @@ _wasmcorectl() {
             return 0
             ;;
         wasmcorectl__subcmd__unload)
+            opts="-h --socket --json --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        wasmcorectl__subcmd__versions)
             opts="-h --socket --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

@@ -134,6 +134,10 @@ pub struct LoadRequest {
     /// Extism plugins: the configuration `config_get` reads (string keys and values).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<BTreeMap<String, String>>,
+    /// With `name`: when the caller already has a binary of that name, make the new module
+    /// its current version (the old one is kept as its previous version) instead of failing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replace: bool,
 }
 
 /// `configure`: replace the configuration of a binary (its owner or an admin).
@@ -229,6 +233,8 @@ pub enum Request {
     Status(StatusRequest),
     Configure(ConfigureRequest),
     Metrics(MetricsRequest),
+    Rollback(BinaryRequest),
+    Versions(BinaryRequest),
 }
 
 impl Request {
@@ -244,6 +250,8 @@ impl Request {
             Request::Status(_) => "status",
             Request::Configure(_) => "configure",
             Request::Metrics(_) => "metrics",
+            Request::Rollback(_) => "rollback",
+            Request::Versions(_) => "versions",
         }
     }
 
@@ -254,7 +262,9 @@ impl Request {
             Request::Execute(r) => r.tag.take(),
             Request::Chain(r) => r.tag.take(),
             Request::List(r) => r.tag.take(),
-            Request::Unload(r) | Request::Info(r) => r.tag.take(),
+            Request::Unload(r) | Request::Info(r) | Request::Rollback(r) | Request::Versions(r) => {
+                r.tag.take()
+            }
             Request::Status(r) => r.tag.take(),
             Request::Configure(r) => r.tag.take(),
             Request::Metrics(r) => r.tag.take(),
@@ -268,7 +278,9 @@ impl Request {
     pub fn references(&self) -> &[String] {
         match self {
             Request::Execute(r) => std::slice::from_ref(&r.binary),
-            Request::Info(r) | Request::Unload(r) => std::slice::from_ref(&r.binary),
+            Request::Info(r) | Request::Unload(r) | Request::Rollback(r) | Request::Versions(r) => {
+                std::slice::from_ref(&r.binary)
+            }
             Request::Configure(r) => std::slice::from_ref(&r.binary),
             Request::Chain(r) => &r.binaries,
             _ => &[],
@@ -279,7 +291,9 @@ impl Request {
     pub fn references_mut(&mut self) -> &mut [String] {
         match self {
             Request::Execute(r) => std::slice::from_mut(&mut r.binary),
-            Request::Info(r) | Request::Unload(r) => std::slice::from_mut(&mut r.binary),
+            Request::Info(r) | Request::Unload(r) | Request::Rollback(r) | Request::Versions(r) => {
+                std::slice::from_mut(&mut r.binary)
+            }
             Request::Configure(r) => std::slice::from_mut(&mut r.binary),
             Request::Chain(r) => &mut r.binaries,
             _ => &mut [],
@@ -543,6 +557,14 @@ pub struct LoadResponse {
     pub kind: ModuleKind,
     pub public: bool,
     pub compile_ms: f64,
+    /// A `replace`: the UUID of the version that was current before (kept as the name's
+    /// previous version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced: Option<String>,
+    /// A `replace` with the bytes of the current version: nothing changed, and `binary` is
+    /// the current version.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unchanged: bool,
 }
 
 /// Response to `execute` and `chain`. Output is `output` when it is UTF-8, else
@@ -601,6 +623,43 @@ pub struct BinaryInfo {
     /// Seconds since the Unix epoch.
     pub loaded_at: u64,
     pub executions: u64,
+    /// A version of its name that is no longer current, kept for `rollback` (and executable
+    /// by UUID).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub superseded: bool,
+}
+
+/// Response to `rollback`: the name now points to `binary`, the version that was current
+/// before `previous`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RollbackResponse {
+    pub name: String,
+    pub owner_uid: u32,
+    pub binary: String,
+    pub sha256: String,
+    pub previous: String,
+}
+
+/// One version of a name, in `versions`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    pub binary: String,
+    pub sha256: String,
+    pub size: u64,
+    pub kind: ModuleKind,
+    /// Seconds since the Unix epoch.
+    pub loaded_at: u64,
+    pub current: bool,
+}
+
+/// Response to `versions`: the versions a name keeps, in the order they became current
+/// (the current one last; `rollback` goes to the one before it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionsResponse {
+    pub name: String,
+    pub owner_uid: u32,
+    pub public: bool,
+    pub versions: Vec<VersionInfo>,
 }
 
 /// Response to `list`.
@@ -1094,6 +1153,12 @@ mod tests {
             (r#"{"op":"list","all":true}"#, "list"),
             (r#"{"op":"unload","binary":"b"}"#, "unload"),
             (r#"{"op":"info","binary":"b"}"#, "info"),
+            (r#"{"op":"rollback","binary":"b"}"#, "rollback"),
+            (r#"{"op":"versions","binary":"b"}"#, "versions"),
+            (
+                r#"{"op":"load","fd":true,"name":"b","replace":true}"#,
+                "load",
+            ),
             (r#"{"op":"status"}"#, "status"),
             (
                 r#"{"op":"configure","binary":"b","config":{"k":"v"}}"#,

@@ -100,22 +100,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Load a module (.wasm, or .wat text) and print its UUID.
-    Load {
-        /// The module file; opened by you and passed to the daemon as an open file.
-        file: PathBuf,
-        /// A name to refer to the binary by (unique among your binaries).
-        #[arg(long)]
-        name: Option<String>,
-        /// Let every tenant run it (admins only).
-        #[arg(long)]
-        public: bool,
-        /// Send the bytes inline (base64) instead of passing the open file.
-        #[arg(long)]
-        inline: bool,
-        /// A configuration entry an Extism plugin reads with `config_get` (repeatable).
-        #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_config_entry)]
-        config: Vec<(String, String)>,
-    },
+    Load(LoadArgs),
     /// Run a binary; its output goes to stdout as raw bytes.
     ///
     /// On a terminal, an output that does not end in a newline gets one, so that the prompt
@@ -151,7 +136,19 @@ pub enum Command {
         #[arg(long)]
         all: bool,
     },
-    /// Remove a binary and its plugin state.
+    /// Move a name back to the version that was current before its current one (a second
+    /// rollback undoes the first).
+    Rollback {
+        /// NAME or OWNER/NAME (OWNER a user name or uid), or the UUID of one of its versions.
+        binary: String,
+    },
+    /// List the versions a name keeps, in the order they became current (the current one
+    /// last).
+    Versions {
+        /// NAME or OWNER/NAME (OWNER a user name or uid), or the UUID of one of its versions.
+        binary: String,
+    },
+    /// Remove a binary and its plugin state; by name, every version of the name.
     Unload {
         /// UUID, NAME, or OWNER/NAME (OWNER a user name or uid).
         binary: String,
@@ -182,6 +179,31 @@ pub enum Command {
     Top(top::TopArgs),
     /// Measure every performance target against echo baselines in the same run.
     Bench(bench::BenchArgs),
+}
+
+/// What `load` loads, and how.
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// The module file; opened by you and passed to the daemon as an open file.
+    file: PathBuf,
+    /// A name to refer to the binary by (unique among your binaries).
+    #[arg(long)]
+    name: Option<String>,
+    /// When you already have a binary of that name: make this module its current version
+    /// in one step, keeping the old one for `rollback` (registry.keep_versions). A module
+    /// with the current version's bytes changes nothing.
+    #[arg(long, requires = "name")]
+    replace: bool,
+    /// Let every tenant run it (admins only).
+    #[arg(long)]
+    public: bool,
+    /// Send the bytes inline (base64) instead of passing the open file.
+    #[arg(long)]
+    inline: bool,
+    /// A configuration entry an Extism plugin reads with `config_get` (repeatable). A
+    /// replace without any keeps the current version's configuration.
+    #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_config_entry)]
+    config: Vec<(String, String)>,
 }
 
 /// Where the input comes from (default: stdin when it is not a terminal, else empty).
@@ -282,13 +304,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     let mut c = Client::connect_to(&socket)?;
     let json = cli.json;
     match cli.command {
-        Command::Load {
-            file,
-            name,
-            public,
-            inline,
-            config,
-        } => load(&mut c, json, file, name, public, inline, config),
+        Command::Load(args) => load(&mut c, json, args),
         Command::Execute {
             binary,
             function,
@@ -321,6 +337,27 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 return print_json(&resp);
             }
             print_list(&resp);
+            Ok(())
+        }
+        Command::Rollback { binary } => {
+            let resp = call(&mut c, &json!({"op": "rollback", "binary": binary}))?;
+            if json {
+                return print_json(&resp);
+            }
+            println!(
+                "{} is now {} (was {})",
+                text(&resp["name"]),
+                text(&resp["binary"]),
+                text(&resp["previous"])
+            );
+            Ok(())
+        }
+        Command::Versions { binary } => {
+            let resp = call(&mut c, &json!({"op": "versions", "binary": binary}))?;
+            if json {
+                return print_json(&resp);
+            }
+            print_versions(&resp);
             Ok(())
         }
         Command::Unload { binary } => {
@@ -438,15 +475,15 @@ pub fn failure_from(resp: &Value) -> Failure {
     Failure::new(exit_code, message)
 }
 
-fn load(
-    c: &mut Client,
-    json: bool,
-    file: PathBuf,
-    name: Option<String>,
-    public: bool,
-    inline: bool,
-    config: Vec<(String, String)>,
-) -> Result<(), Failure> {
+fn load(c: &mut Client, json: bool, args: LoadArgs) -> Result<(), Failure> {
+    let LoadArgs {
+        file,
+        name,
+        replace,
+        public,
+        inline,
+        config,
+    } = args;
     let io_err =
         |e: std::io::Error| Failure::new(exit::IO, format!("cannot read {}: {e}", file.display()));
     let mut req = json!({"op": "load"});
@@ -458,6 +495,9 @@ fn load(
     }
     if public {
         req["public"] = json!(true);
+    }
+    if replace {
+        req["replace"] = json!(true);
     }
     // What the daemon would refuse, said here with the path the user gave.
     let meta = std::fs::metadata(&file).map_err(io_err)?;
@@ -514,6 +554,19 @@ fn load(
         return print_json(&resp);
     }
     println!("{}", resp["binary"].as_str().unwrap_or_default());
+    if resp["unchanged"] == json!(true) {
+        eprintln!(
+            "{} already has these bytes (sha256 {}) as its current version: nothing changed",
+            text(&resp["name"]),
+            text(&resp["sha256"])
+        );
+    } else if let Some(previous) = resp["replaced"].as_str() {
+        eprintln!(
+            "{} is now this version; {previous} is kept as its previous version (wasmcorectl rollback {})",
+            text(&resp["name"]),
+            text(&resp["name"])
+        );
+    }
     Ok(())
 }
 
@@ -622,9 +675,13 @@ fn print_list(resp: &Value) {
         .to_vec(),
     ];
     for b in rows {
+        let mut name = text(&b["name"]);
+        if b["superseded"] == json!(true) {
+            name.push_str(" (superseded)");
+        }
         table.push(vec![
             text(&b["binary"]),
-            text(&b["name"]),
+            name,
             owner(&b["owner_uid"]),
             text(&b["kind"]),
             text(&b["size"]),
@@ -636,11 +693,49 @@ fn print_list(resp: &Value) {
             text(&b["executions"]),
         ]);
     }
+    let _ = write_stdout(render_table(&table).as_bytes());
+}
+
+/// `versions`: one row per version, the current one marked.
+fn print_versions(resp: &Value) {
+    let empty = Vec::new();
+    let rows = resp["versions"].as_array().unwrap_or(&empty);
+    let mut table = vec![
+        ["BINARY", "SHA256", "KIND", "SIZE", "LOADED", "CURRENT"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for v in rows {
+        let sha = text(&v["sha256"]);
+        table.push(vec![
+            text(&v["binary"]),
+            sha.get(..16).unwrap_or(&sha).to_string(),
+            text(&v["kind"]),
+            text(&v["size"]),
+            v["loaded_at"].as_u64().map_or_else(|| "-".into(), utc_time),
+            if v["current"] == json!(true) {
+                "yes".into()
+            } else {
+                "no".into()
+            },
+        ]);
+    }
+    let _ = write_stdout(render_table(&table).as_bytes());
+}
+
+/// Seconds since the epoch as an RFC 3339 UTC time.
+fn utc_time(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        .to_string()
+}
+
+/// Columns padded to their widest cell, two spaces apart.
+fn render_table(table: &[Vec<String>]) -> String {
     let widths: Vec<usize> = (0..table[0].len())
         .map(|i| table.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
-    for row in &table {
+    for row in table {
         let cells: Vec<String> = row
             .iter()
             .zip(&widths)
@@ -649,7 +744,7 @@ fn print_list(resp: &Value) {
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }
-    let _ = write_stdout(out.as_bytes());
+    out
 }
 
 /// A binary's owner as `OWNER/NAME` references take it: the user name where this host has

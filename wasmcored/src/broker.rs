@@ -931,18 +931,19 @@ impl Broker {
             }
         }
         let mut binaries: Vec<BinaryInfo> = metas
-            .into_iter()
+            .iter()
             .map(|m| {
                 reported.remove(&m.id.to_string()).unwrap_or(BinaryInfo {
                     binary: m.id.to_string(),
-                    name: m.name,
+                    name: m.name.clone(),
                     owner_uid: m.owner,
                     size: m.size,
-                    sha256: m.sha256,
+                    sha256: m.sha256.clone(),
                     kind: m.kind,
                     public: m.public,
                     loaded_at: m.loaded_at,
                     executions: 0,
+                    superseded: m.superseded_in(&metas),
                 })
             })
             .collect();
@@ -1104,9 +1105,11 @@ fn route(
         let found = match uuid::Uuid::parse_str(reference) {
             Ok(id) => metas.iter().find(|m| m.id == id),
             Err(_) => match wasmcore_proto::split_owner(reference) {
-                Some(Ok((wasmcore_proto::Owner::Uid(uid), name))) => metas
-                    .iter()
-                    .find(|m| m.owner == uid && m.name.as_deref() == Some(name)),
+                Some(Ok((wasmcore_proto::Owner::Uid(uid), name))) => {
+                    crate::store::current_of(metas, |m| {
+                        m.owner == uid && m.name.as_deref() == Some(name)
+                    })
+                }
                 Some(_) => {
                     return Err(staged(
                         stage,
@@ -1117,16 +1120,25 @@ fn route(
                         ),
                     ));
                 }
-                None => metas.iter().find(|m| {
-                    m.name.as_deref() == Some(reference) && (m.owner == admin || m.public)
+                // The admin's own binary of that name first, else the public one.
+                None => crate::store::current_of(metas, |m| {
+                    m.name.as_deref() == Some(reference) && m.owner == admin
+                })
+                .or_else(|| {
+                    crate::store::current_of(metas, |m| {
+                        m.name.as_deref() == Some(reference) && m.public
+                    })
                 }),
             },
         };
         let Some(meta) = found else {
+            // One entry per owner, however many versions of the name it keeps.
             let holders: Vec<u32> = metas
                 .iter()
                 .filter(|m| m.name.as_deref() == Some(reference))
                 .map(|m| m.owner)
+                .collect::<std::collections::BTreeSet<u32>>()
+                .into_iter()
                 .collect();
             let message = crate::registry::missing_for_admin(admin, reference, &holders, user_name);
             return Err(staged(
@@ -1335,6 +1347,7 @@ mod tests {
             public,
             loaded_at: 0,
             config: BTreeMap::new(),
+            activation: 0,
         };
         let metas = [
             meta(1, 984, "a1", false),
@@ -1401,6 +1414,27 @@ mod tests {
         });
         let err = route(0, &mut info, &metas, &names).unwrap_err();
         assert_eq!(err.message, format!("no binary {missing} is loaded"));
+        // A name with versions routes to its current one (the highest activation), and
+        // its owner is listed once among the holders.
+        let mut versioned = metas.to_vec();
+        versioned.push(BinaryMeta {
+            activation: 2,
+            ..meta(5, 984, "a1", false)
+        });
+        versioned.push(BinaryMeta {
+            activation: 1,
+            ..meta(6, 984, "a1", false)
+        });
+        let mut req = chain(&["984/a1"]);
+        assert_eq!(route(0, &mut req, &versioned, &names), Ok(984));
+        assert_eq!(req.references(), [uuid::Uuid::from_u128(5).to_string()]);
+        assert!(versioned[5].superseded_in(&versioned) && !versioned[4].superseded_in(&versioned));
+        let mut info = wasmcore_proto::Request::Info(wasmcore_proto::BinaryRequest {
+            tag: None,
+            binary: "a1".into(),
+        });
+        let err = route(0, &mut info, &versioned, &names).unwrap_err();
+        assert!(err.message.ends_with("alice/a1, 985/a1"), "{}", err.message);
     }
 
     fn hist(counts: &[u64]) -> HistogramData {

@@ -113,6 +113,9 @@ pub struct RegistryConfig {
     pub max_compile: Duration,
     /// Loads compiling at once, all tenants; beyond it, `busy`. 0: one per CPU.
     pub max_concurrent_loads: usize,
+    /// Versions a name keeps, the current one included: a `replace` beyond it unloads the
+    /// version that was current longest ago.
+    pub keep_versions: usize,
 }
 
 impl Default for RegistryConfig {
@@ -122,6 +125,7 @@ impl Default for RegistryConfig {
             max_state_key_bytes: 1024,
             max_compile: Duration::from_secs(30),
             max_concurrent_loads: 0,
+            keep_versions: 3,
         }
     }
 }
@@ -379,6 +383,7 @@ impl Config {
                 self.server.max_request_bytes as u64,
             ),
             ("server.max_connections", self.server.max_connections as u64),
+            ("registry.keep_versions", self.registry.keep_versions as u64),
             (
                 "quotas.concurrent_executions",
                 self.quotas.default.concurrent_executions as u64,
@@ -627,6 +632,7 @@ struct RawRegistry {
     max_state_key_bytes: Option<usize>,
     max_compile_s: Option<u64>,
     max_concurrent_loads: Option<usize>,
+    keep_versions: Option<usize>,
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize)]
@@ -767,6 +773,7 @@ impl RawConfig {
             max_concurrent_loads: r
                 .max_concurrent_loads
                 .unwrap_or(d.registry.max_concurrent_loads),
+            keep_versions: r.keep_versions.unwrap_or(d.registry.keep_versions),
         };
         let q = &self.quotas;
         let default_quota = RawQuota {

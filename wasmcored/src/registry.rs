@@ -4,10 +4,16 @@
 //! Every lookup takes the caller's [`Tenant`]: the registry alone decides who may see, run
 //! or unload a binary. A binary belongs to the UID that loaded it; an admin may load it
 //! as public (everyone may run it, only admins unload it).
+//!
+//! A name has versions: loading with `replace` under a name the owner has makes the new
+//! binary the name's current version in one step, and keeps the old one (executable by
+//! UUID, for `rollback`) until it falls out of `registry.keep_versions`. Of the binaries
+//! with one owner and name, the one with the highest `activation` is current; that number
+//! is stored with each binary, so a crash at any point leaves the name on one version.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -49,6 +55,8 @@ pub struct Binary {
     pub loaded_at: u64,
     /// Load order within this daemon's life (for stable listings).
     seq: u64,
+    /// Of the binaries with this owner and name, the highest is the name's current version.
+    activation: AtomicU64,
     pub executions: AtomicU64,
     /// Bytes it takes in the state directory (module + precompiled code), set when stored
     /// or restored so `info` and `status` need no disk access.
@@ -81,7 +89,14 @@ impl Binary {
         self.name.clone().unwrap_or_else(|| self.id.to_string())
     }
 
-    pub fn info(&self) -> BinaryInfo {
+    /// The order in which the versions of its name became current.
+    pub fn activation(&self) -> u64 {
+        self.activation.load(Relaxed)
+    }
+
+    /// Its entry in `list` and `info`; `superseded` when it is a version of its name that
+    /// is not the current one ([`Registry::is_superseded`]).
+    pub fn info(&self, superseded: bool) -> BinaryInfo {
         BinaryInfo {
             binary: self.id.to_string(),
             name: self.name.clone(),
@@ -92,11 +107,13 @@ impl Binary {
             public: self.public,
             loaded_at: self.loaded_at,
             executions: self.executions.load(Relaxed),
+            superseded,
         }
     }
 
+    /// Its imports, sorted by module and name.
     pub fn imports(&self) -> Vec<ExternInfo> {
-        match &self.code {
+        sorted(match &self.code {
             Code::Module(m) => m
                 .imports()
                 .map(|i| ExternInfo {
@@ -115,11 +132,12 @@ impl Binary {
                     })
                     .collect()
             }
-        }
+        })
     }
 
+    /// Its exports, sorted by name.
     pub fn exports_info(&self) -> Vec<ExternInfo> {
-        match &self.code {
+        sorted(match &self.code {
             Code::Module(m) => m
                 .exports()
                 .map(|e| ExternInfo {
@@ -138,8 +156,15 @@ impl Binary {
                     })
                     .collect()
             }
-        }
+        })
     }
+}
+
+/// Imports and exports in a stable order (module, then name), whatever order the binary
+/// declares them in.
+fn sorted(mut v: Vec<ExternInfo>) -> Vec<ExternInfo> {
+    v.sort_by(|a, b| (&a.module, &a.name).cmp(&(&b.module, &b.name)));
+    v
 }
 
 fn describe_item(item: &wasmtime::component::types::ComponentItem) -> String {
@@ -209,6 +234,7 @@ pub struct Identity {
     pub public: bool,
     pub loaded_at: u64,
     pub config: PluginConfig,
+    pub activation: u64,
 }
 
 /// How to register a compiled module.
@@ -216,8 +242,25 @@ pub struct Identity {
 pub struct LoadOptions {
     pub name: Option<String>,
     pub public: bool,
-    /// Extism plugins only.
-    pub config: PluginConfig,
+    /// Extism plugins only. `None` on a replace: the current version's configuration.
+    pub config: Option<PluginConfig>,
+    /// With a name the owner already has: make this the name's current version.
+    pub replace: bool,
+}
+
+/// What a load did.
+#[derive(Debug)]
+pub enum Loaded {
+    /// A new binary. For a replace, `replaced` is the version that was current before, and
+    /// `dropped` the versions that fell out of `registry.keep_versions`: gone from the
+    /// registry (running executions finish), still on disk for the caller to remove.
+    New {
+        bin: Arc<Binary>,
+        replaced: Option<Arc<Binary>>,
+        dropped: Vec<Arc<Binary>>,
+    },
+    /// A replace with the bytes of the current version: nothing changed.
+    Unchanged(Arc<Binary>),
 }
 
 /// What a caller wants to do with a binary.
@@ -237,8 +280,12 @@ pub struct Registry {
     state: Arc<dyn StateStore>,
     /// Lock-free reads on the execute path; an entry is never held across `.await`.
     binaries: DashMap<Uuid, Arc<Binary>>,
-    /// (owner, name) → UUID: names are unique per owner.
+    /// (owner, name) → UUID of the name's current version: names are unique per owner.
     names: DashMap<(u32, String), Uuid>,
+    /// Held while a name changes (a load with a name, a replace, a rollback, an unload, a
+    /// restore), so that each sees the versions of a name as the last one left them;
+    /// lookups never take it. May be held across a write to disk.
+    naming: Mutex<()>,
     /// Public binaries by name, so tenants can run an admin's public binary by name.
     public_names: DashMap<String, Uuid>,
     /// (binaries, module bytes) per owner; updated under the entry lock so the quota cannot
@@ -272,6 +319,7 @@ impl Registry {
             state,
             binaries: DashMap::new(),
             names: DashMap::new(),
+            naming: Mutex::new(()),
             public_names: DashMap::new(),
             per_owner: DashMap::new(),
             seq: AtomicU64::new(0),
@@ -368,19 +416,23 @@ impl Registry {
         compiled: Compiled,
         opts: LoadOptions,
     ) -> Result<Arc<Binary>> {
-        self.insert_with(owner, compiled, opts, |_| Ok(()))
+        match self.insert_with(owner, compiled, opts, |_| Ok(()))? {
+            Loaded::New { bin, .. } | Loaded::Unchanged(bin) => Ok(bin),
+        }
     }
 
-    /// Register a compiled module for `owner`: check quotas and reserve the name, then run
+    /// Register a compiled module for `owner`: check quotas and the name, then run
     /// `persist` (store it durably), and only then make it visible. If `persist` fails
-    /// nothing is registered.
+    /// nothing is registered. With `replace` and a name the owner has, the name moves to
+    /// the new binary in one step once it is stored; the versions beyond
+    /// `registry.keep_versions` leave the registry (see [`Loaded`]).
     pub fn insert_with(
         &self,
         owner: &Tenant,
         compiled: Compiled,
         opts: LoadOptions,
         persist: impl FnOnce(&Binary) -> Result<()>,
-    ) -> Result<Arc<Binary>> {
+    ) -> Result<Loaded> {
         if opts.public && !owner.is_admin() {
             return Err(Error::Forbidden(
                 "only admins may load public binaries".into(),
@@ -388,21 +440,145 @@ impl Registry {
         }
         if let Some(name) = &opts.name {
             validate_name(name)?;
+        } else if opts.replace {
+            return Err(Error::bad_request(
+                "`replace` needs a `name`: it makes the new module that name's current version",
+            ));
         }
-        validate_config(compiled.kind(), &opts.config)?;
-        let bin = Arc::new(self.make_binary(owner.uid, compiled, opts));
-        self.reserve_slot(owner.uid, bin.size)?;
-        if let Err(e) = self.reserve_names(&bin).and_then(|()| persist(&bin)) {
-            self.release_names(&bin);
+        if let Some(config) = &opts.config {
+            validate_config(compiled.kind(), config)?;
+        }
+        let (replace, inherit) = (opts.replace, opts.config.is_none());
+        let mut bin = self.make_binary(owner.uid, compiled, opts);
+        let _naming = bin.name.is_some().then(|| self.lock_naming());
+        let current = bin.name.as_ref().and_then(|name| {
+            let id = *self.names.get(&(owner.uid, name.clone()))?;
+            self.get(id)
+        });
+        let Some(current) = current else {
+            // A new name (or none).
+            self.reserve_slot(owner.uid, bin.size, &[])?;
+            if let Err(e) = self.reserve_names(&bin).and_then(|()| persist(&bin)) {
+                self.release_names(&bin);
+                self.release_slot(owner.uid, bin.size);
+                return Err(e);
+            }
+            let bin = Arc::new(bin);
+            self.binaries.insert(bin.id, bin.clone());
+            return Ok(Loaded::New {
+                bin,
+                replaced: None,
+                dropped: Vec::new(),
+            });
+        };
+        let name = current.name.clone().unwrap_or_default();
+        if !replace {
+            return Err(Error::AlreadyExists(format!(
+                "you already have a binary named {name:?}; load with --replace (\"replace\": true) to make this its new version, unload it, or choose another name"
+            )));
+        }
+        if bin.public && !current.public {
+            return Err(Error::bad_request(format!(
+                "{name:?} is a private binary and a replace keeps its visibility; load without --public, or unload {name:?} first"
+            )));
+        }
+        bin.public = current.public;
+        if bin.sha256 == current.sha256 {
+            if !inherit && **bin.config.load() != **current.config.load() {
+                return Err(Error::bad_request(format!(
+                    "the module is {name:?}'s current version ({}); change its configuration with `configure`",
+                    current.id
+                )));
+            }
+            return Ok(Loaded::Unchanged(current));
+        }
+        if inherit {
+            let config = current.config.load_full();
+            validate_config(bin.kind, &config).map_err(|e| {
+                Error::bad_request(format!(
+                    "the new version would keep the configuration of {name:?}'s current version, but: {e}; give the new version its own (--config)"
+                ))
+            })?;
+            bin.config = ArcSwap::new(config);
+        }
+        let versions = self.versions_of(owner.uid, &name);
+        let keep = self.live.load().registry.keep_versions.max(1);
+        // The new version counts: those that became current longest ago go.
+        let dropped: Vec<Arc<Binary>> = versions
+            .iter()
+            .take((versions.len() + 1).saturating_sub(keep))
+            .cloned()
+            .collect();
+        let top = versions.last().map_or(0, |b| b.activation());
+        bin.activation = AtomicU64::new(top + 1);
+        self.reserve_slot(owner.uid, bin.size, &dropped)?;
+        if let Err(e) = persist(&bin) {
             self.release_slot(owner.uid, bin.size);
             return Err(e);
         }
+        let bin = Arc::new(bin);
         self.binaries.insert(bin.id, bin.clone());
-        Ok(bin)
+        // The step that moves the name: a lookup sees the old version or the new one.
+        self.settle(owner.uid, &name);
+        for old in &dropped {
+            self.remove(old);
+        }
+        Ok(Loaded::New {
+            bin,
+            replaced: Some(current),
+            dropped,
+        })
+    }
+
+    fn lock_naming(&self) -> std::sync::MutexGuard<'_, ()> {
+        // The lock guards no data of its own: a panic elsewhere leaves nothing torn.
+        self.naming.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The binaries of `owner` named `name`, in the order they became current (the current
+    /// version last).
+    fn versions_of(&self, owner: u32, name: &str) -> Vec<Arc<Binary>> {
+        let mut v: Vec<Arc<Binary>> = self
+            .binaries
+            .iter()
+            .filter(|b| b.owner == owner && b.name.as_deref() == Some(name))
+            .map(|b| b.clone())
+            .collect();
+        v.sort_by_key(|b| (b.activation(), b.seq));
+        v
+    }
+
+    /// Point the name at its current version (the highest activation), or drop it when no
+    /// version is left.
+    fn settle(&self, owner: u32, name: &str) {
+        let key = (owner, name.to_string());
+        match self.versions_of(owner, name).last() {
+            Some(top) => {
+                self.names.insert(key, top.id);
+                if top.public {
+                    self.public_names.insert(name.to_string(), top.id);
+                }
+            }
+            None => {
+                self.names.remove(&key);
+                self.public_names
+                    .remove_if(name, |_, id| !self.binaries.contains_key(id));
+            }
+        }
+    }
+
+    /// Whether `bin` is a version of its name other than the current one.
+    pub fn is_superseded(&self, bin: &Binary) -> bool {
+        bin.name.as_ref().is_some_and(|name| {
+            self.names
+                .get(&(bin.owner, name.clone()))
+                .is_some_and(|id| *id != bin.id)
+        })
     }
 
     /// Register a binary restored from the state directory, with its stored identity.
-    /// Quotas are not checked (it was admitted when loaded); a name clash is an error.
+    /// Quotas are not checked (it was admitted when loaded); a name clash is an error,
+    /// unless it is another version of the same owner's name.
     pub fn restore(&self, meta: Identity, compiled: Compiled) -> Result<Arc<Binary>> {
         let mut bin = self.make_binary(
             meta.owner,
@@ -410,24 +586,36 @@ impl Registry {
             LoadOptions {
                 name: meta.name,
                 public: meta.public,
-                config: meta.config,
+                config: Some(meta.config),
+                replace: false,
             },
         );
         bin.id = meta.id;
         bin.loaded_at = meta.loaded_at;
+        bin.activation = AtomicU64::new(meta.activation);
+        let _naming = self.lock_naming();
         if self.binaries.contains_key(&bin.id) {
             return Err(Error::AlreadyExists(format!(
                 "binary {} is already registered",
                 bin.id
             )));
         }
-        self.reserve_names(&bin)?;
+        let version_of = bin.name.as_ref().and_then(|name| {
+            let id = *self.names.get(&(bin.owner, name.clone()))?;
+            self.get(id).filter(|b| b.public == bin.public)
+        });
+        if version_of.is_none() {
+            self.reserve_names(&bin)?;
+        }
         let mut held = self.per_owner.entry(bin.owner).or_insert((0, 0));
         held.0 += 1;
         held.1 += bin.size;
         drop(held);
         let bin = Arc::new(bin);
         self.binaries.insert(bin.id, bin.clone());
+        if let Some(name) = &bin.name {
+            self.settle(bin.owner, name);
+        }
         Ok(bin)
     }
 
@@ -441,15 +629,38 @@ impl Registry {
         }
     }
 
+    /// Take `bin` out of the registry: its name moves to the version that was current
+    /// before it (or goes), its quota is freed, its plugin state goes. Running executions
+    /// keep their `Arc` and finish. Call with the naming lock held.
+    fn remove(&self, bin: &Binary) -> Option<Arc<Binary>> {
+        let (_, bin) = self.binaries.remove(&bin.id)?;
+        if let Some(name) = &bin.name {
+            self.settle(bin.owner, name);
+        }
+        self.release_slot(bin.owner, bin.size);
+        self.state.remove_binary(bin.id);
+        Some(bin)
+    }
+
     /// Drop a binary that another process removed from the state directory (a public
     /// binary unloaded in another tenant's worker): no access check, nothing on disk.
     /// Running executions keep their `Arc` and finish.
     pub fn forget(&self, id: Uuid) -> Option<Arc<Binary>> {
-        let (_, bin) = self.binaries.remove(&id)?;
-        self.release_names(&bin);
-        self.release_slot(bin.owner, bin.size);
-        self.state.remove_binary(bin.id);
-        Some(bin)
+        let _naming = self.lock_naming();
+        let bin = self.get(id)?;
+        self.remove(&bin)
+    }
+
+    /// Take the activation another process stored for binary `id` (a public binary rolled
+    /// back or replaced in another tenant's worker), moving its name accordingly.
+    pub fn set_activation(&self, id: Uuid, activation: u64) {
+        let _naming = self.lock_naming();
+        if let Some(bin) = self.get(id) {
+            bin.activation.store(activation, Relaxed);
+            if let Some(name) = &bin.name {
+                self.settle(bin.owner, name);
+            }
+        }
     }
 
     /// Every registered binary, in load order.
@@ -472,23 +683,30 @@ impl Registry {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             seq: self.seq.fetch_add(1, Relaxed),
+            activation: AtomicU64::new(0),
             executions: AtomicU64::new(0),
             stored_bytes: AtomicU64::new(0),
             code: compiled.code,
             glue: compiled.glue,
-            config: ArcSwap::from_pointee(opts.config),
+            config: ArcSwap::from_pointee(opts.config.unwrap_or_default()),
             stats: BinaryStats::default(),
         }
     }
 
-    fn reserve_slot(&self, uid: u32, size: u64) -> Result<()> {
+    /// Count a binary of `size` bytes for `uid`, if its quota allows it once the binaries
+    /// in `leaving` (versions a replace drops) are gone.
+    fn reserve_slot(&self, uid: u32, size: u64, leaving: &[Arc<Binary>]) -> Result<()> {
         let quota = self.live.load().quotas.for_uid(uid);
         let mut held = self.per_owner.entry(uid).or_insert((0, 0));
         let (n, bytes) = *held;
+        let (n, bytes) = (
+            n.saturating_sub(leaving.len()),
+            bytes.saturating_sub(leaving.iter().map(|b| b.size).sum()),
+        );
         if n >= quota.binaries {
             self.metrics.refused(uid, Refusal::Binaries);
             return Err(Error::QuotaExceeded(format!(
-                "you already have {n} binaries loaded, your quota is {}; unload one first",
+                "you already have {n} binaries loaded (every kept version counts), your quota is {}; unload one first",
                 quota.binaries
             )));
         }
@@ -500,7 +718,7 @@ impl Registry {
                 quota.module_bytes
             )));
         }
-        *held = (n + 1, bytes + size);
+        *held = (held.0 + 1, held.1 + size);
         Ok(())
     }
 
@@ -648,19 +866,83 @@ impl Registry {
         Ok(bin)
     }
 
-    /// Remove a binary. Running executions keep their `Arc` and finish; new lookups fail.
-    pub fn unload(&self, tenant: &Tenant, reference: &str) -> Result<Arc<Binary>> {
+    /// What `unload` of `reference` removes, in the order to remove it: by name, every
+    /// version of the name, the current one last (so that a crash half-way leaves the name
+    /// on its current version); by UUID, that binary, unless it is the current version of
+    /// a name with other versions.
+    pub fn unload_plan(&self, tenant: &Tenant, reference: &str) -> Result<Vec<Arc<Binary>>> {
         let bin = self.resolve(tenant, reference, Access::Manage)?;
-        let Some((_, bin)) = self.binaries.remove(&bin.id) else {
-            return Err(Error::NotFound(format!(
-                "binary {reference:?} was already unloaded"
+        let Some(name) = bin.name.clone() else {
+            return Ok(vec![bin]);
+        };
+        let versions = self.versions_of(bin.owner, &name);
+        if Uuid::parse_str(reference).is_err() {
+            return Ok(versions);
+        }
+        if versions.len() > 1 && !self.is_superseded(&bin) {
+            return Err(Error::bad_request(format!(
+                "binary {} is the current version of {name:?}, which has {} versions: unload {name:?} to remove the name with every version, or roll it back first",
+                bin.id,
+                versions.len()
+            )));
+        }
+        Ok(vec![bin])
+    }
+
+    /// Remove binary `bin` (one of an [`Registry::unload_plan`], already gone from disk).
+    /// Running executions keep their `Arc` and finish; new lookups fail.
+    pub fn unload_one(&self, bin: &Binary) -> Option<Arc<Binary>> {
+        let _naming = self.lock_naming();
+        self.remove(bin)
+    }
+
+    /// [`Registry::unload_plan`] carried out in memory only (nothing stored to remove).
+    pub fn unload(&self, tenant: &Tenant, reference: &str) -> Result<Vec<Arc<Binary>>> {
+        let plan = self.unload_plan(tenant, reference)?;
+        Ok(plan.iter().filter_map(|b| self.unload_one(b)).collect())
+    }
+
+    /// Move the name `reference` names (by name or by one of its versions' UUIDs) back to
+    /// the version that was current before its current one: `persist` stores that
+    /// version's new activation, then the name moves. A second rollback undoes the first.
+    /// Returns (the new current version, the one it replaces).
+    pub fn rollback(
+        &self,
+        tenant: &Tenant,
+        reference: &str,
+        persist: impl FnOnce(&Binary, u64) -> Result<()>,
+    ) -> Result<(Arc<Binary>, Arc<Binary>)> {
+        let _naming = self.lock_naming();
+        let bin = self.resolve(tenant, reference, Access::Manage)?;
+        let Some(name) = bin.name.clone() else {
+            return Err(Error::bad_request(format!(
+                "binary {reference:?} has no name; versions belong to a name"
             )));
         };
-        self.release_names(&bin);
-        self.release_slot(bin.owner, bin.size);
-        // State belongs to the binary: every tenant's namespace for it goes.
-        self.state.remove_binary(bin.id);
-        Ok(bin)
+        let versions = self.versions_of(bin.owner, &name);
+        let (Some(current), Some(before)) = (versions.last(), versions.iter().rev().nth(1)) else {
+            return Err(Error::NotFound(format!(
+                "{name:?} has no previous version to roll back to (it has one version; registry.keep_versions keeps {})",
+                self.live.load().registry.keep_versions
+            )));
+        };
+        let activation = current.activation() + 1;
+        persist(before, activation)?;
+        before.activation.store(activation, Relaxed);
+        self.settle(bin.owner, &name);
+        Ok((before.clone(), current.clone()))
+    }
+
+    /// The versions of the name `reference` names, in the order they became current (the
+    /// current one last).
+    pub fn versions(&self, tenant: &Tenant, reference: &str) -> Result<Vec<Arc<Binary>>> {
+        let bin = self.resolve(tenant, reference, Access::Use)?;
+        let Some(name) = &bin.name else {
+            return Err(Error::bad_request(format!(
+                "binary {reference:?} has no name; versions belong to a name"
+            )));
+        };
+        Ok(self.versions_of(bin.owner, name))
     }
 }
 

@@ -471,7 +471,7 @@ async fn answer(daemon: &Arc<Daemon>, uid: u32, call: Call) -> serde_json::Value
                 .all()
                 .iter()
                 .filter(|b| b.owner == uid)
-                .map(|b| b.info())
+                .map(|b| b.info(daemon.registry.is_superseded(b)))
                 .collect();
             serde_json::to_value(owned)
         }

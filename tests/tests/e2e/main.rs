@@ -14,6 +14,7 @@ mod systemd;
 mod tenancy;
 mod top;
 mod units;
+mod versions;
 mod workers;
 
 use serde_json::{Value, json};

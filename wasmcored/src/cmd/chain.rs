@@ -24,7 +24,9 @@ pub async fn apply(daemon: &Daemon, tenant: &Tenant, req: ChainRequest) -> Resul
     let limits = daemon.executor.resolve_limits(&req.limits)?;
     let input = super::input_bytes(daemon, req.input, req.input_base64)?;
     // Resolve every stage before running any, so a typo fails fast and runs nothing. A
-    // stage is `BINARY` or `BINARY:FUNCTION`.
+    // stage is `BINARY` or `BINARY:FUNCTION`. A reference named twice is resolved once, so
+    // that a name replaced meanwhile does not run in two versions within one chain.
+    let mut resolved: Vec<(&str, std::sync::Arc<crate::registry::Binary>)> = Vec::new();
     let stages = req
         .binaries
         .iter()
@@ -37,10 +39,17 @@ pub async fn apply(daemon: &Daemon, tenant: &Tenant, req: ChainRequest) -> Resul
                 reference: r.clone(),
                 inner: Box::new(e),
             };
-            let bin = daemon
-                .registry
-                .resolve(tenant, reference, Access::Use)
-                .map_err(staged)?;
+            let bin = match resolved.iter().find(|(r, _)| *r == reference) {
+                Some((_, bin)) => bin.clone(),
+                None => {
+                    let bin = daemon
+                        .registry
+                        .resolve(tenant, reference, Access::Use)
+                        .map_err(staged)?;
+                    resolved.push((reference, bin.clone()));
+                    bin
+                }
+            };
             Executor::check_function(&bin, function.as_deref()).map_err(staged)?;
             Ok(Stage { bin, function })
         })

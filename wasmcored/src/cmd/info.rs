@@ -12,7 +12,7 @@ pub fn apply(daemon: &Daemon, tenant: &Tenant, req: BinaryRequest) -> Result<Inf
     let bin = daemon.registry.resolve(tenant, &req.binary, Access::Use)?;
     let l = daemon.executor.limits_config();
     Ok(InfoResponse {
-        info: bin.info(),
+        info: bin.info(daemon.registry.is_superseded(&bin)),
         imports: bin.imports(),
         exports: bin.exports_info(),
         limits: Limits {

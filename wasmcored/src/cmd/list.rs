@@ -11,7 +11,7 @@ pub fn apply(daemon: &Daemon, tenant: &Tenant, req: ListRequest) -> Result<ListR
         .registry
         .list(tenant, req.all)?
         .iter()
-        .map(|b| b.info())
+        .map(|b| b.info(daemon.registry.is_superseded(b)))
         .collect();
     Ok(ListResponse { binaries })
 }

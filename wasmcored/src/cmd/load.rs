@@ -4,6 +4,9 @@
 //! passed with SCM_RIGHTS (so the daemon never opens tenants' paths for them), or, for
 //! admins only, as a path the daemon opens. The reply is sent only once the binary is on
 //! disk (fsynced); if storing fails, nothing is registered.
+//!
+//! With `replace`, a name the caller has moves to the new binary once it is stored; the
+//! versions that fall out of `registry.keep_versions` are then removed from disk.
 
 use std::fs::File;
 use std::io::Read;
@@ -16,7 +19,7 @@ use wasmcore_proto::{LoadRequest, LoadResponse};
 use crate::daemon::Daemon;
 use crate::error::{Error, Result};
 use crate::metrics::Refusal;
-use crate::registry::LoadOptions;
+use crate::registry::{LoadOptions, Loaded};
 use crate::store::BinaryMeta;
 use crate::tenant::Tenant;
 
@@ -96,7 +99,8 @@ pub async fn apply(
     let opts = LoadOptions {
         name: req.name,
         public: req.public,
-        config: req.config.unwrap_or_default(),
+        config: req.config,
+        replace: req.replace,
     };
     // Reading, compiling and writing to disk block: keep them off the async workers.
     let job = tokio::task::spawn_blocking(move || -> Result<_> {
@@ -113,7 +117,7 @@ pub async fn apply(
         let compile_ms = compiled.compile_ms;
         let artifact = compiled.serialize()?;
         let hash = d.registry.engine().compat_hash();
-        let bin = d.registry.insert_with(&who, compiled, opts, |bin| {
+        let loaded = d.registry.insert_with(&who, compiled, opts, |bin| {
             let stored = d
                 .store
                 .save_binary(&BinaryMeta::of(bin), &bytes, &hash, &artifact)
@@ -122,9 +126,18 @@ pub async fn apply(
                 .store(stored, std::sync::atomic::Ordering::Relaxed);
             Ok(())
         })?;
+        if let Loaded::New { dropped, .. } = &loaded {
+            // Out of the registry already: a removal that fails leaves an entry that the
+            // next start restores as one more version, never a lost one.
+            for old in dropped {
+                if let Err(e) = d.store.remove_binary(old.owner, old.public, old.id) {
+                    log::error!("removing version {} from disk: {e}", old.id);
+                }
+            }
+        }
         drop((bytes, artifact));
         crate::sys::release_free_memory();
-        Ok((bin, compile_ms))
+        Ok((loaded, compile_ms))
     });
     let loaded = match tokio::time::timeout(max_compile, job).await {
         Ok(Ok(r)) => r,
@@ -138,18 +151,49 @@ pub async fn apply(
             .ok()
             .map(|(_, ms)| std::time::Duration::from_secs_f64(ms / 1000.0)),
     );
-    let (bin, compile_ms) = loaded?;
-    log::info!(
-        tenant_uid = tenant.uid, binary:% = bin.id, binary_name = bin.display_name().as_str(), kind = bin.kind.as_str();
-        "loaded binary {} ({}, {}, {} bytes, sha256 {}) for uid {}{}",
-        bin.id,
-        bin.display_name(),
-        bin.kind,
-        bin.size,
-        bin.sha256,
-        tenant.uid,
-        if bin.public { ", public" } else { "" }
-    );
+    let (loaded, compile_ms) = loaded?;
+    let (bin, replaced, dropped, unchanged) = match loaded {
+        Loaded::New {
+            bin,
+            replaced,
+            dropped,
+        } => (bin, replaced, dropped, false),
+        Loaded::Unchanged(bin) => (bin, None, Vec::new(), true),
+    };
+    if unchanged {
+        log::info!(
+            tenant_uid = tenant.uid, binary:% = bin.id, binary_name = bin.display_name().as_str();
+            "replace of {} for uid {}: the module is its current version {} (sha256 {}), nothing changed",
+            bin.display_name(),
+            tenant.uid,
+            bin.id,
+            bin.sha256
+        );
+    } else {
+        log::info!(
+            tenant_uid = tenant.uid, binary:% = bin.id, binary_name = bin.display_name().as_str(), kind = bin.kind.as_str();
+            "loaded binary {} ({}, {}, {} bytes, sha256 {}) for uid {}{}{}",
+            bin.id,
+            bin.display_name(),
+            bin.kind,
+            bin.size,
+            bin.sha256,
+            tenant.uid,
+            if bin.public { ", public" } else { "" },
+            replaced
+                .as_ref()
+                .map(|r| format!(", replacing {}", r.id))
+                .unwrap_or_default()
+        );
+    }
+    for old in &dropped {
+        log::info!(
+            tenant_uid = tenant.uid, binary:% = old.id, binary_name = old.display_name().as_str();
+            "unloaded version {} of {} (registry.keep_versions)",
+            old.id,
+            old.display_name()
+        );
+    }
     Ok(LoadResponse {
         binary: bin.id.to_string(),
         name: bin.name.clone(),
@@ -157,10 +201,15 @@ pub async fn apply(
         size: bin.size,
         kind: bin.kind,
         public: bin.public,
-        compile_ms: (compile_ms * 1000.0).round() / 1000.0,
+        compile_ms: if unchanged {
+            0.0
+        } else {
+            (compile_ms * 1000.0).round() / 1000.0
+        },
+        replaced: replaced.map(|r| r.id.to_string()),
+        unchanged,
     })
 }
-
 fn too_slow(limit: std::time::Duration) -> Error {
     Error::InvalidModule(format!(
         "compilation took longer than {} s; the module is refused",

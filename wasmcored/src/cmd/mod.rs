@@ -10,7 +10,8 @@ use std::sync::Arc;
 use serde::Serialize;
 use wasmcore_proto::{
     BinaryRequest, ConfigureRequest, Empty, ErrorBody, ErrorCode, ExecuteResponse, InfoResponse,
-    ListResponse, LoadResponse, MetricsResponse, Owner, Request, StatusResponse,
+    ListResponse, LoadResponse, MetricsResponse, Owner, Request, RollbackResponse, StatusResponse,
+    VersionsResponse,
 };
 
 use crate::control::Ask;
@@ -26,8 +27,10 @@ mod info;
 mod list;
 mod load;
 mod metrics;
+mod rollback;
 mod status;
 mod unload;
+mod versions;
 
 /// The success body of any op.
 #[derive(Debug, Serialize)]
@@ -39,6 +42,8 @@ pub enum Reply {
     Info(Box<InfoResponse>),
     Status(Box<StatusResponse>),
     Metrics(Box<MetricsResponse>),
+    Rollback(RollbackResponse),
+    Versions(VersionsResponse),
     Empty(Empty),
     /// The body of a response the broker or another worker made (an admin's view across
     /// tenants), passed on as it was.
@@ -156,8 +161,19 @@ async fn serve(
         }
     }
     let public_change = match &req {
-        Request::Load(l) => l.public,
+        // A replace keeps the visibility of the name it replaces.
+        Request::Load(l) => {
+            l.public
+                || l.replace
+                    && l.name.as_ref().is_some_and(|name| {
+                        daemon
+                            .registry
+                            .resolve(tenant, name, Access::Use)
+                            .is_ok_and(|b| b.public && tenant.is(b.owner))
+                    })
+        }
         Request::Unload(BinaryRequest { binary, .. })
+        | Request::Rollback(BinaryRequest { binary, .. })
         | Request::Configure(ConfigureRequest { binary, .. }) => daemon
             .registry
             .resolve(tenant, binary, Access::Use)
@@ -303,6 +319,10 @@ async fn run(
             .await
             .map(Reply::Empty),
         Request::Metrics(r) => Ok(Reply::Metrics(Box::new(metrics::apply(daemon, tenant, r)))),
+        Request::Rollback(r) => Box::pin(rollback::apply(daemon, tenant, r))
+            .await
+            .map(Reply::Rollback),
+        Request::Versions(r) => versions::apply(daemon, tenant, r).map(Reply::Versions),
     }
 }
 

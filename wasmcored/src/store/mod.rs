@@ -68,6 +68,14 @@ pub struct BinaryMeta {
     /// Extism plugins: the configuration `config_get` reads.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub config: BTreeMap<String, String>,
+    /// The order in which the versions of a name became current: of the binaries with this
+    /// owner and name, the one with the highest is the name's current version (absent: 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub activation: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A stored binary found at start.
@@ -629,7 +637,18 @@ impl BinaryMeta {
             public: bin.public,
             loaded_at: bin.loaded_at,
             config: (**bin.config.load()).clone(),
+            activation: bin.activation(),
         }
+    }
+
+    /// Whether another of `metas` with this owner and name is the name's current version.
+    pub fn superseded_in(&self, metas: &[BinaryMeta]) -> bool {
+        self.name.as_deref().is_some_and(|name| {
+            current_of(metas, |m| {
+                m.owner == self.owner && m.name.as_deref() == Some(name)
+            })
+            .is_some_and(|m| m.id != self.id)
+        })
     }
 
     /// The identity the registry restores the binary with.
@@ -641,8 +660,21 @@ impl BinaryMeta {
             public: self.public,
             loaded_at: self.loaded_at,
             config: self.config.clone(),
+            activation: self.activation,
         }
     }
+}
+
+/// Of the `metas` that `named` picks (the versions of one name), the current one: the
+/// highest activation.
+pub fn current_of(
+    metas: &[BinaryMeta],
+    named: impl Fn(&BinaryMeta) -> bool,
+) -> Option<&BinaryMeta> {
+    metas
+        .iter()
+        .filter(|m| named(m))
+        .max_by_key(|m| m.activation)
 }
 
 /// The ids of the readable binary entries in `scope` (before restoring them).
@@ -731,8 +763,10 @@ fn quarantine_logged(dir: &StateDir, path: &Path, why: &str, owner: Option<u32>)
 }
 
 /// Bring the public binaries of `registry` in line with the state directory after another
-/// worker loaded, configured or unloaded one: register the new ones, forget the removed
-/// ones, take changed configurations. Returns how many changed.
+/// worker loaded, replaced, rolled back, configured or unloaded one: register the new ones,
+/// move names to the versions now current, take changed configurations, forget the removed
+/// ones (in that order, so that a replaced name never goes missing on the way). Returns how
+/// many changed.
 pub fn sync_public(dir: &StateDir, registry: &crate::registry::Registry) -> io::Result<usize> {
     let hash = registry.engine().compat_hash();
     let stored: Vec<StoredBinary> = dir
@@ -742,34 +776,40 @@ pub fn sync_public(dir: &StateDir, registry: &crate::registry::Registry) -> io::
         .filter(|b| b.meta.public)
         .collect();
     let mut changed = 0;
-    for bin in registry.all() {
-        if !bin.public {
-            continue;
-        }
-        match stored.iter().find(|s| s.meta.id == bin.id) {
-            None => {
-                registry.forget(bin.id);
-                if let Err(e) = dir.remove_state(dir.state_holder(bin.owner), bin.id) {
-                    log::warn!(
-                        "removing the plugin state of unloaded binary {}: {e}",
-                        bin.id
-                    );
-                }
-                changed += 1;
-            }
-            Some(s) if **bin.config.load() != s.meta.config => {
-                bin.config.store(std::sync::Arc::new(s.meta.config.clone()));
-                changed += 1;
-            }
-            Some(_) => {}
-        }
-    }
     for s in &stored {
         if registry.get(s.meta.id).is_none() {
             match restore_one(dir, registry, s, &hash) {
                 Ok(_) => changed += 1,
                 Err(why) => log::warn!("public binary {} could not be read: {why}", s.meta.id),
             }
+        }
+    }
+    for bin in registry.all() {
+        if !bin.public {
+            continue;
+        }
+        let Some(s) = stored.iter().find(|s| s.meta.id == bin.id) else {
+            continue;
+        };
+        if bin.activation() != s.meta.activation {
+            registry.set_activation(bin.id, s.meta.activation);
+            changed += 1;
+        }
+        if **bin.config.load() != s.meta.config {
+            bin.config.store(std::sync::Arc::new(s.meta.config.clone()));
+            changed += 1;
+        }
+    }
+    for bin in registry.all() {
+        if bin.public && !stored.iter().any(|s| s.meta.id == bin.id) {
+            registry.forget(bin.id);
+            if let Err(e) = dir.remove_state(dir.state_holder(bin.owner), bin.id) {
+                log::warn!(
+                    "removing the plugin state of unloaded binary {}: {e}",
+                    bin.id
+                );
+            }
+            changed += 1;
         }
     }
     Ok(changed)
@@ -1004,6 +1044,7 @@ mod tests {
             config: BTreeMap::new(),
             public: false,
             loaded_at: 1,
+            activation: 0,
         }
     }
 
