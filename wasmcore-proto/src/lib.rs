@@ -138,6 +138,18 @@ pub struct LoadRequest {
     /// its current version (the old one is kept as its previous version) instead of failing.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub replace: bool,
+    /// Where the client got the module (an OCI reference): kept with the binary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+}
+
+/// Where a module came from, as the client that loaded it says: the `oci://` reference it
+/// pulled and the digest of the manifest it pulled it by.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    pub reference: String,
+    pub digest: String,
 }
 
 /// `configure`: replace the configuration of a binary (its owner or an admin).
@@ -627,6 +639,9 @@ pub struct BinaryInfo {
     /// by UUID).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub superseded: bool,
+    /// Where it was pulled from, when it was loaded from an OCI registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
 }
 
 /// Response to `rollback`: the name now points to `binary`, the version that was current
@@ -650,6 +665,8 @@ pub struct VersionInfo {
     /// Seconds since the Unix epoch.
     pub loaded_at: u64,
     pub current: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
 }
 
 /// Response to `versions`: the versions a name keeps, in the order they became current

@@ -944,6 +944,7 @@ impl Broker {
                     loaded_at: m.loaded_at,
                     executions: 0,
                     superseded: m.superseded_in(&metas),
+                    source: m.source.clone(),
                 })
             })
             .collect();
@@ -1348,6 +1349,7 @@ mod tests {
             loaded_at: 0,
             config: BTreeMap::new(),
             activation: 0,
+            source: None,
         };
         let metas = [
             meta(1, 984, "a1", false),

@@ -21,7 +21,7 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
-use wasmcore_proto::{BinaryInfo, ExternInfo, ModuleKind, Owner};
+use wasmcore_proto::{BinaryInfo, ExternInfo, ModuleKind, Owner, Source};
 use wasmtime::component::Component;
 use wasmtime::{ExternType, Module};
 
@@ -57,6 +57,8 @@ pub struct Binary {
     seq: u64,
     /// Of the binaries with this owner and name, the highest is the name's current version.
     activation: AtomicU64,
+    /// The OCI reference it was pulled by, as the client said.
+    pub source: Option<Source>,
     pub executions: AtomicU64,
     /// Bytes it takes in the state directory (module + precompiled code), set when stored
     /// or restored so `info` and `status` need no disk access.
@@ -108,6 +110,7 @@ impl Binary {
             loaded_at: self.loaded_at,
             executions: self.executions.load(Relaxed),
             superseded,
+            source: self.source.clone(),
         }
     }
 
@@ -235,6 +238,7 @@ pub struct Identity {
     pub loaded_at: u64,
     pub config: PluginConfig,
     pub activation: u64,
+    pub source: Option<Source>,
 }
 
 /// How to register a compiled module.
@@ -246,6 +250,8 @@ pub struct LoadOptions {
     pub config: Option<PluginConfig>,
     /// With a name the owner already has: make this the name's current version.
     pub replace: bool,
+    /// Where the client got the module.
+    pub source: Option<Source>,
 }
 
 /// What a load did.
@@ -448,6 +454,9 @@ impl Registry {
         if let Some(config) = &opts.config {
             validate_config(compiled.kind(), config)?;
         }
+        if let Some(source) = &opts.source {
+            validate_source(source)?;
+        }
         let (replace, inherit) = (opts.replace, opts.config.is_none());
         let mut bin = self.make_binary(owner.uid, compiled, opts);
         let _naming = bin.name.is_some().then(|| self.lock_naming());
@@ -588,6 +597,7 @@ impl Registry {
                 public: meta.public,
                 config: Some(meta.config),
                 replace: false,
+                source: meta.source,
             },
         );
         bin.id = meta.id;
@@ -690,6 +700,7 @@ impl Registry {
             glue: compiled.glue,
             config: ArcSwap::from_pointee(opts.config.unwrap_or_default()),
             stats: BinaryStats::default(),
+            source: opts.source,
         }
     }
 
@@ -1007,6 +1018,32 @@ fn validate_name(name: &str) -> Result<()> {
     }
     if Uuid::parse_str(name).is_ok() {
         return Err(Error::bad_request("a name must not look like a UUID"));
+    }
+    Ok(())
+}
+
+/// Longest `source.reference` kept.
+const MAX_SOURCE_REFERENCE: usize = 1024;
+
+/// A source is an `oci://` reference and a `sha256:` manifest digest. The daemon cannot
+/// check either against the registry (it never fetches anything); it keeps them as the
+/// client's account of where the bytes came from.
+fn validate_source(source: &Source) -> Result<()> {
+    let r = &source.reference;
+    if !r.starts_with("oci://")
+        || r.len() > MAX_SOURCE_REFERENCE
+        || r.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
+        return Err(Error::bad_request(format!(
+            "source.reference {r:?}: an oci:// reference of at most {MAX_SOURCE_REFERENCE} bytes, without spaces"
+        )));
+    }
+    let d = &source.digest;
+    let hex = d.strip_prefix("sha256:").unwrap_or_default();
+    if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(Error::bad_request(format!(
+            "source.digest {d:?}: sha256: and 64 lowercase hex digits"
+        )));
     }
     Ok(())
 }

@@ -101,6 +101,7 @@ pub async fn apply(
         public: req.public,
         config: req.config,
         replace: req.replace,
+        source: req.source,
     };
     // Reading, compiling and writing to disk block: keep them off the async workers.
     let job = tokio::task::spawn_blocking(move || -> Result<_> {

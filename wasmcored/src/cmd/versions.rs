@@ -23,6 +23,7 @@ pub fn apply(daemon: &Daemon, tenant: &Tenant, req: BinaryRequest) -> Result<Ver
                 kind: b.kind,
                 loaded_at: b.loaded_at,
                 current: Some(b.id) == current,
+                source: b.source.clone(),
             })
             .collect(),
     })

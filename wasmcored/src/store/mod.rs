@@ -72,6 +72,9 @@ pub struct BinaryMeta {
     /// owner and name, the one with the highest is the name's current version (absent: 0).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub activation: u64,
+    /// The OCI reference and manifest digest it was pulled by, as the client said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<wasmcore_proto::Source>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -638,6 +641,7 @@ impl BinaryMeta {
             loaded_at: bin.loaded_at,
             config: (**bin.config.load()).clone(),
             activation: bin.activation(),
+            source: bin.source.clone(),
         }
     }
 
@@ -661,6 +665,7 @@ impl BinaryMeta {
             loaded_at: self.loaded_at,
             config: self.config.clone(),
             activation: self.activation,
+            source: self.source.clone(),
         }
     }
 }
@@ -1045,6 +1050,7 @@ mod tests {
             public: false,
             loaded_at: 1,
             activation: 0,
+            source: None,
         }
     }
 
