@@ -53,7 +53,8 @@ dev: build plugins
 # useradd/groupadd, mount, Debian's python3 as a client under other UIDs, and curl and
 # promtool (prometheus) for the metrics exporter, tmux as the terminal of `top`, pytest
 # for the Python client's tests, and socat as the README's example client.
-TEST_DEBS := systemd util-linux passwd mount python3 curl prometheus tmux python3-pytest socat
+TEST_DEBS := systemd util-linux passwd mount python3 curl prometheus tmux python3-pytest socat \
+  docker-registry skopeo
 
 test: build plugins probe
 	packaging/ensure-packages.sh $(TEST_DEBS)

@@ -43,6 +43,9 @@ _wasmcorectl() {
             wasmcorectl,metrics)
                 cmd="wasmcorectl__subcmd__metrics"
                 ;;
+            wasmcorectl,push)
+                cmd="wasmcorectl__subcmd__push"
+                ;;
             wasmcorectl,rollback)
                 cmd="wasmcorectl__subcmd__rollback"
                 ;;
@@ -85,6 +88,9 @@ _wasmcorectl() {
             wasmcorectl__subcmd__help,metrics)
                 cmd="wasmcorectl__subcmd__help__subcmd__metrics"
                 ;;
+            wasmcorectl__subcmd__help,push)
+                cmd="wasmcorectl__subcmd__help__subcmd__push"
+                ;;
             wasmcorectl__subcmd__help,rollback)
                 cmd="wasmcorectl__subcmd__help__subcmd__rollback"
                 ;;
@@ -107,7 +113,7 @@ _wasmcorectl() {
 
     case "${cmd}" in
         wasmcorectl)
-            opts="-h -V --socket --json --help --version load execute chain list rollback versions unload info configure status metrics top bench help"
+            opts="-h -V --socket --json --help --version load execute chain list rollback versions unload info configure push status metrics top bench help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -317,7 +323,7 @@ _wasmcorectl() {
             return 0
             ;;
         wasmcorectl__subcmd__help)
-            opts="load execute chain list rollback versions unload info configure status metrics top bench help"
+            opts="load execute chain list rollback versions unload info configure push status metrics top bench help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -456,6 +462,20 @@ _wasmcorectl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        wasmcorectl__subcmd__help__subcmd__push)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         wasmcorectl__subcmd__help__subcmd__rollback)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -563,7 +583,7 @@ _wasmcorectl() {
             return 0
             ;;
         wasmcorectl__subcmd__load)
-            opts="-h --name --replace --public --inline --config --socket --json --help"
+            opts="-h --name --replace --public --inline --insecure --config --socket --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -590,6 +610,24 @@ _wasmcorectl() {
             ;;
         wasmcorectl__subcmd__metrics)
             opts="-h --prometheus --socket --json --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        wasmcorectl__subcmd__push)
+            opts="-h --insecure --socket --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -17,6 +17,7 @@ use serde_json::{Map, Value, json};
 
 pub mod bench;
 pub mod exporter;
+pub mod oci;
 pub mod openmetrics;
 pub mod progress;
 pub mod top;
@@ -62,7 +63,8 @@ pub mod exit {
     pub const EXECUTION_FAILED: u8 = 1;
     /// Bad command line.
     pub const USAGE: u8 = 2;
-    /// The daemon is not reachable, or its socket is not trusted.
+    /// The daemon is not reachable, or its socket is not trusted; or a registry is not
+    /// reachable.
     pub const UNAVAILABLE: u8 = 3;
     /// The daemon refused: forbidden.
     pub const FORBIDDEN: u8 = 4;
@@ -166,6 +168,18 @@ pub enum Command {
         #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_config_entry)]
         config: Vec<(String, String)>,
     },
+    /// Publish a module or component to an OCI registry as a Wasm artifact (the CNCF
+    /// layout), with your registry credentials; print its reference pinned by digest.
+    Push {
+        /// The .wasm file (or .wat text).
+        file: PathBuf,
+        /// oci://REGISTRY/REPOSITORY:TAG
+        reference: String,
+        /// Allow plain HTTP to the registry (always allowed for localhost, 127.0.0.1 and
+        /// [::1]).
+        #[arg(long)]
+        insecure: bool,
+    },
     /// Show the daemon's version, counts and limits, and who it thinks you are.
     Status,
     /// Print the daemon's counters as OpenMetrics text (--json: the snapshot as the daemon
@@ -184,7 +198,9 @@ pub enum Command {
 /// What `load` loads, and how.
 #[derive(Debug, Args)]
 pub struct LoadArgs {
-    /// The module file; opened by you and passed to the daemon as an open file.
+    /// The module file, opened by you and passed to the daemon as an open file; or
+    /// oci://REGISTRY/REPOSITORY:TAG (or @sha256:DIGEST), a Wasm artifact pulled by you, with
+    /// your registry credentials, and kept with its reference and digest.
     file: PathBuf,
     /// A name to refer to the binary by (unique among your binaries).
     #[arg(long)]
@@ -200,6 +216,10 @@ pub struct LoadArgs {
     /// Send the bytes inline (base64) instead of passing the open file.
     #[arg(long)]
     inline: bool,
+    /// Allow plain HTTP to the registry of an oci:// reference (always allowed for
+    /// localhost, 127.0.0.1 and [::1]).
+    #[arg(long)]
+    insecure: bool,
     /// A configuration entry an Extism plugin reads with `config_get` (repeatable). A
     /// replace without any keeps the current version's configuration.
     #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_config_entry)]
@@ -300,6 +320,15 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     let socket = wasmcore_client::resolve_socket(cli.socket.as_deref());
     if let Command::Bench(args) = &cli.command {
         return bench::run(&socket, args);
+    }
+    // Talks to a registry only, never to the daemon.
+    if let Command::Push {
+        file,
+        reference,
+        insecure,
+    } = &cli.command
+    {
+        return push(cli.json, file, reference, *insecure);
     }
     let mut c = Client::connect_to(&socket)?;
     let json = cli.json;
@@ -409,7 +438,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Top(args) => top::run(&mut c, &args, json),
-        Command::Bench(_) => unreachable!("handled above"),
+        Command::Bench(_) | Command::Push { .. } => unreachable!("handled above"),
     }
 }
 
@@ -482,6 +511,7 @@ fn load(c: &mut Client, json: bool, args: LoadArgs) -> Result<(), Failure> {
         replace,
         public,
         inline,
+        insecure,
         config,
     } = args;
     let io_err =
@@ -498,6 +528,26 @@ fn load(c: &mut Client, json: bool, args: LoadArgs) -> Result<(), Failure> {
     }
     if replace {
         req["replace"] = json!(true);
+    }
+    if let Some(text) = file.to_str().filter(|f| f.starts_with(oci::SCHEME)) {
+        let reference = oci::OciRef::parse(text)?;
+        let pulled = oci::pull(&reference, insecure)?;
+        req["source"] = json!({"reference": reference.text, "digest": pulled.manifest_digest});
+        let progress = progress::Progress::start(format!("compiling {text}…"));
+        let resp = if inline {
+            req["wasm_base64"] = json!(wasmcore_proto::encode_base64(&pulled.bytes));
+            c.call_json(&req, None)?
+        } else {
+            let f = in_memory_file(&pulled.bytes)?;
+            req["fd"] = json!(true);
+            c.call_json(&req, Some(f.as_fd()))?
+        };
+        drop(progress);
+        let resp = check(resp).map_err(|mut f| {
+            f.message = format!("{text}: {}", f.message);
+            f
+        })?;
+        return loaded(json, &resp);
     }
     // What the daemon would refuse, said here with the path the user gave.
     let meta = std::fs::metadata(&file).map_err(io_err)?;
@@ -550,8 +600,74 @@ fn load(c: &mut Client, json: bool, args: LoadArgs) -> Result<(), Failure> {
         }
         f
     })?;
+    loaded(json, &resp)
+}
+
+/// A pulled module as a file to pass to the daemon: an anonymous in-memory file, read from
+/// its start.
+fn in_memory_file(bytes: &[u8]) -> Result<File, Failure> {
+    use std::io::{Seek, SeekFrom};
+    let io = |e: std::io::Error| Failure::new(exit::IO, format!("an in-memory file: {e}"));
+    let fd =
+        nix::sys::memfd::memfd_create(c"wasmcore-pulled", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .map_err(|e| io(e.into()))?;
+    let mut f = File::from(fd);
+    f.write_all(bytes).map_err(io)?;
+    f.seek(SeekFrom::Start(0)).map_err(io)?;
+    Ok(f)
+}
+
+/// `push`: publish a file to a registry.
+fn push(json: bool, file: &Path, reference: &str, insecure: bool) -> Result<(), Failure> {
+    let r = oci::OciRef::parse(reference)?;
+    let bytes = std::fs::read(file)
+        .map_err(|e| Failure::new(exit::IO, format!("cannot read {}: {e}", file.display())))?;
+    let bytes = if file.extension().is_some_and(|e| e == "wat") {
+        wat::parse_bytes(&bytes)
+            .map_err(|e| Failure::new(exit::REFUSED, format!("{}: {e}", file.display())))?
+            .into_owned()
+    } else {
+        bytes
+    };
+    if bytes.len() < 8 || bytes[..4] != *b"\0asm" {
+        return Err(Failure::new(
+            exit::REFUSED,
+            format!(
+                "{}: not a WebAssembly binary (missing the \\0asm header)",
+                file.display()
+            ),
+        ));
+    }
+    let pushed = oci::push(bytes, &r, insecure)?;
+    let pinned = pinned(reference, &pushed.manifest_digest);
     if json {
-        return print_json(&resp);
+        return print_json(&json!({
+            "reference": reference,
+            "pinned": pinned,
+            "digest": pushed.manifest_digest,
+            "layer_digest": pushed.layer_digest,
+            "os": pushed.os,
+        }));
+    }
+    println!("{pinned}");
+    Ok(())
+}
+
+/// `oci://REGISTRY/REPOSITORY@DIGEST` for a reference with a tag or a digest.
+fn pinned(reference: &str, digest: &str) -> String {
+    let base = reference.split_once('@').map_or(reference, |(b, _)| b);
+    let slash = base.rfind('/').unwrap_or(0);
+    let base = match base[slash..].rfind(':') {
+        Some(colon) => &base[..slash + colon],
+        None => base,
+    };
+    format!("{base}@{digest}")
+}
+
+/// What `load` prints once the daemon answered.
+fn loaded(json: bool, resp: &Value) -> Result<(), Failure> {
+    if json {
+        return print_json(resp);
     }
     println!("{}", resp["binary"].as_str().unwrap_or_default());
     if resp["unchanged"] == json!(true) {
@@ -828,6 +944,19 @@ fn write_fields(out: &mut String, map: &Map<String, Value>, skip: &[&str], prefi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pushed_reference_is_pinned_by_its_digest() {
+        let d = "sha256:ab";
+        for (given, pinned_as) in [
+            ("oci://r.example/team/x:1.2", "oci://r.example/team/x@sha256:ab"),
+            ("oci://127.0.0.1:5000/x:1", "oci://127.0.0.1:5000/x@sha256:ab"),
+            ("oci://127.0.0.1:5000/x", "oci://127.0.0.1:5000/x@sha256:ab"),
+            ("oci://r.example/x@sha256:cd", "oci://r.example/x@sha256:ab"),
+        ] {
+            assert_eq!(pinned(given, d), pinned_as);
+        }
+    }
 
     #[test]
     fn workers_are_a_table() {

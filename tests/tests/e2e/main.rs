@@ -8,6 +8,7 @@ mod examples;
 mod extism;
 mod hostile;
 mod metrics;
+mod oci;
 mod persistence;
 mod socket;
 mod systemd;
