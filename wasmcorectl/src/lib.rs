@@ -949,8 +949,14 @@ mod tests {
     fn a_pushed_reference_is_pinned_by_its_digest() {
         let d = "sha256:ab";
         for (given, pinned_as) in [
-            ("oci://r.example/team/x:1.2", "oci://r.example/team/x@sha256:ab"),
-            ("oci://127.0.0.1:5000/x:1", "oci://127.0.0.1:5000/x@sha256:ab"),
+            (
+                "oci://r.example/team/x:1.2",
+                "oci://r.example/team/x@sha256:ab",
+            ),
+            (
+                "oci://127.0.0.1:5000/x:1",
+                "oci://127.0.0.1:5000/x@sha256:ab",
+            ),
             ("oci://127.0.0.1:5000/x", "oci://127.0.0.1:5000/x@sha256:ab"),
             ("oci://r.example/x@sha256:cd", "oci://r.example/x@sha256:ab"),
         ] {
