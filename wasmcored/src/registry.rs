@@ -879,25 +879,16 @@ impl Registry {
 
     /// What `unload` of `reference` removes, in the order to remove it: by name, every
     /// version of the name, the current one last (so that a crash half-way leaves the name
-    /// on its current version); by UUID, that binary, unless it is the current version of
-    /// a name with other versions.
+    /// on its current version); by UUID, that binary alone (when it was its name's current
+    /// version, the name moves to the version that was current before it).
     pub fn unload_plan(&self, tenant: &Tenant, reference: &str) -> Result<Vec<Arc<Binary>>> {
         let bin = self.resolve(tenant, reference, Access::Manage)?;
-        let Some(name) = bin.name.clone() else {
-            return Ok(vec![bin]);
-        };
-        let versions = self.versions_of(bin.owner, &name);
-        if Uuid::parse_str(reference).is_err() {
-            return Ok(versions);
+        match &bin.name {
+            Some(name) if Uuid::parse_str(reference).is_err() => {
+                Ok(self.versions_of(bin.owner, name))
+            }
+            _ => Ok(vec![bin]),
         }
-        if versions.len() > 1 && !self.is_superseded(&bin) {
-            return Err(Error::bad_request(format!(
-                "binary {} is the current version of {name:?}, which has {} versions: unload {name:?} to remove the name with every version, or roll it back first",
-                bin.id,
-                versions.len()
-            )));
-        }
-        Ok(vec![bin])
     }
 
     /// Remove binary `bin` (one of an [`Registry::unload_plan`], already gone from disk).

@@ -208,11 +208,14 @@ fn rollback_versions_and_what_a_replace_refuses() {
         .collect();
     assert_eq!(order, BTreeSet::from([v2.clone(), v3.clone(), v4.clone()]));
     assert_eq!(err_code(&run(&mut c, &v1)), "not_found");
-    // The current version by UUID cannot be unloaded alone; a superseded one can.
-    let r = c.call(&json!({"op": "unload", "binary": v4}));
-    assert_eq!(err_code(&r), "bad_request", "{r}");
+    // By UUID, one version goes; the current one's name moves to the version current
+    // before it.
     ok(&c.call(&json!({"op": "unload", "binary": v2})));
     assert_eq!(versions(&mut c, "r").len(), 2);
+    ok(&c.call(&json!({"op": "unload", "binary": v4})));
+    assert_eq!(run(&mut c, "r")["output"], json!("v3;"));
+    let v5 = id(&load(&mut c, "v5", "r", true));
+    assert_eq!(versions(&mut c, "r").len(), 2, "{v5}");
     // By name, the name goes with every version, from memory and from disk.
     ok(&c.call(&json!({"op": "unload", "binary": "r"})));
     assert_eq!(err_code(&run(&mut c, &v3)), "not_found");
