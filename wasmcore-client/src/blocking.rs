@@ -10,7 +10,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use wasmcore_proto::{
     BinaryInfo, ConfigureRequest, Empty, InfoResponse, LineBuffer, ListRequest, ListResponse,
-    LoadResponse, MetricsRequest, MetricsResponse, Request, StatusRequest, StatusResponse,
+    LoadResponse, MetricsRequest, MetricsResponse, Request, RollbackResponse, StatusRequest,
+    StatusResponse, VersionsResponse,
 };
 
 use crate::wire::{
@@ -181,6 +182,17 @@ impl Client {
     pub fn unload(&mut self, binary: &str) -> Result<(), Error> {
         let _: Empty = self.call(&Request::Unload(binary_request(binary)), None)?;
         Ok(())
+    }
+
+    /// Move a name back to the version that was current before its current one (its
+    /// owner or an admin); a second rollback undoes the first.
+    pub fn rollback(&mut self, binary: &str) -> Result<RollbackResponse, Error> {
+        self.call(&Request::Rollback(binary_request(binary)), None)
+    }
+
+    /// The versions a name keeps, in the order they became current (the current one last).
+    pub fn versions(&mut self, binary: &str) -> Result<VersionsResponse, Error> {
+        self.call(&Request::Versions(binary_request(binary)), None)
     }
 
     /// Replace an Extism plugin's configuration (its owner or an admin).

@@ -58,6 +58,6 @@ pub use socket::{RUN_SOCKET, SOCKET_ENV, TMP_SOCKET, resolve_socket};
 pub use wasmcore_proto as proto;
 pub use wasmcore_proto::{
     BinaryInfo, ErrorBody, ErrorCode, InfoResponse, LoadResponse, MetricsResponse, ModuleKind,
-    Stats, StatusResponse,
+    RollbackResponse, Stats, StatusResponse, VersionInfo, VersionsResponse,
 };
 pub use wire::{ExecOptions, LoadOptions, MAX_REPLY_LINE, Output};

@@ -12,7 +12,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 use wasmcore_proto::{
     BinaryInfo, ConfigureRequest, Empty, InfoResponse, LineBuffer, ListRequest, ListResponse,
-    LoadResponse, MetricsRequest, MetricsResponse, Request, StatusRequest, StatusResponse,
+    LoadResponse, MetricsRequest, MetricsResponse, Request, RollbackResponse, StatusRequest,
+    StatusResponse, VersionsResponse,
 };
 
 use crate::wire::{
@@ -218,6 +219,19 @@ impl AsyncClient {
             .call(&Request::Unload(binary_request(binary)), None)
             .await?;
         Ok(())
+    }
+
+    /// Move a name back to the version that was current before its current one (its
+    /// owner or an admin); a second rollback undoes the first.
+    pub async fn rollback(&mut self, binary: &str) -> Result<RollbackResponse, Error> {
+        self.call(&Request::Rollback(binary_request(binary)), None)
+            .await
+    }
+
+    /// The versions a name keeps, in the order they became current (the current one last).
+    pub async fn versions(&mut self, binary: &str) -> Result<VersionsResponse, Error> {
+        self.call(&Request::Versions(binary_request(binary)), None)
+            .await
     }
 
     /// Replace an Extism plugin's configuration (its owner or an admin).

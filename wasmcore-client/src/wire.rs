@@ -22,8 +22,12 @@ pub struct LoadOptions {
     pub name: Option<String>,
     /// Let every tenant execute it (the owner alone may unload it).
     pub public: bool,
-    /// Extism plugins: the configuration `config_get` reads.
+    /// Extism plugins: the configuration `config_get` reads. Empty on a replace: the
+    /// current version's is kept.
     pub config: BTreeMap<String, String>,
+    /// With a name the caller already has: make this module the name's current version
+    /// in one step, keeping the old one for a rollback.
+    pub replace: bool,
 }
 
 impl LoadOptions {
@@ -41,6 +45,12 @@ impl LoadOptions {
     /// Let every tenant execute the binary.
     pub fn public(mut self, public: bool) -> Self {
         self.public = public;
+        self
+    }
+
+    /// With a name the caller already has, make the module its new version.
+    pub fn replace(mut self, replace: bool) -> Self {
+        self.replace = replace;
         self
     }
 
@@ -314,6 +324,7 @@ pub(crate) fn load_request(
         name: opts.name.clone(),
         public: opts.public,
         config: (!opts.config.is_empty()).then(|| opts.config.clone()),
+        replace: opts.replace,
         ..LoadRequest::default()
     };
     source(&mut req);

@@ -110,6 +110,27 @@ def test_errors_carry_the_wire_code(client):
     assert reply["ok"] is False and reply["error"]["code"] == "bad_request"
 
 
+def test_versions_replace_and_rollback(client):
+    first = client.load(plugin("uppercase"), name="up")
+    with pytest.raises(wasmcore.AlreadyExists):
+        client.load(fixture("trap"), name="up")
+    second = client.load(fixture("trap"), name="up", replace=True)
+    assert second.replaced == first.binary and not second.unchanged
+    again = client.load(fixture("trap"), name="up", replace=True)
+    assert again.unchanged and again.binary == second.binary
+    with pytest.raises(wasmcore.Trap):
+        client.execute("up", b"x")
+    versions = client.versions("up")
+    assert [v["binary"] for v in versions] == [first.binary, second.binary]
+    assert [v["current"] for v in versions] == [False, True]
+    back = client.rollback("up")
+    assert back["binary"] == first.binary and back["previous"] == second.binary
+    assert client.execute("up", b"x").output == b"X"
+    # The superseded version still runs by UUID.
+    with pytest.raises(wasmcore.Trap):
+        client.execute(second.binary, b"x")
+
+
 def test_extism_functions_and_configuration(client):
     client.load(plugin("greet"), name="greet", config={"greeting": "Hi"})
     assert client.execute("greet", b"Ann", function="greet").text == "Hi, Ann!"

@@ -198,6 +198,23 @@ fn rust_client_calls_errors_and_pipelining() {
         )
         .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::AlreadyExists), "{e}");
+    // A new version of the name, then back.
+    let wc = std::fs::read(plugin_path("wc")).unwrap();
+    let v2 = c
+        .load_bytes(&wc, &LoadOptions::new().name("up").replace(true))
+        .unwrap();
+    assert_eq!(v2.replaced.as_deref(), Some(up.binary.as_str()));
+    let kept = c.versions("up").unwrap();
+    assert_eq!(
+        kept.versions
+            .iter()
+            .map(|v| (v.binary.as_str(), v.current))
+            .collect::<Vec<_>>(),
+        [(up.binary.as_str(), false), (v2.binary.as_str(), true)]
+    );
+    let back = c.rollback("up").unwrap();
+    assert_eq!((back.binary, back.previous), (up.binary.clone(), v2.binary));
+    assert_eq!(c.execute("up", b"abc").unwrap().bytes, b"ABC");
     let e = c
         .load_file(tmp.path().join("missing.wasm"), &LoadOptions::new())
         .unwrap_err();
@@ -243,7 +260,10 @@ fn rust_client_calls_errors_and_pipelining() {
     let status = c.status().unwrap();
     assert_eq!((status.tenant.uid, status.protocol), (0, 1));
     assert!(c.metrics().unwrap().tenants.iter().any(|t| t.uid == 0));
-    assert_eq!(c.list(false).unwrap().len(), 4);
+    // Four binaries and the superseded version of `up`.
+    let listed = c.list(false).unwrap();
+    assert_eq!(listed.len(), 5);
+    assert_eq!(listed.iter().filter(|b| b.superseded).count(), 1);
 
     // A client timeout: the connection is given up, later calls say so.
     let mut slow = Client::connect_to(&d.socket).unwrap();

@@ -95,9 +95,12 @@ class Output:
 
 class Loaded:
     """A loaded binary: ``binary`` (its UUID), ``name``, ``sha256``, ``size``, ``kind``
-    (``process``, ``wasi``, ``extism`` or ``component``), ``public``, ``compile_ms``."""
+    (``process``, ``wasi``, ``extism`` or ``component``), ``public``, ``compile_ms``; for a
+    replace, ``replaced`` (the UUID of the version that was current) or ``unchanged``
+    (the module was already the current version)."""
 
-    __slots__ = ("binary", "name", "sha256", "size", "kind", "public", "compile_ms")
+    __slots__ = ("binary", "name", "sha256", "size", "kind", "public", "compile_ms",
+                 "replaced", "unchanged")
 
     def __init__(self, d: Mapping[str, Any]) -> None:
         self.binary: str = d["binary"]
@@ -107,6 +110,8 @@ class Loaded:
         self.kind: str = d["kind"]
         self.public: bool = d.get("public", False)
         self.compile_ms: float = d.get("compile_ms", 0.0)
+        self.replaced: Optional[str] = d.get("replaced")
+        self.unchanged: bool = d.get("unchanged", False)
 
     def __repr__(self) -> str:
         return "Loaded(binary=%r, name=%r, kind=%r, size=%r)" % (
@@ -232,7 +237,7 @@ class Client:
     # -- the operations --------------------------------------------------------------
 
     def load(self, module: Module, *, name: Optional[str] = None, public: bool = False,
-             config: Optional[Mapping[str, str]] = None) -> Loaded:
+             config: Optional[Mapping[str, str]] = None, replace: bool = False) -> Loaded:
         """Load a module and return its identity.
 
         ``module`` is a path (the file is opened here, as the caller, and its descriptor
@@ -240,14 +245,18 @@ class Client:
         its descriptor (passed likewise; the daemon refuses pipes), or the
         module's bytes or an in-memory file object such as ``io.BytesIO`` (sent inline). ``name`` makes
         it callable by name; ``public`` lets every tenant execute it; ``config`` is an
-        Extism plugin's configuration.
+        Extism plugin's configuration. With ``replace`` and a name the caller already has,
+        the module becomes that name's current version in one step (the old one is kept for
+        ``rollback``); ``config=None`` then keeps the current version's configuration.
         """
         req: Dict[str, Any] = {"op": "load"}
         if name is not None:
             req["name"] = name
         if public:
             req["public"] = True
-        if config:
+        if replace:
+            req["replace"] = True
+        if config is not None and (config or replace):
             req["config"] = {str(k): str(v) for k, v in config.items()}
         if isinstance(module, (bytes, bytearray, memoryview)):
             req["wasm_base64"] = base64.b64encode(bytes(module)).decode()
@@ -349,6 +358,17 @@ class Client:
     def unload(self, binary: str) -> None:
         """Unload a binary (its owner or an admin); its plugin state goes with it."""
         self._call({"op": "unload", "binary": binary})
+
+    def rollback(self, binary: str) -> Dict[str, Any]:
+        """Move a name back to the version that was current before its current one (its
+        owner or an admin); a second rollback undoes the first. Returns ``name``,
+        ``binary`` (now current), ``previous`` and ``sha256``."""
+        return self._body(self._call({"op": "rollback", "binary": binary}))
+
+    def versions(self, binary: str) -> List[Dict[str, Any]]:
+        """The versions a name keeps (``binary``, ``sha256``, ``size``, ``kind``,
+        ``loaded_at``, ``current``), in the order they became current: the current one last."""
+        return self._body(self._call({"op": "versions", "binary": binary}))["versions"]
 
     def configure(self, binary: str, config: Mapping[str, str]) -> None:
         """Replace an Extism plugin's configuration (its owner or an admin)."""
