@@ -54,7 +54,7 @@ dev: build plugins
 # promtool (prometheus) for the metrics exporter, tmux as the terminal of `top`, pytest
 # for the Python client's tests, and socat as the README's example client.
 TEST_DEBS := systemd util-linux passwd mount python3 curl prometheus tmux python3-pytest socat \
-  docker-registry skopeo
+  docker-registry skopeo apache2-utils
 
 test: build plugins probe
 	packaging/ensure-packages.sh $(TEST_DEBS)

@@ -150,7 +150,31 @@ fn failed(r: &OciRef, doing: &str, e: &OciDistributionError) -> Failure {
                 | OciErrorCode::NotFound
         )
     };
+    let refused =
+        |e: &OciError| matches!(e.code, OciErrorCode::Unauthorized | OciErrorCode::Denied);
+    let credentials = || {
+        Failure::new(
+            exit::FORBIDDEN,
+            format!(
+                "{}: {doing}: the registry {} refused access (HTTP 401/403): set your credentials for it in $REGISTRY_AUTH_FILE or ~/.docker/config.json",
+                r.text,
+                r.registry()
+            ),
+        )
+    };
     match e {
+        OciDistributionError::ServerError {
+            code: 401 | 403, ..
+        } => credentials(),
+        OciDistributionError::RegistryError { envelope, .. }
+            if envelope.errors.iter().any(refused) =>
+        {
+            credentials()
+        }
+        OciDistributionError::ServerError { code: 404, .. } => Failure::new(
+            exit::NOT_FOUND,
+            format!("{}: not in the registry ({e})", r.text),
+        ),
         OciDistributionError::RegistryError { envelope, .. }
             if envelope.errors.iter().any(not_found) =>
         {
@@ -164,13 +188,7 @@ fn failed(r: &OciRef, doing: &str, e: &OciDistributionError) -> Failure {
             format!("{}: not in the registry ({e})", r.text),
         ),
         OciDistributionError::UnauthorizedError { .. }
-        | OciDistributionError::AuthenticationFailure(_) => Failure::new(
-            exit::FORBIDDEN,
-            format!(
-                "{}: the registry refused your credentials ({e}); set them in $REGISTRY_AUTH_FILE or ~/.docker/config.json",
-                r.text
-            ),
-        ),
+        | OciDistributionError::AuthenticationFailure(_) => credentials(),
         OciDistributionError::RequestError(re) if re.is_connect() || re.is_timeout() => {
             Failure::new(
                 exit::UNAVAILABLE,

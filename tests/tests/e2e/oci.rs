@@ -25,14 +25,36 @@ struct Registry {
 
 impl Registry {
     fn start() -> Registry {
+        Registry::start_with_users(None)
+    }
+
+    /// With `users`, every request needs one of them (HTTP basic authentication).
+    fn start_with_users(users: Option<&[(&str, &str)]>) -> Registry {
         let dir = TempDir::new("registry");
+        let mut auth = String::new();
+        if let Some(users) = users {
+            let mut lines = Vec::new();
+            for (user, password) in users {
+                let o = Command::new("htpasswd")
+                    .args(["-Bbn", user, password])
+                    .output()
+                    .expect("run htpasswd (Debian's apache2-utils; make test installs it)");
+                assert!(o.status.success(), "htpasswd: {}", stderr(&o));
+                lines.push(stdout(&o).trim().to_string());
+            }
+            let path = dir.write("htpasswd", (lines.join("\n") + "\n").as_bytes());
+            auth = format!(
+                "auth:\n  htpasswd:\n    realm: wasm-core-tests\n    path: {}\n",
+                path.display()
+            );
+        }
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
         let config = format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
             dir.path().join("data").display()
         );
         let path = dir.write("config.yml", config.as_bytes());
@@ -251,4 +273,58 @@ fn ctl_at_env(d: &Daemon, args: &[&str], auth_file: &str) -> Output {
         .env("REGISTRY_AUTH_FILE", auth_file)
         .output()
         .expect("run wasmcorectl")
+}
+
+#[test]
+fn credentials_are_the_calling_users_own() {
+    let reg = Registry::start_with_users(Some(&[("alice", "s3cret")]));
+    let d = Daemon::start();
+    let path = plugin_path("uppercase");
+    let tagged = reg.reference("team/up:1");
+    let auth = |password: &str| {
+        let token = b64(format!("alice:{password}").as_bytes());
+        let registry = format!("127.0.0.1:{}", reg.port);
+        json!({"auths": {registry: {"auth": token}}}).to_string()
+    };
+    // No credentials, and wrong ones: refused, with where to put them.
+    let o = d.ctl(&["push", path.to_str().unwrap(), &tagged]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(stderr(&o).contains("REGISTRY_AUTH_FILE"), "{}", stderr(&o));
+    let wrong = reg.dir.write("wrong.json", auth("nope").as_bytes());
+    let o = ctl_at_env(
+        &d,
+        &["push", path.to_str().unwrap(), &tagged],
+        wrong.to_str().unwrap(),
+    );
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    // $REGISTRY_AUTH_FILE.
+    let right = reg.dir.write("right.json", auth("s3cret").as_bytes());
+    let o = ctl_at_env(
+        &d,
+        &["push", path.to_str().unwrap(), &tagged],
+        right.to_str().unwrap(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A tenant pulls with its own Docker config; the daemon never sees the credentials.
+    let bob = TestUser::create("wasmcore-e2e-ocibob");
+    let docker = TempDir::new("docker-config");
+    docker.write("config.json", auth("s3cret").as_bytes());
+    let o = bob
+        .command()
+        .arg(wasmcorectl())
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["load", &tagged, "--name", "up"])
+        .env("DOCKER_CONFIG", docker.path())
+        .env_remove("REGISTRY_AUTH_FILE")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = raw_as(
+        &d.socket,
+        &bob,
+        &json!({"op": "execute", "binary": "up", "input": "q"}),
+    );
+    assert_eq!(ok(&r)["output"], json!("Q"));
+    assert!(!d.log().contains("s3cret"));
 }
