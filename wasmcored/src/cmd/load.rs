@@ -211,6 +211,7 @@ pub async fn apply(
         unchanged,
     })
 }
+
 fn too_slow(limit: std::time::Duration) -> Error {
     Error::InvalidModule(format!(
         "compilation took longer than {} s; the module is refused",
