@@ -70,10 +70,21 @@ probe:
 	cp $(BIN)/wasmcored $(BIN)/wasmcored-escape-probe
 	$(CARGO) build --$(PROFILE) -p wasmcored --bin wasmcored
 
+# Where `make check` verifies the packaged crates.
+PACKAGE_TARGET := target/package-check
+
 check:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) package --quiet --allow-dirty -p wasmcore-proto -p wasmcore-client
+# Cargo verifies wasmcore-client against the wasmcore-proto it just packaged, unpacked
+# into CARGO_HOME and built in the target directory; it reuses what an earlier run of
+# the same version left in either place, and ours change without a version bump: drop
+# the unpacked copies, and verify in a target directory of its own, emptied first.
+	rm -rf $${CARGO_HOME:-$$HOME/.cargo}/registry/src/-*/wasmcore-proto-* \
+	  $${CARGO_HOME:-$$HOME/.cargo}/registry/src/-*/wasmcore-client-* \
+	  $(PACKAGE_TARGET)
+	$(CARGO) package --quiet --allow-dirty --target-dir $(PACKAGE_TARGET) \
+	  -p wasmcore-proto -p wasmcore-client
 
 bench: build plugins
 	$(CARGO) bench -p wasmcored --bench exec
