@@ -623,7 +623,9 @@ impl Registry {
         drop(held);
         let bin = Arc::new(bin);
         self.binaries.insert(bin.id, bin.clone());
-        if let Some(name) = &bin.name {
+        // A name seen first was reserved for this binary above; only a second version has
+        // to be weighed against the others (a scan of every binary: not once per restore).
+        if let (Some(name), Some(_)) = (&bin.name, version_of) {
             self.settle(bin.owner, name);
         }
         Ok(bin)
