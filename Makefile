@@ -124,6 +124,7 @@ install:
 	  install -Dm644 systemd/$$u $(DESTDIR)$(UNITDIR)/$$u; done
 	install -Dm644 systemd/wasm-core.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/wasm-core.conf
 	install -Dm644 systemd/config.toml $(DESTDIR)$(SYSCONFDIR)/wasm-core/config.toml
+	install -dm755 $(DESTDIR)$(SYSCONFDIR)/wasm-core/binaries.d
 	install -Dm644 man/wasmcored.8 $(DESTDIR)$(PREFIX)/share/man/man8/wasmcored.8
 	install -Dm644 man/wasm-core-metrics.8 $(DESTDIR)$(PREFIX)/share/man/man8/wasm-core-metrics.8
 	install -Dm644 man/wasm-core.toml.5 $(DESTDIR)$(PREFIX)/share/man/man5/wasm-core.toml.5

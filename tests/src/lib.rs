@@ -124,6 +124,14 @@ fn spawn_daemon(program: &Path, dir: &Path, socket: &Path, args: &[String]) -> C
         .arg(socket)
         .arg("--state-dir")
         .arg(dir.join("state"))
+        // Never the host's provisioning files: a test that does not name a directory of its
+        // own gets DIR/binaries.d.
+        .args(
+            (!args.iter().any(|a| a == "--provisioning-dir"))
+                .then(|| ["--provisioning-dir".into(), dir.join("binaries.d")])
+                .into_iter()
+                .flatten(),
+        )
         .args(args)
         .env_remove("LISTEN_FDS")
         .env_remove("NOTIFY_SOCKET")

@@ -114,6 +114,22 @@ pub struct LimitsRequest {
     pub fuel: Option<u64>,
 }
 
+impl LimitsRequest {
+    /// Asks for no limit of its own.
+    pub fn is_empty(&self) -> bool {
+        *self == LimitsRequest::default()
+    }
+
+    /// These limits, each one not given taken from `defaults`.
+    pub fn or(self, defaults: &LimitsRequest) -> LimitsRequest {
+        LimitsRequest {
+            timeout_ms: self.timeout_ms.or(defaults.timeout_ms),
+            memory_limit_mb: self.memory_limit_mb.or(defaults.memory_limit_mb),
+            fuel: self.fuel.or(defaults.fuel),
+        }
+    }
+}
+
 /// `load`: register a module. Exactly one source: `wasm_base64`, `fd: true` (the module is
 /// the file descriptor passed with SCM_RIGHTS together with this line), or `path` (admins).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -232,6 +248,17 @@ pub struct MetricsRequest {
     pub tag: Option<Value>,
 }
 
+/// `apply` (admins): bring the binaries to what the provisioning files declare, or with
+/// `dry_run` only say what that would change.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<Value>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
+}
+
 /// One request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -247,6 +274,7 @@ pub enum Request {
     Metrics(MetricsRequest),
     Rollback(BinaryRequest),
     Versions(BinaryRequest),
+    Apply(ApplyRequest),
 }
 
 impl Request {
@@ -264,6 +292,7 @@ impl Request {
             Request::Metrics(_) => "metrics",
             Request::Rollback(_) => "rollback",
             Request::Versions(_) => "versions",
+            Request::Apply(_) => "apply",
         }
     }
 
@@ -280,6 +309,7 @@ impl Request {
             Request::Status(r) => r.tag.take(),
             Request::Configure(r) => r.tag.take(),
             Request::Metrics(r) => r.tag.take(),
+            Request::Apply(r) => r.tag.take(),
         }
     }
 }
@@ -642,6 +672,79 @@ pub struct BinaryInfo {
     /// Where it was pulled from, when it was loaded from an OCI registry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<Source>,
+    /// Declared by a provisioning file: only that file changes or removes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provisioned: Option<Provisioned>,
+}
+
+/// What a provisioning file declares of a binary beyond its module: the file itself, and the
+/// limits its executions get when they ask for none.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Provisioned {
+    pub file: String,
+    #[serde(default, skip_serializing_if = "LimitsRequest::is_empty")]
+    pub limits: LimitsRequest,
+}
+
+/// What `apply` did (or, with `dry_run`, would do) for one provisioning file or one
+/// provisioned binary whose file is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProvisionAction {
+    /// Not loaded yet: load it.
+    Load,
+    /// The module changed: replace the name's current version.
+    Replace,
+    /// Same module, other configuration or limits: change them in place.
+    Configure,
+    /// Its file is gone: unload every version of its name.
+    Unload,
+    /// Already as declared.
+    Unchanged,
+    /// The file is refused (see `error`); what it declared before is left as it is.
+    Invalid,
+}
+
+/// One line of an `apply` report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProvisionEntry {
+    /// The provisioning file.
+    pub file: String,
+    pub action: ProvisionAction,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_uid: Option<u32>,
+    /// The binary the name is on afterwards (for `unload`: the one it was on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary: Option<String>,
+    /// The module's sha256: the declared one (`load`, `replace`, `unchanged`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// For `invalid`, or an action that failed: why, with the file's line when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<u32>,
+}
+
+/// Response to `apply`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApplyResponse {
+    /// The directory read (`provisioning.dir`).
+    pub dir: String,
+    pub dry_run: bool,
+    /// One entry per file (sorted by file name), then one per provisioned binary whose
+    /// file is gone.
+    pub entries: Vec<ProvisionEntry>,
+}
+
+impl ApplyResponse {
+    /// Entries that were refused or failed.
+    pub fn failed(&self) -> usize {
+        self.entries.iter().filter(|e| e.error.is_some()).count()
+    }
 }
 
 /// Response to `rollback`: the name now points to `binary`, the version that was current

@@ -180,6 +180,18 @@ pub enum Command {
         #[arg(long)]
         insecure: bool,
     },
+    /// Bring the binaries to what the provisioning files declare (admins): load, replace,
+    /// reconfigure and unload as the files in provisioning.dir say, as the daemon does at
+    /// start and on reload; print what changed.
+    ///
+    /// A file that cannot be used is reported with its path and line and changes nothing
+    /// (what it declared before stays); the other files still apply, and the exit status
+    /// is then 6.
+    Apply {
+        /// Only print what would change.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Show the daemon's version, counts and limits, and who it thinks you are.
     Status,
     /// Print the daemon's counters as OpenMetrics text (--json: the snapshot as the daemon
@@ -388,6 +400,31 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             }
             print_versions(&resp);
             Ok(())
+        }
+        Command::Apply { dry_run } => {
+            let mut req = json!({"op": "apply"});
+            if dry_run {
+                req["dry_run"] = json!(true);
+            }
+            let resp = call(&mut c, &req)?;
+            if json {
+                print_json(&resp)?;
+            } else {
+                print_apply(&resp);
+            }
+            let report: wasmcore_proto::ApplyResponse = serde_json::from_value(resp)
+                .map_err(|e| Failure::new(exit::INTERNAL, format!("the apply report: {e}")))?;
+            match report.failed() {
+                0 => Ok(()),
+                n => Err(Failure::new(
+                    exit::REFUSED,
+                    format!(
+                        "{n} of {} provisioning entries were refused or failed; the others {}",
+                        report.entries.len(),
+                        if dry_run { "would apply" } else { "applied" }
+                    ),
+                )),
+            }
         }
         Command::Unload { binary } => {
             let resp = call(&mut c, &json!({"op": "unload", "binary": binary}))?;
@@ -795,6 +832,9 @@ fn print_list(resp: &Value) {
         if b["superseded"] == json!(true) {
             name.push_str(" (superseded)");
         }
+        if !b["provisioned"].is_null() {
+            name.push_str(" (provisioned)");
+        }
         table.push(vec![
             text(&b["binary"]),
             name,
@@ -810,6 +850,61 @@ fn print_list(resp: &Value) {
         ]);
     }
     let _ = write_stdout(render_table(&table).as_bytes());
+}
+
+/// `apply`: one row per entry, then each error with its file and line.
+fn print_apply(resp: &Value) {
+    let empty = Vec::new();
+    let rows = resp["entries"].as_array().unwrap_or(&empty);
+    let dry_run = resp["dry_run"] == json!(true);
+    let mut table = vec![
+        [
+            "FILE",
+            if dry_run { "WOULD" } else { "ACTION" },
+            "NAME",
+            "OWNER",
+            "BINARY",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    let mut errors = String::new();
+    for e in rows {
+        let file = text(&e["file"]);
+        let short = Path::new(&file)
+            .file_name()
+            .map_or(file.clone(), |f| f.to_string_lossy().into_owned());
+        let mut action = text(&e["action"]);
+        if let Some(err) = e["error"].as_str() {
+            if action != "invalid" {
+                action.push_str(" (failed)");
+            }
+            let line = e["line"]
+                .as_u64()
+                .map(|l| format!(":{l}"))
+                .unwrap_or_default();
+            errors.push_str(&format!("{file}{line}: {err}\n"));
+        }
+        table.push(vec![
+            short,
+            action,
+            text(&e["name"]),
+            if e["owner_uid"].is_null() {
+                "-".into()
+            } else {
+                owner(&e["owner_uid"])
+            },
+            text(&e["binary"]),
+        ]);
+    }
+    if rows.is_empty() {
+        println!("{} declares no binary", text(&resp["dir"]));
+        return;
+    }
+    let _ = write_stdout(render_table(&table).as_bytes());
+    if !errors.is_empty() {
+        eprint!("{errors}");
+    }
 }
 
 /// `versions`: one row per version, the current one marked.

@@ -23,8 +23,9 @@ use nix::sys::socket::{
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use wasmcore_proto::{
-    BinaryInfo, BinaryMetrics, ErrorBody, ErrorCode, HistogramData, KindMetrics, ListResponse,
-    MetricsResponse, Response, StatusResponse, TenantMetrics, WorkerInfo, sketch_quantile,
+    ApplyResponse, BinaryInfo, BinaryMetrics, ErrorBody, ErrorCode, HistogramData, KindMetrics,
+    ListResponse, MetricsResponse, ProvisionAction, ProvisionEntry, Response, StatusResponse,
+    TenantMetrics, WorkerInfo, sketch_quantile,
 };
 
 use std::os::unix::process::CommandExt;
@@ -33,6 +34,7 @@ use crate::cgroup::{Cgroups, Limits};
 use crate::config::{Config, Live, Quota};
 use crate::control::{self, Ask, Call, FromWorker, Handover, TenantWire, ToWorker, WorkerCounts};
 use crate::metrics::{Metrics, Refusal};
+use crate::provision::{self, Step};
 use crate::store::{BinaryMeta, StateDir};
 use crate::sys;
 use crate::tenant::{Scope, Tenant};
@@ -64,6 +66,8 @@ pub struct Broker {
     last_activity_ms: AtomicU64,
     /// The delegated cgroup subtree the workers run in, if the service has one.
     cgroups: Option<Cgroups>,
+    /// One provisioning run at a time (start, reload, `apply`).
+    provisioning: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -122,24 +126,73 @@ impl Worker {
 
     /// Ask the worker something; `None` if it did not answer in time or went away.
     async fn call(&self, call: Call, timeout: Option<Duration>) -> Option<serde_json::Value> {
+        let (id, answer) = self.expect();
+        if !self.send(&ToWorker::Call { id, call }) {
+            self.forget(id);
+            return None;
+        }
+        self.wait(id, answer, timeout).await
+    }
+
+    /// [`Worker::call`] with a descriptor, which goes with the call over the handover
+    /// channel. `Err`: the call could not be sent, and why.
+    async fn call_with_file(
+        &self,
+        call: Call,
+        file: &impl AsFd,
+        timeout: Duration,
+    ) -> Result<Option<serde_json::Value>, String> {
+        let (id, answer) = self.expect();
+        let what = Handover::Call { id, call };
+        let size = control::encode(&what).len();
+        if size > control::MAX_HANDOVER {
+            self.forget(id);
+            return Err(format!(
+                "the request is {size} bytes of JSON, more than a worker takes with a descriptor ({} bytes): make its configuration smaller",
+                control::MAX_HANDOVER
+            ));
+        }
+        if let Err(e) = send_fd(&self.handover, &what, file) {
+            self.forget(id);
+            return Err(format!(
+                "passing the module to the worker of uid {}: {e}",
+                self.uid
+            ));
+        }
+        Ok(self.wait(id, answer, Some(timeout)).await)
+    }
+
+    /// A call id, and where its answer arrives.
+    fn expect(&self) -> (u64, oneshot::Receiver<serde_json::Value>) {
         let id = self.next_call.fetch_add(1, Relaxed);
         let (done, answer) = oneshot::channel();
         self.calls
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, done);
-        if !self.send(&ToWorker::Call { id, call }) {
-            return None;
-        }
+        (id, answer)
+    }
+
+    fn forget(&self, id: u64) {
+        self.calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
+    /// The answer to call `id`, or `None` when none came in time.
+    async fn wait(
+        &self,
+        id: u64,
+        answer: oneshot::Receiver<serde_json::Value>,
+        timeout: Option<Duration>,
+    ) -> Option<serde_json::Value> {
         let r = match timeout {
             Some(t) => tokio::time::timeout(t, answer).await.ok()?.ok(),
             None => answer.await.ok(),
         };
         if r.is_none() {
-            self.calls
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
+            self.forget(id);
         }
         r
     }
@@ -212,6 +265,7 @@ impl Broker {
             next_conn: AtomicU64::new(0),
             started: Instant::now(),
             last_activity_ms: AtomicU64::new(0),
+            provisioning: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -727,6 +781,152 @@ impl Broker {
         }
     }
 
+    /// Bring the stored binaries to what the provisioning files declare ([`provision`]),
+    /// each change made in the worker of the binary's owner; with `dry_run`, only say what
+    /// would change. Every entry and every failure is logged.
+    pub async fn provision(self: &Arc<Self>, dry_run: bool) -> Result<ApplyResponse, ErrorBody> {
+        let _one = self.provisioning.lock().await;
+        let config = self.config();
+        let dir = config.provisioning.dir.clone();
+        let max = config.registry.max_module_bytes as u64;
+        let (store, d) = (self.store.clone(), dir.clone());
+        let steps = tokio::task::spawn_blocking(move || {
+            let uid_of = |user: &str| crate::tenant::uid_of_user(user).map_err(|e| e.to_string());
+            let (declared, invalid) = provision::read_dir(&d, &uid_of, max)?;
+            let metas: Vec<BinaryMeta> = store
+                .list_binaries(Scope::All)?
+                .into_iter()
+                .filter_map(Result::ok)
+                .map(|b| b.meta)
+                .collect();
+            Ok::<_, std::io::Error>(provision::plan(declared, invalid, &metas))
+        })
+        .await
+        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| {
+            log::error!("provisioning from {}: {e}; nothing changed", dir.display());
+            ErrorBody::new(
+                ErrorCode::Internal,
+                format!("provisioning from {}: {e}; nothing changed", dir.display()),
+            )
+        })?;
+        let mut entries = Vec::with_capacity(steps.len());
+        let mut public_changed = false;
+        for step in steps {
+            let mut entry = step.entry();
+            if !dry_run {
+                let public = matches!(&step, Step::Load(d) | Step::Replace(d) | Step::Configure(d, _) if d.public);
+                match self.provision_step(step).await {
+                    Ok(Some(binary)) => entry.binary = Some(binary),
+                    Ok(None) => {}
+                    Err(e) => entry.error = Some(e),
+                }
+                // An unload's visibility is not known here: any unload refreshes.
+                public_changed |=
+                    entry.error.is_none() && (public || entry.action == ProvisionAction::Unload);
+            }
+            log_entry(&entry, dry_run);
+            entries.push(entry);
+        }
+        if public_changed {
+            for w in self.live_workers() {
+                if w.call(Call::Refresh, Some(CALL_TIMEOUT)).await.is_none() {
+                    log::warn!(tenant_uid = w.uid; "the worker of uid {} did not take the public binaries' change", w.uid);
+                }
+            }
+        }
+        Ok(ApplyResponse {
+            dir: dir.display().to_string(),
+            dry_run,
+            entries,
+        })
+    }
+
+    /// Run one step of a provisioning plan in the owner's worker: the binary the name is on
+    /// afterwards (for a load or replace), or why it failed.
+    async fn provision_step(self: &Arc<Self>, step: Step) -> Result<Option<String>, String> {
+        use wasmcore_proto::{BinaryRequest, ConfigureRequest, LoadRequest, Request};
+        let owner = match &step {
+            Step::Load(d) | Step::Replace(d) | Step::Configure(d, _) => d.owner,
+            Step::Unload { owner, .. } => *owner,
+            Step::Unchanged(..) | Step::Invalid(_) => return Ok(None),
+        };
+        let admin = admin_by_database(owner, &self.live.load().access.admin_gids);
+        let worker = self.worker_for(owner, admin).map_err(|r| r.message)?;
+        let gid = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(owner))
+            .ok()
+            .flatten()
+            .map_or(owner, |u| u.gid.as_raw());
+        let tenant = TenantWire {
+            uid: owner,
+            gid,
+            groups: Vec::new(),
+            admin,
+        };
+        let timeout = self.config().registry.max_compile + CALL_TIMEOUT;
+        let answer = match step {
+            Step::Load(d) | Step::Replace(d) => {
+                let request = Request::Load(LoadRequest {
+                    fd: true,
+                    name: Some(d.name.clone()),
+                    public: d.public,
+                    config: Some(d.config.clone()),
+                    // A name taken meanwhile is then replaced only if a file declared it.
+                    replace: true,
+                    ..LoadRequest::default()
+                });
+                let call = Call::Provision {
+                    tenant,
+                    request: Box::new(request),
+                    provisioned: Some(d.provisioned()),
+                };
+                worker.call_with_file(call, &d.module, timeout).await?
+            }
+            Step::Configure(d, _) => {
+                let request = Request::Configure(ConfigureRequest {
+                    binary: d.name.clone(),
+                    config: d.config.clone(),
+                    ..ConfigureRequest::default()
+                });
+                let call = Call::Provision {
+                    tenant,
+                    request: Box::new(request),
+                    provisioned: Some(d.provisioned()),
+                };
+                worker.call(call, Some(timeout)).await
+            }
+            Step::Unload { name, .. } => {
+                // By name: every version of it goes.
+                let request = Request::Unload(BinaryRequest {
+                    binary: format!("{owner}/{name}"),
+                    ..BinaryRequest::default()
+                });
+                let call = Call::Provision {
+                    tenant,
+                    request: Box::new(request),
+                    provisioned: None,
+                };
+                worker.call(call, Some(timeout)).await
+            }
+            Step::Unchanged(..) | Step::Invalid(_) => return Ok(None),
+        };
+        let answer = answer.ok_or_else(|| {
+            format!("the worker of uid {owner} did not answer within {timeout:?}")
+        })?;
+        if answer.get("ok") != Some(&serde_json::Value::Bool(true)) {
+            return Err(answer
+                .get("error")
+                .and_then(|e| e.get("message"))
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("the worker answered a malformed failure")
+                .to_string());
+        }
+        Ok(answer
+            .get("binary")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_string))
+    }
+
     /// Answer ask `id` of worker `from`: a wire response, or `None` when the answer went
     /// as a descriptor over the handover channel.
     ///
@@ -824,6 +1024,12 @@ impl Broker {
                     }
                 }
                 Ok(serde_json::json!({"ok": true}))
+            }
+            Ask::Apply { dry_run } => {
+                serde_json::to_value(Response::success(None, self.provision(dry_run).await?))
+                    .map_err(|e| {
+                        ErrorBody::new(ErrorCode::Internal, format!("the apply report: {e}"))
+                    })
             }
             Ask::Open { .. } | Ask::Uid { .. } => {
                 Err(ErrorBody::new(ErrorCode::Internal, "answered above"))
@@ -945,6 +1151,7 @@ impl Broker {
                     executions: 0,
                     superseded: m.superseded_in(&metas),
                     source: m.source.clone(),
+                    provisioned: m.provisioned.clone(),
                 })
             })
             .collect();
@@ -1052,6 +1259,42 @@ impl Broker {
 }
 
 /// The cgroup limits of a worker whose tenant has `quota`.
+/// Log one entry of a provisioning run.
+fn log_entry(e: &ProvisionEntry, dry_run: bool) {
+    let what = format!(
+        "{}{}",
+        e.name.as_deref().unwrap_or("-"),
+        e.owner_uid
+            .map(|u| format!(" of uid {u}"))
+            .unwrap_or_default()
+    );
+    let line = e.line.map(|l| format!(":{l}")).unwrap_or_default();
+    let action = format!("{:?}", e.action).to_lowercase();
+    match (&e.error, e.action) {
+        (Some(err), ProvisionAction::Invalid) => {
+            log::error!(
+                "provisioning: {}{line}: refused, nothing it declares changes: {err}",
+                e.file
+            )
+        }
+        (Some(err), _) => log::error!("provisioning: {}: {action} {what} failed: {err}", e.file),
+        (None, ProvisionAction::Unchanged) => {
+            log::debug!("provisioning: {}: {what} is as declared", e.file)
+        }
+        (None, _) if dry_run => {
+            log::info!("provisioning (dry run): {}: would {action} {what}", e.file)
+        }
+        (None, _) => log::info!(
+            "provisioning: {}: {action} {what}{}",
+            e.file,
+            e.binary
+                .as_deref()
+                .map(|b| format!(" ({b})"))
+                .unwrap_or_default()
+        ),
+    }
+}
+
 fn limits(quota: &Quota) -> Limits {
     Limits {
         cpu_weight: quota.cpu_weight,
@@ -1350,6 +1593,7 @@ mod tests {
             config: BTreeMap::new(),
             activation: 0,
             source: None,
+            provisioned: None,
         };
         let metas = [
             meta(1, 984, "a1", false),

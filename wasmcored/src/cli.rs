@@ -28,7 +28,8 @@ Signals:
   SIGHUP   reload the config file. Limits, quotas, access
            and log level change live; keys that need a
            restart are named in the log; an invalid file
-           is refused and the running config kept.
+           is refused and the running config kept. Then
+           apply the provisioning files.
   SIGTERM  stop accepting, let in-flight requests finish
   SIGINT   (server.shutdown_grace_s), exit 0. A second
            signal exits at once.
@@ -44,6 +45,10 @@ systemd:
 Files:
   /etc/wasm-core/config.toml
       the config file, see wasm-core.toml(5)
+  /etc/wasm-core/binaries.d/*.toml
+      provisioning files, one binary each, applied at
+      start and on SIGHUP (provisioning.dir); see
+      wasm-core.toml(5)
   /var/lib/wasm-core
       the state directory (format 2): FORMAT,
       tenants/<uid>/ (binaries/<uuid>/, state/, tmp/,
@@ -75,6 +80,9 @@ pub struct Args {
     /// Directory for persistent state [default: $STATE_DIRECTORY, else /var/lib/wasm-core].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Directory of provisioning files, one binary each [default: /etc/wasm-core/binaries.d].
+    #[arg(long, value_name = "DIR")]
+    pub provisioning_dir: Option<PathBuf>,
     /// Log level: off, error, warn, info, debug, trace [default: info].
     #[arg(long, value_name = "LEVEL", value_parser = log_level(), hide_possible_values = true)]
     pub log_level: Option<log::LevelFilter>,
@@ -128,6 +136,9 @@ impl Args {
     fn with_flags(&self, mut c: Config) -> Result<Config, String> {
         if !self.listen.is_empty() {
             c.server.listen = self.listen.clone();
+        }
+        if let Some(d) = &self.provisioning_dir {
+            c.provisioning.dir = d.clone();
         }
         if let Some(d) = &self.state_dir {
             c.state_dir = d.clone();

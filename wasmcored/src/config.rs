@@ -262,6 +262,25 @@ impl Default for WorkersConfig {
     }
 }
 
+/// Declarative provisioning.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct ProvisioningConfig {
+    /// The directory of `*.toml` files, one binary each, that the daemon applies at start
+    /// and on every reload (a missing directory declares nothing).
+    pub dir: PathBuf,
+}
+
+/// Where the provisioning files are unless the config says otherwise.
+pub const DEFAULT_PROVISIONING_DIR: &str = "/etc/wasm-core/binaries.d";
+
+impl Default for ProvisioningConfig {
+    fn default() -> Self {
+        ProvisioningConfig {
+            dir: PathBuf::from(DEFAULT_PROVISIONING_DIR),
+        }
+    }
+}
+
 /// The running configuration, swapped whole on reload; readers take a snapshot per use.
 pub type Live = std::sync::Arc<arc_swap::ArcSwap<Config>>;
 
@@ -281,6 +300,7 @@ pub struct Config {
     pub access: AccessConfig,
     pub server: ServerConfig,
     pub workers: WorkersConfig,
+    pub provisioning: ProvisioningConfig,
 }
 
 impl Default for Config {
@@ -303,6 +323,7 @@ impl Default for Config {
             },
             server: ServerConfig::default(),
             workers: WorkersConfig::default(),
+            provisioning: ProvisioningConfig::default(),
         }
     }
 }
@@ -449,6 +470,12 @@ impl Config {
         if self.engine.epoch_tick.is_zero() || self.engine.epoch_tick > Duration::from_secs(1) {
             return Err("engine.epoch_tick_ms must be between 1 and 1000".into());
         }
+        if !self.provisioning.dir.is_absolute() {
+            return Err(format!(
+                "provisioning.dir {:?} must be an absolute path",
+                self.provisioning.dir
+            ));
+        }
         if self.server.listen.is_empty() {
             return Err("server.listen needs at least one socket path".into());
         }
@@ -568,6 +595,14 @@ struct RawConfig {
     quotas: RawQuotas,
     #[serde(default)]
     workers: RawWorkers,
+    #[serde(default)]
+    provisioning: RawProvisioning,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvisioning {
+    dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -809,6 +844,9 @@ impl RawConfig {
                     .workers
                     .idle_timeout_s
                     .map_or(d.workers.idle_timeout, Duration::from_secs),
+            },
+            provisioning: ProvisioningConfig {
+                dir: self.provisioning.dir.unwrap_or(d.provisioning.dir),
             },
         })
     }

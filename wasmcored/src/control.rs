@@ -67,6 +67,9 @@ pub enum Handover {
     Connection { conn: u64, tenant: TenantWire },
     /// The file the worker asked for with [`Ask::Open`] `id`, opened by the broker.
     File { id: u64 },
+    /// A [`ToWorker::Call`] that comes with a descriptor (a module file a provisioning file
+    /// names, opened by the broker), answered by [`FromWorker::Reply`] of the same id.
+    Call { id: u64, call: Call },
 }
 
 /// Broker → worker.
@@ -116,6 +119,15 @@ pub enum Call {
     /// Public binaries were loaded, changed or removed: read them again from the state
     /// directory. The reply is `null` once done.
     Refresh,
+    /// What a provisioning file declares, for its owner `tenant`: a `load` (with `replace`,
+    /// its module the descriptor of a [`Handover::Call`]), a `configure` that also takes
+    /// the file's limits, or an `unload` of a name. Run with the provisioning's rights over
+    /// the binaries it declares (`Tenant::provisioning`). The reply is the wire response.
+    Provision {
+        tenant: TenantWire,
+        request: Box<Request>,
+        provisioned: Option<wasmcore_proto::Provisioned>,
+    },
 }
 
 /// Worker → broker.
@@ -164,6 +176,9 @@ pub enum Ask {
     /// An admin's `load` by `path`: the broker opens the file (the worker cannot) and hands
     /// it over as [`Handover::File`] with this ask's id, or answers with the failure.
     Open { path: String },
+    /// An admin's `apply`: bring the binaries to what the provisioning files declare (or,
+    /// with `dry_run`, say what that would change).
+    Apply { dry_run: bool },
 }
 
 /// A worker's counts for an admin's `status`.

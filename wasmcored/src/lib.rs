@@ -48,6 +48,7 @@ pub mod executor;
 pub mod kinds;
 pub mod logging;
 pub mod metrics;
+pub mod provision;
 pub mod registry;
 pub mod server;
 pub mod state;

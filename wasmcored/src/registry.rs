@@ -16,12 +16,14 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
-use wasmcore_proto::{BinaryInfo, ExternInfo, ModuleKind, Owner, Source};
+use wasmcore_proto::{
+    BinaryInfo, ExternInfo, LimitsRequest, ModuleKind, Owner, Provisioned, Source,
+};
 use wasmtime::component::Component;
 use wasmtime::{ExternType, Module};
 
@@ -59,6 +61,8 @@ pub struct Binary {
     activation: AtomicU64,
     /// The OCI reference it was pulled by, as the client said.
     pub source: Option<Source>,
+    /// Declared by a provisioning file (which may change its configuration and limits).
+    pub provisioned: ArcSwapOption<Provisioned>,
     pub executions: AtomicU64,
     /// Bytes it takes in the state directory (module + precompiled code), set when stored
     /// or restored so `info` and `status` need no disk access.
@@ -111,7 +115,22 @@ impl Binary {
             executions: self.executions.load(Relaxed),
             superseded,
             source: self.source.clone(),
+            provisioned: self.provisioned(),
         }
+    }
+
+    /// The provisioning file that declares it, and the limits it gives.
+    pub fn provisioned(&self) -> Option<Provisioned> {
+        self.provisioned.load().as_deref().cloned()
+    }
+
+    /// `limits` of an execution, each one not given taken from what its provisioning file
+    /// declares; `None` when that adds nothing.
+    pub fn default_limits(&self, limits: &LimitsRequest) -> Option<LimitsRequest> {
+        let declared = self.provisioned.load();
+        let declared = &declared.as_ref()?.limits;
+        let merged = limits.or(declared);
+        (merged != *limits).then_some(merged)
     }
 
     /// Its imports, sorted by module and name.
@@ -239,6 +258,7 @@ pub struct Identity {
     pub config: PluginConfig,
     pub activation: u64,
     pub source: Option<Source>,
+    pub provisioned: Option<Provisioned>,
 }
 
 /// How to register a compiled module.
@@ -252,6 +272,8 @@ pub struct LoadOptions {
     pub replace: bool,
     /// Where the client got the module.
     pub source: Option<Source>,
+    /// Declared by this provisioning file (only a provisioning tenant loads such a binary).
+    pub provisioned: Option<Provisioned>,
 }
 
 /// What a load did.
@@ -457,6 +479,11 @@ impl Registry {
         if let Some(source) = &opts.source {
             validate_source(source)?;
         }
+        if opts.provisioned.is_some() != owner.is_provisioning() {
+            return Err(Error::internal(
+                "a provisioned binary is loaded by the daemon's provisioning only",
+            ));
+        }
         let (replace, inherit) = (opts.replace, opts.config.is_none());
         let mut bin = self.make_binary(owner.uid, compiled, opts);
         let _naming = bin.name.is_some().then(|| self.lock_naming());
@@ -481,6 +508,16 @@ impl Registry {
             });
         };
         let name = current.name.clone().unwrap_or_default();
+        match (current.provisioned(), owner.is_provisioning()) {
+            (Some(p), false) => return Err(declared_by(&name, &p)),
+            (None, true) => {
+                return Err(Error::AlreadyExists(format!(
+                    "uid {} already has a binary named {name:?} that no provisioning file declares ({}); unload it or declare another name",
+                    owner.uid, current.id
+                )));
+            }
+            _ => {}
+        }
         if !replace {
             return Err(Error::AlreadyExists(format!(
                 "you already have a binary named {name:?}; load with --replace (\"replace\": true) to make this its new version, unload it, or choose another name"
@@ -598,6 +635,7 @@ impl Registry {
                 config: Some(meta.config),
                 replace: false,
                 source: meta.source,
+                provisioned: meta.provisioned,
             },
         );
         bin.id = meta.id;
@@ -703,6 +741,7 @@ impl Registry {
             config: ArcSwap::from_pointee(opts.config.unwrap_or_default()),
             stats: BinaryStats::default(),
             source: opts.source,
+            provisioned: ArcSwapOption::from_pointee(opts.provisioned),
         }
     }
 
@@ -794,6 +833,12 @@ impl Registry {
                 "binary {reference:?} is public; only an admin may change or unload it"
             )));
         }
+        if access == Access::Manage
+            && !tenant.is_provisioning()
+            && let Some(p) = bin.provisioned()
+        {
+            return Err(declared_by(reference, &p));
+        }
         Ok(bin)
     }
 
@@ -876,6 +921,29 @@ impl Registry {
         validate_config(bin.kind, &config)?;
         persist(&bin, &config)?;
         bin.config.store(Arc::new(config));
+        Ok(bin)
+    }
+
+    /// Give the binary `reference` names the configuration and the provisioning its file now
+    /// declares (for the daemon's provisioning only), once `persist` has stored them.
+    pub fn redeclare(
+        &self,
+        tenant: &Tenant,
+        reference: &str,
+        config: PluginConfig,
+        provisioned: Provisioned,
+        persist: impl FnOnce(&Binary, &PluginConfig, &Provisioned) -> Result<()>,
+    ) -> Result<Arc<Binary>> {
+        if !tenant.is_provisioning() {
+            return Err(Error::internal(
+                "only the daemon's provisioning redeclares a binary",
+            ));
+        }
+        let bin = self.resolve(tenant, reference, Access::Manage)?;
+        validate_config(bin.kind, &config)?;
+        persist(&bin, &config, &provisioned)?;
+        bin.config.store(Arc::new(config));
+        bin.provisioned.store(Some(Arc::new(provisioned)));
         Ok(bin)
     }
 
@@ -997,7 +1065,9 @@ pub fn missing_for_admin(
     }
 }
 
-fn validate_name(name: &str) -> Result<()> {
+/// A binary name: 1 to [`MAX_NAME_LEN`] characters of A-Z a-z 0-9 . _ -, starting with a
+/// letter or digit, not a UUID.
+pub fn validate_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && name
@@ -1013,6 +1083,14 @@ fn validate_name(name: &str) -> Result<()> {
         return Err(Error::bad_request("a name must not look like a UUID"));
     }
     Ok(())
+}
+
+/// The refusal of a change to a binary that a provisioning file declares.
+fn declared_by(reference: &str, p: &Provisioned) -> Error {
+    Error::Forbidden(format!(
+        "binary {reference:?} is declared by the provisioning file {}; change or remove that file and reload the daemon (systemctl reload wasm-core)",
+        p.file
+    ))
 }
 
 /// Longest `source.reference` kept.

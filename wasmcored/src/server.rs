@@ -93,6 +93,8 @@ pub async fn run(
         )));
     }
     broker.touch();
+    // Connections are served meanwhile; readiness waits for the declared binaries.
+    provision(&broker, "start").await;
     systemd::notify_ready(&broker.status_line());
     log::info!("ready: {}", broker.status_line());
 
@@ -106,6 +108,7 @@ pub async fn run(
                 log::info!("SIGHUP received: reloading the configuration");
                 systemd::notify_reloading();
                 reload(&broker, loader.as_ref());
+                provision(&broker, "reload").await;
                 systemd::notify_ready(&broker.status_line());
             }
             r = stop.changed() => {
@@ -173,6 +176,36 @@ fn reload(broker: &Broker, loader: Option<&ConfigLoader>) {
             }
         }
         Err(e) => log::error!("reload: keeping the running configuration: {e}"),
+    }
+}
+
+/// Apply the provisioning files (at `when`: start or reload), logging a summary.
+async fn provision(broker: &Arc<Broker>, when: &str) {
+    systemd::notify_status(&format!("{when}: applying the provisioning files"));
+    if let Ok(report) = broker.provision(false).await {
+        let changed = report
+            .entries
+            .iter()
+            .filter(|e| {
+                e.error.is_none() && !matches!(e.action, wasmcore_proto::ProvisionAction::Unchanged)
+            })
+            .count();
+        let failed = report.failed();
+        if report.entries.is_empty() {
+            log::debug!("provisioning ({when}): {} declares nothing", report.dir);
+        } else if failed > 0 {
+            log::warn!(
+                "provisioning ({when}): {} entries in {}, {changed} changes made, {failed} refused or failed (see above)",
+                report.entries.len(),
+                report.dir
+            );
+        } else {
+            log::info!(
+                "provisioning ({when}): {} entries in {}, {changed} changes made",
+                report.entries.len(),
+                report.dir
+            );
+        }
     }
 }
 

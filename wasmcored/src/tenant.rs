@@ -13,6 +13,9 @@ pub struct Tenant {
     /// Supplementary groups, when the kernel reported them.
     pub groups: Vec<u32>,
     is_admin: bool,
+    /// The daemon's provisioning, acting for this tenant on the binaries its files declare
+    /// (which no one else may change).
+    provisioning: bool,
 }
 
 impl Tenant {
@@ -25,6 +28,7 @@ impl Tenant {
             gid,
             groups,
             is_admin,
+            provisioning: false,
         }
     }
 
@@ -37,7 +41,22 @@ impl Tenant {
             gid,
             groups,
             is_admin,
+            provisioning: false,
         }
+    }
+
+    /// This tenant as the daemon's provisioning acts for it: only the broker makes one, for
+    /// what a provisioning file declares ([`crate::control::Call::Provision`]).
+    pub fn provisioning(self) -> Self {
+        Tenant {
+            provisioning: true,
+            ..self
+        }
+    }
+
+    /// Whether this is the daemon's provisioning acting for the tenant.
+    pub fn is_provisioning(&self) -> bool {
+        self.provisioning
     }
 
     /// Root or a member of an admin group.

@@ -361,7 +361,7 @@ async fn run(
                     ToWorker::Call { id, call } => {
                         let (d, tx) = (daemon.clone(), tx.clone());
                         tokio::spawn(async move {
-                            let response = answer(&d, uid, call).await;
+                            let response = answer(&d, uid, call, None).await;
                             let _ = tx.send(control::encode(&FromWorker::Reply { id, response }));
                         });
                     }
@@ -411,6 +411,18 @@ fn take_handover(
         _ => None,
     };
     let (conn, tenant) = match handover {
+        Handover::Call { id, call } => {
+            let (d, tx) = (daemon.clone(), tx.clone());
+            let uid = match d.scope {
+                Scope::Tenant(uid) => uid,
+                Scope::All => 0,
+            };
+            tokio::spawn(async move {
+                let response = answer(&d, uid, call, fd).await;
+                let _ = tx.send(control::encode(&FromWorker::Reply { id, response }));
+            });
+            return;
+        }
         Handover::File { id } => {
             match (waiting.take(id), fd) {
                 (Some(w), Some(fd)) => {
@@ -453,9 +465,27 @@ fn take_handover(
     });
 }
 
-/// Answer a call of the broker.
-async fn answer(daemon: &Arc<Daemon>, uid: u32, call: Call) -> serde_json::Value {
+/// Answer a call of the broker; `fd` came with it over the handover channel.
+async fn answer(
+    daemon: &Arc<Daemon>,
+    uid: u32,
+    call: Call,
+    fd: Option<OwnedFd>,
+) -> serde_json::Value {
     let value = match call {
+        Call::Provision {
+            tenant,
+            request,
+            provisioned,
+        } => {
+            let tenant = tenant.tenant().provisioning();
+            let fds = fd.into_iter().collect();
+            let response = match cmd::provision(daemon, &tenant, *request, fds, provisioned).await {
+                Ok(reply) => Response::success(None, reply),
+                Err(e) => Response::failure(None, e.to_body()),
+            };
+            return serde_json::to_value(response).unwrap_or_default();
+        }
         Call::Request { tenant, request } => {
             let tenant = tenant.tenant();
             let response =

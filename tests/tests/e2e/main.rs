@@ -10,6 +10,7 @@ mod hostile;
 mod metrics;
 mod oci;
 mod persistence;
+mod provisioning;
 mod socket;
 mod systemd;
 mod tenancy;

@@ -1,6 +1,6 @@
 //! `chain`: run binaries in order, each one's output the next one's input.
 
-use wasmcore_proto::{ChainRequest, ExecuteResponse};
+use wasmcore_proto::{ChainRequest, ExecuteResponse, LimitsRequest};
 
 use crate::daemon::Daemon;
 use crate::error::{Error, Result};
@@ -54,6 +54,20 @@ pub async fn apply(daemon: &Daemon, tenant: &Tenant, req: ChainRequest) -> Resul
             Ok(Stage { bin, function })
         })
         .collect::<Result<Vec<_>>>()?;
+    // Limits the chain does not give: the strictest that a stage's provisioning file gives.
+    let declared = resolved
+        .iter()
+        .filter_map(|(_, b)| b.provisioned())
+        .map(|p| p.limits)
+        .reduce(|a, b| LimitsRequest {
+            timeout_ms: min_of(a.timeout_ms, b.timeout_ms),
+            memory_limit_mb: min_of(a.memory_limit_mb, b.memory_limit_mb),
+            fuel: min_of(a.fuel, b.fuel),
+        });
+    let limits = match declared.map(|d| req.limits.or(&d)) {
+        Some(l) if l != req.limits => daemon.executor.resolve_limits(&l)?,
+        _ => limits,
+    };
     // Taken before the execution starts and released when it ends, whatever the outcome.
     let _slot = daemon.admit(tenant)?;
     // One per stage, as `metrics` and `list` count them.
@@ -73,4 +87,12 @@ pub async fn apply(daemon: &Daemon, tenant: &Tenant, req: ChainRequest) -> Resul
     };
     resp.set_output(out.output);
     Ok(resp)
+}
+
+/// The smaller of two optional limits; either when only one is given.
+fn min_of(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }

@@ -16,6 +16,11 @@ pub async fn apply(
     let limits = daemon.executor.resolve_limits(&req.limits)?;
     let input = super::input_bytes(daemon, req.input, req.input_base64)?;
     let bin = daemon.registry.resolve(tenant, &req.binary, Access::Use)?;
+    // A provisioned binary's file may give limits for executions that ask for none.
+    let limits = match bin.default_limits(&req.limits) {
+        Some(l) => daemon.executor.resolve_limits(&l)?,
+        None => limits,
+    };
     let function = req.function.as_deref();
     Executor::check_function(&bin, function)?;
     // Taken before the execution starts and released when it ends, whatever the outcome.

@@ -32,7 +32,19 @@ pub async fn apply(
     daemon: &Arc<Daemon>,
     tenant: &Tenant,
     req: LoadRequest,
+    fds: Vec<OwnedFd>,
+) -> Result<LoadResponse> {
+    declared(daemon, tenant, req, fds, None).await
+}
+
+/// [`apply`], for the daemon's provisioning with what the file declares (`provisioned`);
+/// `tenant` is then [`Tenant::provisioning`].
+pub async fn declared(
+    daemon: &Arc<Daemon>,
+    tenant: &Tenant,
+    req: LoadRequest,
     mut fds: Vec<OwnedFd>,
+    provisioned: Option<wasmcore_proto::Provisioned>,
 ) -> Result<LoadResponse> {
     let sources = usize::from(req.wasm_base64.is_some())
         + usize::from(req.fd)
@@ -102,6 +114,7 @@ pub async fn apply(
         config: req.config,
         replace: req.replace,
         source: req.source,
+        provisioned,
     };
     // Reading, compiling and writing to disk block: keep them off the async workers.
     let job = tokio::task::spawn_blocking(move || -> Result<_> {

@@ -149,6 +149,7 @@ async fn serve(
         let ask = match &req {
             Request::List(l) if l.all => Some(Ask::ListAll),
             Request::Metrics(_) => Some(Ask::Metrics),
+            Request::Apply(r) => Some(Ask::Apply { dry_run: r.dry_run }),
             Request::Status(r) => Some(Ask::Status {
                 own: Box::new(status::apply(daemon, tenant, r.clone())),
             }),
@@ -323,6 +324,39 @@ async fn run(
             .await
             .map(Reply::Rollback),
         Request::Versions(r) => versions::apply(daemon, tenant, r).map(Reply::Versions),
+        Request::Apply(_) if !tenant.is_admin() => Err(Error::Forbidden(
+            "only admins may apply the provisioning files".into(),
+        )),
+        Request::Apply(_) => Err(Error::bad_request(
+            "apply is the broker's: this process serves without one (in-process mode)",
+        )),
+    }
+}
+
+/// Run what a provisioning file declares, for its owner (`tenant`, a provisioning tenant):
+/// a `load` (its module in `fds`), a `configure` that also takes the file's limits, an
+/// `unload`. Only the broker asks for it ([`crate::control::Call::Provision`]).
+pub async fn provision(
+    daemon: &Arc<Daemon>,
+    tenant: &Tenant,
+    req: Request,
+    fds: Vec<OwnedFd>,
+    provisioned: Option<wasmcore_proto::Provisioned>,
+) -> Result<Reply> {
+    match (req, provisioned) {
+        (Request::Load(r), Some(p)) => Box::pin(load::declared(daemon, tenant, r, fds, Some(p)))
+            .await
+            .map(Reply::Load),
+        (Request::Configure(r), Some(p)) => Box::pin(configure::redeclare(daemon, tenant, r, p))
+            .await
+            .map(Reply::Empty),
+        (Request::Unload(r), None) => Box::pin(unload::apply(daemon, tenant, r))
+            .await
+            .map(Reply::Empty),
+        (req, _) => Err(Error::internal(format!(
+            "a {} request is not part of provisioning",
+            req.op()
+        ))),
     }
 }
 

@@ -75,6 +75,9 @@ pub struct BinaryMeta {
     /// The OCI reference and manifest digest it was pulled by, as the client said.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<wasmcore_proto::Source>,
+    /// The provisioning file that declares it (and the limits it gives).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provisioned: Option<wasmcore_proto::Provisioned>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -642,6 +645,7 @@ impl BinaryMeta {
             config: (**bin.config.load()).clone(),
             activation: bin.activation(),
             source: bin.source.clone(),
+            provisioned: bin.provisioned(),
         }
     }
 
@@ -666,6 +670,7 @@ impl BinaryMeta {
             config: self.config.clone(),
             activation: self.activation,
             source: self.source.clone(),
+            provisioned: self.provisioned.clone(),
         }
     }
 }
@@ -1051,6 +1056,7 @@ mod tests {
             loaded_at: 1,
             activation: 0,
             source: None,
+            provisioned: None,
         }
     }
 
