@@ -16,6 +16,9 @@ _wasmcorectl() {
             ",$1")
                 cmd="wasmcorectl"
                 ;;
+            wasmcorectl,apply)
+                cmd="wasmcorectl__subcmd__apply"
+                ;;
             wasmcorectl,bench)
                 cmd="wasmcorectl__subcmd__bench"
                 ;;
@@ -46,6 +49,9 @@ _wasmcorectl() {
             wasmcorectl,push)
                 cmd="wasmcorectl__subcmd__push"
                 ;;
+            wasmcorectl,reload)
+                cmd="wasmcorectl__subcmd__reload"
+                ;;
             wasmcorectl,rollback)
                 cmd="wasmcorectl__subcmd__rollback"
                 ;;
@@ -60,6 +66,9 @@ _wasmcorectl() {
                 ;;
             wasmcorectl,versions)
                 cmd="wasmcorectl__subcmd__versions"
+                ;;
+            wasmcorectl__subcmd__help,apply)
+                cmd="wasmcorectl__subcmd__help__subcmd__apply"
                 ;;
             wasmcorectl__subcmd__help,bench)
                 cmd="wasmcorectl__subcmd__help__subcmd__bench"
@@ -91,6 +100,9 @@ _wasmcorectl() {
             wasmcorectl__subcmd__help,push)
                 cmd="wasmcorectl__subcmd__help__subcmd__push"
                 ;;
+            wasmcorectl__subcmd__help,reload)
+                cmd="wasmcorectl__subcmd__help__subcmd__reload"
+                ;;
             wasmcorectl__subcmd__help,rollback)
                 cmd="wasmcorectl__subcmd__help__subcmd__rollback"
                 ;;
@@ -113,8 +125,26 @@ _wasmcorectl() {
 
     case "${cmd}" in
         wasmcorectl)
-            opts="-h -V --socket --json --help --version load execute chain list rollback versions unload info configure push status metrics top bench help"
+            opts="-h -V --socket --json --help --version load execute chain list rollback versions unload info configure push apply reload status metrics top bench help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        wasmcorectl__subcmd__apply)
+            opts="-h --dry-run --socket --json --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -323,8 +353,22 @@ _wasmcorectl() {
             return 0
             ;;
         wasmcorectl__subcmd__help)
-            opts="load execute chain list rollback versions unload info configure push status metrics top bench help"
+            opts="load execute chain list rollback versions unload info configure push apply reload status metrics top bench help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        wasmcorectl__subcmd__help__subcmd__apply)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -463,6 +507,20 @@ _wasmcorectl() {
             return 0
             ;;
         wasmcorectl__subcmd__help__subcmd__push)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        wasmcorectl__subcmd__help__subcmd__reload)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -628,6 +686,24 @@ _wasmcorectl() {
             ;;
         wasmcorectl__subcmd__push)
             opts="-h --insecure --socket --json --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        wasmcorectl__subcmd__reload)
+            opts="-h --socket --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

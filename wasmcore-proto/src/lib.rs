@@ -259,6 +259,15 @@ pub struct ApplyRequest {
     pub dry_run: bool,
 }
 
+/// `reload` (admins): read the config file again and apply it, then apply the provisioning
+/// files; answered once both are done (what `systemctl reload` runs).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<Value>,
+}
+
 /// One request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -275,6 +284,7 @@ pub enum Request {
     Rollback(BinaryRequest),
     Versions(BinaryRequest),
     Apply(ApplyRequest),
+    Reload(ReloadRequest),
 }
 
 impl Request {
@@ -293,6 +303,7 @@ impl Request {
             Request::Rollback(_) => "rollback",
             Request::Versions(_) => "versions",
             Request::Apply(_) => "apply",
+            Request::Reload(_) => "reload",
         }
     }
 
@@ -310,6 +321,7 @@ impl Request {
             Request::Configure(r) => r.tag.take(),
             Request::Metrics(r) => r.tag.take(),
             Request::Apply(r) => r.tag.take(),
+            Request::Reload(r) => r.tag.take(),
         }
     }
 }
@@ -744,6 +756,34 @@ impl ApplyResponse {
     /// Entries that were refused or failed.
     pub fn failed(&self) -> usize {
         self.entries.iter().filter(|e| e.error.is_some()).count()
+    }
+}
+
+/// Response to `reload`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReloadResponse {
+    /// The config file was read again and is in force (false: the daemon runs without
+    /// one, or it was refused: `config_error`, and the running configuration stays).
+    pub config_applied: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_error: Option<String>,
+    /// Keys that changed but take effect at the next start only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restart_needed: Vec<String>,
+    /// What the provisioning files changed; absent when their directory could not be
+    /// read (`provisioning_error`), and then nothing changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provisioning: Option<ApplyResponse>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provisioning_error: Option<String>,
+}
+
+impl ReloadResponse {
+    /// Whether anything was refused or failed.
+    pub fn failed(&self) -> bool {
+        self.config_error.is_some()
+            || self.provisioning_error.is_some()
+            || self.provisioning.as_ref().is_some_and(|p| p.failed() > 0)
     }
 }
 

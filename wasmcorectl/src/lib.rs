@@ -192,6 +192,10 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Read the config file again and apply the provisioning files (admins), as SIGHUP
+    /// does, and say what changed once both are done: what `systemctl reload wasm-core`
+    /// runs. The exit status is 6 if the config file or a provisioning file was refused.
+    Reload,
     /// Show the daemon's version, counts and limits, and who it thinks you are.
     Status,
     /// Print the daemon's counters as OpenMetrics text (--json: the snapshot as the daemon
@@ -399,6 +403,39 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 return print_json(&resp);
             }
             print_versions(&resp);
+            Ok(())
+        }
+        Command::Reload => {
+            let resp = call(&mut c, &json!({"op": "reload"}))?;
+            let report: wasmcore_proto::ReloadResponse = serde_json::from_value(resp.clone())
+                .map_err(|e| Failure::new(exit::INTERNAL, format!("the reload report: {e}")))?;
+            if json {
+                print_json(&resp)?;
+            } else {
+                match (&report.config_error, report.config_applied) {
+                    (Some(e), _) => eprintln!("configuration refused, the running one stays: {e}"),
+                    (None, true) if report.restart_needed.is_empty() => {
+                        println!("configuration applied")
+                    }
+                    (None, true) => println!(
+                        "configuration applied; these keys need a restart: {}",
+                        report.restart_needed.join(", ")
+                    ),
+                    (None, false) => println!("no config file in use"),
+                }
+                if let Some(e) = &report.provisioning_error {
+                    eprintln!("provisioning: {e}");
+                }
+                if report.provisioning.is_some() {
+                    print_apply(&resp["provisioning"]);
+                }
+            }
+            if report.failed() {
+                return Err(Failure::new(
+                    exit::REFUSED,
+                    "the reload refused the config file or a provisioning file (see above)",
+                ));
+            }
             Ok(())
         }
         Command::Apply { dry_run } => {

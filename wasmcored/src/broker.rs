@@ -24,14 +24,14 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use wasmcore_proto::{
     ApplyResponse, BinaryInfo, BinaryMetrics, ErrorBody, ErrorCode, HistogramData, KindMetrics,
-    ListResponse, MetricsResponse, ProvisionAction, ProvisionEntry, Response, StatusResponse,
-    TenantMetrics, WorkerInfo, sketch_quantile,
+    ListResponse, MetricsResponse, ProvisionAction, ProvisionEntry, ReloadResponse, Response,
+    StatusResponse, TenantMetrics, WorkerInfo, sketch_quantile,
 };
 
 use std::os::unix::process::CommandExt;
 
 use crate::cgroup::{Cgroups, Limits};
-use crate::config::{Config, Live, Quota};
+use crate::config::{Config, ConfigLoader, Live, Quota};
 use crate::control::{self, Ask, Call, FromWorker, Handover, TenantWire, ToWorker, WorkerCounts};
 use crate::metrics::{Metrics, Refusal};
 use crate::provision::{self, Step};
@@ -68,6 +68,10 @@ pub struct Broker {
     cgroups: Option<Cgroups>,
     /// One provisioning run at a time (start, reload, `apply`).
     provisioning: tokio::sync::Mutex<()>,
+    /// One reload at a time (SIGHUP, `reload`).
+    reloading: tokio::sync::Mutex<()>,
+    /// Reads the config file again for a reload; none: the daemon runs without one.
+    loader: std::sync::OnceLock<ConfigLoader>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -266,6 +270,8 @@ impl Broker {
             started: Instant::now(),
             last_activity_ms: AtomicU64::new(0),
             provisioning: tokio::sync::Mutex::new(()),
+            reloading: tokio::sync::Mutex::new(()),
+            loader: std::sync::OnceLock::new(),
         }))
     }
 
@@ -767,6 +773,88 @@ impl Broker {
         }
     }
 
+    /// How a reload reads the config file again (set once, by the server).
+    pub fn set_loader(&self, loader: ConfigLoader) {
+        let _ = self.loader.set(loader);
+    }
+
+    /// A reload (SIGHUP, or an admin's `reload`): read the config file again and put it in
+    /// force here and in every worker (an invalid file keeps the running config), then
+    /// apply the provisioning files. systemd hears RELOADING=1 at the start and READY=1
+    /// once both are done.
+    pub async fn reload_all(self: &Arc<Self>) -> ReloadResponse {
+        let _one = self.reloading.lock().await;
+        crate::systemd::notify_reloading();
+        let mut r = ReloadResponse {
+            config_applied: false,
+            config_error: None,
+            restart_needed: Vec::new(),
+            provisioning: None,
+            provisioning_error: None,
+        };
+        match self.loader.get() {
+            None => log::info!("reload: no config file in use; the configuration stays"),
+            Some(loader) => match loader() {
+                Ok(new) => {
+                    let (applied, restart) = self.config().reload_from(new);
+                    log::set_max_level(applied.server.log_level);
+                    self.reload(&applied);
+                    self.apply(applied);
+                    if restart.is_empty() {
+                        log::info!("reload: configuration applied");
+                    } else {
+                        log::warn!(
+                            "reload: applied; these keys changed but need a restart: {}",
+                            restart.join(", ")
+                        );
+                    }
+                    r.config_applied = true;
+                    r.restart_needed = restart.into_iter().map(String::from).collect();
+                }
+                Err(e) => {
+                    log::error!("reload: keeping the running configuration: {e}");
+                    r.config_error = Some(e);
+                }
+            },
+        }
+        match self.provision_logged("reload").await {
+            Ok(report) => r.provisioning = Some(report),
+            Err(e) => r.provisioning_error = Some(e.message),
+        }
+        crate::systemd::notify_ready(&self.status_line());
+        r
+    }
+
+    /// [`Broker::provision`] with a summary in the log (at `when`: start or reload).
+    pub async fn provision_logged(
+        self: &Arc<Self>,
+        when: &str,
+    ) -> Result<ApplyResponse, ErrorBody> {
+        let report = self.provision(false).await?;
+        let changed = report
+            .entries
+            .iter()
+            .filter(|e| e.error.is_none() && e.action != ProvisionAction::Unchanged)
+            .count();
+        let failed = report.failed();
+        if report.entries.is_empty() {
+            log::debug!("provisioning ({when}): {} declares nothing", report.dir);
+        } else if failed > 0 {
+            log::warn!(
+                "provisioning ({when}): {} entries in {}, {changed} changes made, {failed} refused or failed (see above)",
+                report.entries.len(),
+                report.dir
+            );
+        } else {
+            log::info!(
+                "provisioning ({when}): {} entries in {}, {changed} changes made",
+                report.entries.len(),
+                report.dir
+            );
+        }
+        Ok(report)
+    }
+
     /// Pass a reloaded configuration to every worker, and its quotas to their cgroups.
     pub fn reload(&self, config: &Config) {
         for w in self.live_workers() {
@@ -1025,6 +1113,10 @@ impl Broker {
                 }
                 Ok(serde_json::json!({"ok": true}))
             }
+            Ask::Reload => serde_json::to_value(Response::success(None, self.reload_all().await))
+                .map_err(|e| {
+                    ErrorBody::new(ErrorCode::Internal, format!("the reload report: {e}"))
+                }),
             Ask::Apply { dry_run } => {
                 serde_json::to_value(Response::success(None, self.provision(dry_run).await?))
                     .map_err(|e| {

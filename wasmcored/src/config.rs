@@ -281,6 +281,9 @@ impl Default for ProvisioningConfig {
     }
 }
 
+/// Reads the config again (the file plus the command-line flags) for a reload.
+pub type ConfigLoader = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
+
 /// The running configuration, swapped whole on reload; readers take a snapshot per use.
 pub type Live = std::sync::Arc<arc_swap::ArcSwap<Config>>;
 

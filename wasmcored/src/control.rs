@@ -179,6 +179,8 @@ pub enum Ask {
     /// An admin's `apply`: bring the binaries to what the provisioning files declare (or,
     /// with `dry_run`, say what that would change).
     Apply { dry_run: bool },
+    /// An admin's `reload`: the config file, then the provisioning files.
+    Reload,
 }
 
 /// A worker's counts for an admin's `status`.

@@ -22,13 +22,11 @@ use tokio::sync::{Semaphore, watch};
 use wasmcore_proto::{ErrorBody, ErrorCode, Response, encode_line};
 
 use crate::broker::Broker;
-use crate::config::Config;
 use crate::metrics::Refusal;
 use crate::systemd::{self, Listener};
 use crate::tenant::Tenant;
 
-/// Re-reads the config (file plus command-line overrides) on SIGHUP.
-pub type ConfigLoader = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
+pub use crate::config::ConfigLoader;
 
 /// Why `run` returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,8 +91,12 @@ pub async fn run(
         )));
     }
     broker.touch();
+    if let Some(loader) = loader {
+        broker.set_loader(loader);
+    }
     // Connections are served meanwhile; readiness waits for the declared binaries.
-    provision(&broker, "start").await;
+    systemd::notify_status("applying the provisioning files");
+    let _ = broker.provision_logged("start").await;
     systemd::notify_ready(&broker.status_line());
     log::info!("ready: {}", broker.status_line());
 
@@ -106,10 +108,7 @@ pub async fn run(
             _ = int.recv() => { log::info!("SIGINT received"); break Stopped::Signal; }
             _ = hup.recv() => {
                 log::info!("SIGHUP received: reloading the configuration");
-                systemd::notify_reloading();
-                reload(&broker, loader.as_ref());
-                provision(&broker, "reload").await;
-                systemd::notify_ready(&broker.status_line());
+                broker.reload_all().await;
             }
             r = stop.changed() => {
                 if r.is_err() || *stop.borrow() { break Stopped::Requested; }
@@ -151,62 +150,6 @@ pub async fn run(
     }
     log::info!("stopped");
     Ok(reason)
-}
-
-/// Re-read the config and apply it here and in every worker; an invalid file keeps the
-/// running config.
-fn reload(broker: &Broker, loader: Option<&ConfigLoader>) {
-    let Some(loader) = loader else {
-        log::info!("reload: no config file in use; nothing to do");
-        return;
-    };
-    match loader() {
-        Ok(new) => {
-            let (applied, restart) = broker.config().reload_from(new);
-            log::set_max_level(applied.server.log_level);
-            broker.reload(&applied);
-            broker.apply(applied);
-            if restart.is_empty() {
-                log::info!("reload: configuration applied");
-            } else {
-                log::warn!(
-                    "reload: applied; these keys changed but need a restart: {}",
-                    restart.join(", ")
-                );
-            }
-        }
-        Err(e) => log::error!("reload: keeping the running configuration: {e}"),
-    }
-}
-
-/// Apply the provisioning files (at `when`: start or reload), logging a summary.
-async fn provision(broker: &Arc<Broker>, when: &str) {
-    systemd::notify_status(&format!("{when}: applying the provisioning files"));
-    if let Ok(report) = broker.provision(false).await {
-        let changed = report
-            .entries
-            .iter()
-            .filter(|e| {
-                e.error.is_none() && !matches!(e.action, wasmcore_proto::ProvisionAction::Unchanged)
-            })
-            .count();
-        let failed = report.failed();
-        if report.entries.is_empty() {
-            log::debug!("provisioning ({when}): {} declares nothing", report.dir);
-        } else if failed > 0 {
-            log::warn!(
-                "provisioning ({when}): {} entries in {}, {changed} changes made, {failed} refused or failed (see above)",
-                report.entries.len(),
-                report.dir
-            );
-        } else {
-            log::info!(
-                "provisioning ({when}): {} entries in {}, {changed} changes made",
-                report.entries.len(),
-                report.dir
-            );
-        }
-    }
 }
 
 /// Periodic STATUS=, the workers' upkeep (idle stop, hung workers), and, when systemd asks

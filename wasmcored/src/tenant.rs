@@ -19,10 +19,13 @@ pub struct Tenant {
 }
 
 impl Tenant {
-    /// A tenant with the given identity; `admin_gids` are the groups whose members are admins
-    /// (root always is).
+    /// A tenant with the given identity; `admin_gids` are the groups whose members are admins.
+    /// Root always is, and so is the daemon's own user (the service's `wasm-core`, which
+    /// owns the state directory anyway): its `ExecReload=` runs `wasmcorectl reload` as it.
     pub fn new(uid: u32, gid: u32, groups: Vec<u32>, admin_gids: &[u32]) -> Self {
-        let is_admin = uid == 0 || admin_gids.iter().any(|g| *g == gid || groups.contains(g));
+        let is_admin = uid == 0
+            || uid == nix::unistd::geteuid().as_raw()
+            || admin_gids.iter().any(|g| *g == gid || groups.contains(g));
         Tenant {
             uid,
             gid,

@@ -378,7 +378,22 @@ fn a_directory_of_files_is_applied_at_start_on_reload_and_on_apply() {
             alice.uid
         ),
     );
-    d.signal(nix::sys::signal::Signal::SIGHUP);
+    // `wasmcorectl reload` (what `systemctl reload` runs) answers once all is applied, and
+    // fails for the refused files.
+    let out = d.ctl(&["reload"]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("configuration applied\n"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out)
+            .lines()
+            .any(|l| l.starts_with("10-a.toml") && l.contains("replace")),
+        "{}",
+        stdout(&out)
+    );
     wait_reloads(&d, 2);
     assert_eq!(output(&mut root, "alpha"), "a2;");
     assert_eq!(

@@ -150,6 +150,7 @@ async fn serve(
             Request::List(l) if l.all => Some(Ask::ListAll),
             Request::Metrics(_) => Some(Ask::Metrics),
             Request::Apply(r) => Some(Ask::Apply { dry_run: r.dry_run }),
+            Request::Reload(_) => Some(Ask::Reload),
             Request::Status(r) => Some(Ask::Status {
                 own: Box::new(status::apply(daemon, tenant, r.clone())),
             }),
@@ -324,12 +325,20 @@ async fn run(
             .await
             .map(Reply::Rollback),
         Request::Versions(r) => versions::apply(daemon, tenant, r).map(Reply::Versions),
-        Request::Apply(_) if !tenant.is_admin() => Err(Error::Forbidden(
-            "only admins may apply the provisioning files".into(),
-        )),
-        Request::Apply(_) => Err(Error::bad_request(
-            "apply is the broker's: this process serves without one (in-process mode)",
-        )),
+        Request::Apply(_) | Request::Reload(_) if !tenant.is_admin() => {
+            Err(Error::Forbidden(format!(
+                "only admins may {} the daemon's configuration",
+                if matches!(req, Request::Apply(_)) {
+                    "apply"
+                } else {
+                    "reload"
+                }
+            )))
+        }
+        Request::Apply(_) | Request::Reload(_) => Err(Error::bad_request(format!(
+            "{} is the broker's: this process serves without one (in-process mode)",
+            req.op()
+        ))),
     }
 }
 
