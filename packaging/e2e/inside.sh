@@ -141,7 +141,7 @@ if [ "$(cat /e2e-prev-state-format)" = 1 ]; then
   rm -f /etc/wasm-core/config.toml.dpkg-dist
 else
   check "dpkg left no .dpkg-dist or .dpkg-old beside it (the shipped config did not change)" \
-    test -z "$(ls /etc/wasm-core | grep -v '^config.toml$')"
+    test -z "$(ls /etc/wasm-core | grep -v -e '^config.toml$' -e '^binaries.d$')"
 fi
 check "the new daemon runs with the edited configuration" \
   sh -c "wasmcorectl --json status | python3 -c 'import json,sys; assert json.load(sys.stdin)[\"default_limits\"][\"timeout_ms\"] == 4321'"
@@ -254,6 +254,61 @@ check "the journal names the watchdog" sh -c "journalctl -u wasm-core.service --
 check "the restarted daemon keeps every binary and UUID" test "$(uuids)" = "$before"
 rm -r /run/systemd/system/wasm-core.service.d
 systemctl daemon-reload
+
+# Declarative provisioning: five files in binaries.d applied at start; one edited to another
+# module, and `systemctl reload` replaces exactly that binary; a removed file unloads its
+# binary; a broken file fails the reload, is named with its line, and the others apply.
+D=/etc/wasm-core/binaries.d
+check "the package ships $D" test -d $D
+install -d -m 0755 /srv/plugins
+for m in uppercase transform hash greet sort wc; do install -m 0644 $P/$m.wasm /srv/plugins/; done
+printf 'name = "p-up"\nsource = "/srv/plugins/uppercase.wasm"\nowner = "alice"\n' >$D/10-up.toml
+printf 'name = "p-hash"\nsource = "/srv/plugins/hash.wasm"\nowner = "bob"\n' >$D/20-hash.toml
+printf 'name = "p-sort"\nsource = "/srv/plugins/sort.wasm"\npublic = true\n' >$D/30-sort.toml
+printf 'name = "p-greet"\nsource = "/srv/plugins/greet.wasm"\nowner = "alice"\n[config]\ngreeting = "Hey"\n' >$D/40-greet.toml
+printf 'name = "p-wc"\nsource = "/srv/plugins/wc.wasm"\nowner = %s\n[limits]\ntimeout_ms = 1500\n' "$(id -u bob)" >$D/50-wc.toml
+systemctl restart wasm-core.service
+provisioned() {
+  wasmcorectl --json list --all | python3 -c 'import json, sys
+for b in sorted(json.load(sys.stdin)["binaries"], key=lambda b: b.get("name") or ""):
+    if b.get("provisioned") and not b.get("superseded"):
+        print(b["name"], b["owner_uid"], b["binary"])'
+}
+sha_of() { wasmcorectl --json info "$1" | python3 -c 'import json, sys; print(json.load(sys.stdin)["sha256"])'; }
+before=$(provisioned)
+check "five provisioned binaries once the service has started" test "$(echo "$before" | wc -l)" = 5
+check "alice runs her provisioned binary" test "$(as alice wasmcorectl execute p-up --input hi)" = HI
+check "the file's Extism configuration is in force" \
+  test "$(as alice wasmcorectl execute p-greet --function greet --input Ann)" = "Hey, Ann!"
+check "bob runs the public provisioned component" \
+  test "$(printf 'b\na\n' | as bob wasmcorectl execute p-sort)" = "$(printf 'a\nb')"
+as alice wasmcorectl unload p-up >/dev/null 2>&1; check "alice cannot unload her provisioned binary (forbidden)" test $? -eq 4
+wasmcorectl unload alice/p-up >/dev/null 2>&1; check "nor can root" test $? -eq 4
+check "the journal has the start's provisioning" \
+  sh -c "journalctl -u wasm-core.service --no-pager -o cat | grep -q 'provisioning: $D/10-up.toml: load p-up of uid $(id -u alice)'"
+sed -i 's|/srv/plugins/uppercase.wasm|/srv/plugins/transform.wasm|' $D/10-up.toml
+check "systemctl reload applies an edited file" systemctl reload wasm-core.service
+after=$(provisioned)
+check "the reload replaced exactly p-up" \
+  test "$(diff <(echo "$before") <(echo "$after") | grep '^[<>]' | cut -d' ' -f2 | sort -u)" = p-up
+check "p-up is transform.wasm now" \
+  test "$(sha_of alice/p-up)" = "$(sha256sum /srv/plugins/transform.wasm | cut -d' ' -f1)"
+rm $D/20-hash.toml
+check "systemctl reload after a file was removed" systemctl reload wasm-core.service
+check "the removed file's binary is unloaded, the others kept" \
+  test "$(provisioned | cut -d' ' -f1 | tr '\n' ' ')" = "p-greet p-sort p-up p-wc "
+printf 'name = "p-broken"\nsource =\n' >$D/60-broken.toml
+sed -i 's/greeting = "Hey"/greeting = "Yo"/' $D/40-greet.toml
+systemctl reload wasm-core.service >/dev/null 2>&1; check "systemctl reload fails for a broken file" test $? -ne 0
+check "the service stays active" systemctl is-active --quiet wasm-core.service
+check "the other files still apply" \
+  test "$(as alice wasmcorectl execute p-greet --function greet --input Ann)" = "Yo, Ann!"
+check "the journal names the broken file and its line" \
+  sh -c "journalctl -u wasm-core.service --no-pager -o cat | grep -Eq '$D/60-broken.toml:[0-9]+: refused'"
+wasmcorectl apply --dry-run >/dev/null 2>&1; check "apply --dry-run exits 6 for the broken file" test $? -eq 6
+rm -f $D/*.toml
+wasmcorectl apply >/dev/null 2>&1
+check "apply unloads every provisioned binary once the files are gone" test -z "$(provisioned)"
 
 systemd-analyze security wasm-core.service >/e2e-security.txt 2>/dev/null
 score=$(sed -n 's/.*Overall exposure level for wasm-core.service: \([0-9.]*\).*/\1/p' /e2e-security.txt)

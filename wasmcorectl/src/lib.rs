@@ -41,7 +41,8 @@ Exit status:
   4  forbidden
   5  not found (no such binary visible to you)
   6  refused: bad_request, invalid_module, too_large,
-     already_exists
+     already_exists; apply or reload with a refused
+     file
   7  busy or quota_exceeded: retry later, free something
   8  the daemon failed (internal) or broke the protocol
   9  a local file could not be read or written
