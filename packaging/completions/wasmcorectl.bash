@@ -143,7 +143,7 @@ _wasmcorectl() {
             return 0
             ;;
         wasmcorectl__subcmd__apply)
-            opts="-h --dry-run --socket --json --help"
+            opts="-h --dry-run --insecure --socket --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

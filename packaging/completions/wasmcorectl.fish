@@ -97,6 +97,7 @@ complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand push" -l json -d
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand push" -s h -l help -d 'Print help'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand apply" -l socket -d 'Daemon socket [default: /run/wasm-core/wasm-core.sock if present, else /tmp/wasm-core.sock]' -r -F
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand apply" -l dry-run -d 'Only print what would change'
+complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand apply" -l insecure -d 'Allow plain HTTP to the registries of oci:// sources (always allowed for localhost, 127.0.0.1 and [::1])'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand apply" -l json -d 'Print the daemon\'s full JSON response instead of human output'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand apply" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c wasmcorectl -n "__fish_wasmcorectl_using_subcommand reload" -l socket -d 'Daemon socket [default: /run/wasm-core/wasm-core.sock if present, else /tmp/wasm-core.sock]' -r -F

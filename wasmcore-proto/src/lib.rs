@@ -739,6 +739,10 @@ pub struct ProvisionEntry {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub line: Option<u32>,
+    /// An `oci://…@sha256:…` source not in the daemon's cache yet: `wasmcorectl apply`
+    /// pulls it there (as the caller, with the caller's credentials) and applies again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull: Option<String>,
 }
 
 /// Response to `apply`.
@@ -746,6 +750,10 @@ pub struct ProvisionEntry {
 pub struct ApplyResponse {
     /// The directory read (`provisioning.dir`).
     pub dir: String,
+    /// Where `oci://` sources are taken from (`provisioning.oci_cache`): one
+    /// `sha256-<manifest digest>/` directory each, with `manifest.json` and `module.wasm`.
+    #[serde(default)]
+    pub oci_cache: String,
     pub dry_run: bool,
     /// One entry per file (sorted by file name), then one per provisioned binary whose
     /// file is gone.

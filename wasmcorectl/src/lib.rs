@@ -188,10 +188,18 @@ pub enum Command {
     /// A file that cannot be used is reported with its path and line and changes nothing
     /// (what it declared before stays); the other files still apply, and the exit status
     /// is then 6.
+    ///
+    /// An oci://…@sha256:… source the daemon does not have yet is pulled first, as you
+    /// (with your registry credentials), into the daemon's cache (provisioning.oci_cache),
+    /// also with --dry-run: the daemon itself never reaches a registry.
     Apply {
         /// Only print what would change.
         #[arg(long)]
         dry_run: bool,
+        /// Allow plain HTTP to the registries of oci:// sources (always allowed for
+        /// localhost, 127.0.0.1 and [::1]).
+        #[arg(long)]
+        insecure: bool,
     },
     /// Read the config file again and apply the provisioning files (admins), as SIGHUP
     /// does, and say what changed once both are done: what `systemctl reload wasm-core`
@@ -439,31 +447,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Apply { dry_run } => {
-            let mut req = json!({"op": "apply"});
-            if dry_run {
-                req["dry_run"] = json!(true);
-            }
-            let resp = call(&mut c, &req)?;
-            if json {
-                print_json(&resp)?;
-            } else {
-                print_apply(&resp);
-            }
-            let report: wasmcore_proto::ApplyResponse = serde_json::from_value(resp)
-                .map_err(|e| Failure::new(exit::INTERNAL, format!("the apply report: {e}")))?;
-            match report.failed() {
-                0 => Ok(()),
-                n => Err(Failure::new(
-                    exit::REFUSED,
-                    format!(
-                        "{n} of {} provisioning entries were refused or failed; the others {}",
-                        report.entries.len(),
-                        if dry_run { "would apply" } else { "applied" }
-                    ),
-                )),
-            }
-        }
+        Command::Apply { dry_run, insecure } => apply(&mut c, json, dry_run, insecure),
         Command::Unload { binary } => {
             let resp = call(&mut c, &json!({"op": "unload", "binary": binary}))?;
             if json {
@@ -888,6 +872,63 @@ fn print_list(resp: &Value) {
         ]);
     }
     let _ = write_stdout(render_table(&table).as_bytes());
+}
+
+/// `apply`: pull the `oci://` sources the daemon lacks into its cache, then apply (or, with
+/// `dry_run`, say what would change) and print the report.
+fn apply(c: &mut Client, json: bool, dry_run: bool, insecure: bool) -> Result<(), Failure> {
+    let ask = |c: &mut Client, dry_run: bool| -> Result<Value, Failure> {
+        call(c, &json!({"op": "apply", "dry_run": dry_run}))
+    };
+    let first = ask(c, true)?;
+    let mut pulls: Vec<String> = first["entries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["pull"].as_str().map(str::to_string))
+        .collect();
+    pulls.sort();
+    pulls.dedup();
+    let cache = PathBuf::from(text(&first["oci_cache"]));
+    let mut pull_failure = None;
+    for reference in &pulls {
+        match oci::OciRef::parse(reference).and_then(|r| oci::pull_to_cache(&r, insecure, &cache)) {
+            Ok(entry) => eprintln!("pulled {reference} into {}", entry.display()),
+            Err(f) => {
+                eprintln!("wasmcorectl: {}", f.message);
+                pull_failure.get_or_insert(f);
+            }
+        }
+    }
+    let resp = if dry_run && pulls.is_empty() {
+        first
+    } else {
+        ask(c, dry_run)?
+    };
+    if json {
+        print_json(&resp)?;
+    } else {
+        print_apply(&resp);
+    }
+    let report: wasmcore_proto::ApplyResponse = serde_json::from_value(resp)
+        .map_err(|e| Failure::new(exit::INTERNAL, format!("the apply report: {e}")))?;
+    if let Some(f) = pull_failure {
+        return Err(Failure::new(
+            f.code,
+            "a source could not be pulled (see above); its file is refused, the others applied",
+        ));
+    }
+    match report.failed() {
+        0 => Ok(()),
+        n => Err(Failure::new(
+            exit::REFUSED,
+            format!(
+                "{n} of {} provisioning entries were refused or failed; the others {}",
+                report.entries.len(),
+                if dry_run { "would apply" } else { "applied" }
+            ),
+        )),
+    }
 }
 
 /// `apply`: one row per entry, then each error with its file and line.

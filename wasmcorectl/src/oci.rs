@@ -3,14 +3,16 @@
 //! `application/wasm` layer), as the calling user: credentials come from the user's own
 //! `$REGISTRY_AUTH_FILE` or Docker config, never through the daemon.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciError, OciErrorCode};
-use oci_client::manifest::OciDescriptor;
+use oci_client::manifest::{OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageManifest};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use oci_wasm::{WASM_LAYER_MEDIA_TYPE, WASM_MANIFEST_CONFIG_MEDIA_TYPE, WasmClient, WasmConfig};
@@ -232,60 +234,157 @@ pub fn pull(r: &OciRef, insecure: bool) -> Result<Pulled, Failure> {
             .pull_image_manifest(&r.reference, &auth)
             .await
             .map_err(|e| failed(r, "pulling the manifest", &e))?;
-        if manifest.config.media_type != WASM_MANIFEST_CONFIG_MEDIA_TYPE {
-            return Err(Failure::new(
-                exit::REFUSED,
-                format!(
-                    "{}: not a Wasm artifact: its config is {:?}, not {WASM_MANIFEST_CONFIG_MEDIA_TYPE:?}",
-                    r.text, manifest.config.media_type
-                ),
-            ));
-        }
-        let layer = match manifest.layers.as_slice() {
-            [layer] if layer.media_type == WASM_LAYER_MEDIA_TYPE => layer.clone(),
-            layers => {
-                return Err(Failure::new(
-                    exit::REFUSED,
-                    format!(
-                        "{}: a Wasm artifact has one {WASM_LAYER_MEDIA_TYPE:?} layer; this one has {}",
-                        r.text,
-                        describe_layers(layers)
-                    ),
-                ));
-            }
-        };
-        if !(0..=MAX_LAYER_BYTES).contains(&layer.size) {
-            return Err(Failure::new(
-                exit::REFUSED,
-                format!(
-                    "{}: its layer is {} bytes, more than the {MAX_LAYER_BYTES} this tool pulls",
-                    r.text, layer.size
-                ),
-            ));
-        }
-        let bar = progress(layer.size as u64, &r.text);
-        let mut sink = Collect {
-            bytes: Vec::with_capacity(layer.size as usize),
-            bar: bar.clone(),
-        };
-        let pulled = client.pull_blob(&r.reference, &layer, &mut sink).await;
-        bar.finish_and_clear();
-        match pulled {
-            Ok(()) => {}
-            Err(OciDistributionError::DigestError(e)) => return Err(tampered(r, &layer, &e)),
-            Err(e) => return Err(failed(r, "pulling the layer", &e)),
-        }
-        // Checked here too: what is loaded is what the manifest names, whatever the client
-        // library verifies.
-        let actual = format!("sha256:{}", hex::encode(Sha256::digest(&sink.bytes)));
-        if actual != layer.digest {
-            return Err(tampered(r, &layer, &actual));
-        }
+        let bytes = wasm_layer(&client, r, &manifest).await?;
         Ok(Pulled {
-            bytes: sink.bytes,
+            bytes,
             manifest_digest,
         })
     })
+}
+
+/// Pull `r`, which must pin a manifest digest, into `cache` for the daemon's provisioning:
+/// `sha256-<digest>/manifest.json` (the manifest as the registry served it, checked against
+/// the digest) and `module.wasm` (the layer, checked against its digest), written in a
+/// temporary directory and renamed into place. An entry already there is kept.
+pub fn pull_to_cache(r: &OciRef, insecure: bool, cache: &Path) -> Result<PathBuf, Failure> {
+    let hex = r
+        .reference
+        .digest()
+        .and_then(|d| d.strip_prefix("sha256:"))
+        .ok_or_else(|| {
+            usage(
+                &r.text,
+                "pin it by digest: oci://REGISTRY/REPOSITORY@sha256:…",
+            )
+        })?
+        .to_string();
+    let entry = cache.join(format!("sha256-{hex}"));
+    if entry.exists() {
+        return Ok(entry);
+    }
+    let auth = credentials(r.registry())?;
+    let client = client(r, insecure);
+    let (raw, module) = runtime()?.block_on(async {
+        let (raw, _) = client
+            .pull_manifest_raw(&r.reference, &auth, &[OCI_IMAGE_MEDIA_TYPE])
+            .await
+            .map_err(|e| failed(r, "pulling the manifest", &e))?;
+        let actual = hex::encode(Sha256::digest(&raw));
+        if actual != hex {
+            return Err(Failure::new(
+                exit::REFUSED,
+                format!(
+                    "{}: the manifest the registry sent does not match the digest (sha256:{actual}); refused",
+                    r.text
+                ),
+            ));
+        }
+        let manifest: OciImageManifest = serde_json::from_slice(&raw).map_err(|e| {
+            Failure::new(exit::REFUSED, format!("{}: its manifest: {e}", r.text))
+        })?;
+        let module = wasm_layer(&client, r, &manifest).await?;
+        Ok((raw.to_vec(), module))
+    })?;
+    let io = |what: &Path, e: std::io::Error| {
+        Failure::new(exit::IO, format!("writing {}: {e}", what.display()))
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(cache)
+        .map_err(|e| io(cache, e))?;
+    let tmp = cache.join(format!(".sha256-{hex}.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::DirBuilder::new()
+        .mode(0o755)
+        .create(&tmp)
+        .map_err(|e| io(&tmp, e))?;
+    for (name, bytes) in [("manifest.json", &raw), ("module.wasm", &module)] {
+        let path = tmp.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&path)
+            .map_err(|e| io(&path, e))?;
+        f.write_all(bytes)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| io(&path, e))?;
+    }
+    match std::fs::rename(&tmp, &entry) {
+        Ok(()) => {}
+        // Another pull of the same digest got there first: the same bytes.
+        Err(_) if entry.exists() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(io(&entry, e));
+        }
+    }
+    if let Ok(dir) = std::fs::File::open(cache) {
+        let _ = dir.sync_all();
+    }
+    Ok(entry)
+}
+
+/// The module of a Wasm artifact whose manifest is `manifest`: its one `application/wasm`
+/// layer, checked against the layer's digest.
+async fn wasm_layer(
+    client: &WasmClient,
+    r: &OciRef,
+    manifest: &OciImageManifest,
+) -> Result<Vec<u8>, Failure> {
+    if manifest.config.media_type != WASM_MANIFEST_CONFIG_MEDIA_TYPE {
+        return Err(Failure::new(
+            exit::REFUSED,
+            format!(
+                "{}: not a Wasm artifact: its config is {:?}, not {WASM_MANIFEST_CONFIG_MEDIA_TYPE:?}",
+                r.text, manifest.config.media_type
+            ),
+        ));
+    }
+    let layer = match manifest.layers.as_slice() {
+        [layer] if layer.media_type == WASM_LAYER_MEDIA_TYPE => layer.clone(),
+        layers => {
+            return Err(Failure::new(
+                exit::REFUSED,
+                format!(
+                    "{}: a Wasm artifact has one {WASM_LAYER_MEDIA_TYPE:?} layer; this one has {}",
+                    r.text,
+                    describe_layers(layers)
+                ),
+            ));
+        }
+    };
+    if !(0..=MAX_LAYER_BYTES).contains(&layer.size) {
+        return Err(Failure::new(
+            exit::REFUSED,
+            format!(
+                "{}: its layer is {} bytes, more than the {MAX_LAYER_BYTES} this tool pulls",
+                r.text, layer.size
+            ),
+        ));
+    }
+    let bar = progress(layer.size as u64, &r.text);
+    let mut sink = Collect {
+        bytes: Vec::with_capacity(layer.size as usize),
+        bar: bar.clone(),
+    };
+    let pulled = client.pull_blob(&r.reference, &layer, &mut sink).await;
+    bar.finish_and_clear();
+    match pulled {
+        Ok(()) => {}
+        Err(OciDistributionError::DigestError(e)) => return Err(tampered(r, &layer, &e)),
+        Err(e) => return Err(failed(r, "pulling the layer", &e)),
+    }
+    // Checked here too: what is loaded is what the manifest names, whatever the client
+    // library verifies.
+    let actual = format!("sha256:{}", hex::encode(Sha256::digest(&sink.bytes)));
+    if actual != layer.digest {
+        return Err(tampered(r, &layer, &actual));
+    }
+    Ok(sink.bytes)
 }
 
 fn tampered(r: &OciRef, layer: &OciDescriptor, got: &dyn std::fmt::Display) -> Failure {

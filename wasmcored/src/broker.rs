@@ -876,11 +876,12 @@ impl Broker {
         let _one = self.provisioning.lock().await;
         let config = self.config();
         let dir = config.provisioning.dir.clone();
+        let cache = config.provisioning.oci_cache.clone();
         let max = config.registry.max_module_bytes as u64;
-        let (store, d) = (self.store.clone(), dir.clone());
+        let (store, d, c) = (self.store.clone(), dir.clone(), cache.clone());
         let steps = tokio::task::spawn_blocking(move || {
             let uid_of = |user: &str| crate::tenant::uid_of_user(user).map_err(|e| e.to_string());
-            let (declared, invalid) = provision::read_dir(&d, &uid_of, max)?;
+            let (declared, invalid) = provision::read_dir(&d, &c, &uid_of, max)?;
             let metas: Vec<BinaryMeta> = store
                 .list_binaries(Scope::All)?
                 .into_iter()
@@ -925,6 +926,7 @@ impl Broker {
         }
         Ok(ApplyResponse {
             dir: dir.display().to_string(),
+            oci_cache: cache.display().to_string(),
             dry_run,
             entries,
         })
@@ -959,6 +961,7 @@ impl Broker {
                     name: Some(d.name.clone()),
                     public: d.public,
                     config: Some(d.config.clone()),
+                    source: d.oci.clone(),
                     // A name taken meanwhile is then replaced only if a file declared it.
                     replace: true,
                     ..LoadRequest::default()

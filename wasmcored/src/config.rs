@@ -268,15 +268,21 @@ pub struct ProvisioningConfig {
     /// The directory of `*.toml` files, one binary each, that the daemon applies at start
     /// and on every reload (a missing directory declares nothing).
     pub dir: PathBuf,
+    /// Where the `oci://` sources of those files are read from, as `wasmcorectl apply`
+    /// pulled them: the daemon itself never reaches a registry.
+    pub oci_cache: PathBuf,
 }
 
 /// Where the provisioning files are unless the config says otherwise.
 pub const DEFAULT_PROVISIONING_DIR: &str = "/etc/wasm-core/binaries.d";
+/// Where pulled `oci://` sources are unless the config says otherwise.
+pub const DEFAULT_OCI_CACHE: &str = "/var/cache/wasm-core/oci";
 
 impl Default for ProvisioningConfig {
     fn default() -> Self {
         ProvisioningConfig {
             dir: PathBuf::from(DEFAULT_PROVISIONING_DIR),
+            oci_cache: PathBuf::from(DEFAULT_OCI_CACHE),
         }
     }
 }
@@ -473,11 +479,13 @@ impl Config {
         if self.engine.epoch_tick.is_zero() || self.engine.epoch_tick > Duration::from_secs(1) {
             return Err("engine.epoch_tick_ms must be between 1 and 1000".into());
         }
-        if !self.provisioning.dir.is_absolute() {
-            return Err(format!(
-                "provisioning.dir {:?} must be an absolute path",
-                self.provisioning.dir
-            ));
+        for (key, dir) in [
+            ("provisioning.dir", &self.provisioning.dir),
+            ("provisioning.oci_cache", &self.provisioning.oci_cache),
+        ] {
+            if !dir.is_absolute() {
+                return Err(format!("{key} {dir:?} must be an absolute path"));
+            }
         }
         if self.server.listen.is_empty() {
             return Err("server.listen needs at least one socket path".into());
@@ -606,6 +614,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawProvisioning {
     dir: Option<PathBuf>,
+    oci_cache: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -850,6 +859,10 @@ impl RawConfig {
             },
             provisioning: ProvisioningConfig {
                 dir: self.provisioning.dir.unwrap_or(d.provisioning.dir),
+                oci_cache: self
+                    .provisioning
+                    .oci_cache
+                    .unwrap_or(d.provisioning.oci_cache),
             },
         })
     }

@@ -7,6 +7,12 @@
 //! ([`Provisioned`]): only such binaries are ever replaced, reconfigured or unloaded by a
 //! plan, and no client may change them. A file that cannot be used is reported with its
 //! path (and line) and changes nothing; in particular what it declared before stays.
+//!
+//! An `oci://REGISTRY/REPOSITORY@sha256:…` source is read from `provisioning.oci_cache`,
+//! where `wasmcorectl apply` put it (the daemon never reaches a registry): the directory
+//! `sha256-<digest>/` holds the manifest as the registry served it and the module, and both
+//! are checked here: the manifest against the digest the file pins, the module against the
+//! layer digest the manifest names.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -15,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use wasmcore_proto::{LimitsRequest, ProvisionAction, ProvisionEntry, Provisioned};
+use wasmcore_proto::{LimitsRequest, ProvisionAction, ProvisionEntry, Provisioned, Source};
 
 use crate::store::{BinaryMeta, current_of};
 
@@ -32,6 +38,8 @@ pub struct Declared {
     /// The module file, open, and the sha256 of what it held when read.
     pub module: File,
     pub sha256: String,
+    /// For an `oci://` source: the reference and the manifest digest it pins.
+    pub oci: Option<Source>,
 }
 
 impl Declared {
@@ -53,6 +61,8 @@ pub struct Invalid {
     /// What it names, when it got that far.
     pub name: Option<String>,
     pub owner: Option<u32>,
+    /// An `oci://` source to pull into the cache first.
+    pub pull: Option<String>,
 }
 
 /// What a file holds, as written.
@@ -92,6 +102,7 @@ struct RawLimits {
 /// module.
 pub fn read_dir(
     dir: &Path,
+    oci_cache: &Path,
     uid_of: &dyn Fn(&str) -> Result<u32, String>,
     max_bytes: u64,
 ) -> std::io::Result<(Vec<Declared>, Vec<Invalid>)> {
@@ -118,7 +129,7 @@ pub fn read_dir(
     paths.sort();
     let (mut good, mut bad) = (Vec::new(), Vec::new());
     for path in paths {
-        match read_file(&path, uid_of, max_bytes) {
+        match read_file(&path, oci_cache, uid_of, max_bytes) {
             Ok(d) => good.push(d),
             Err(e) => bad.push(e),
         }
@@ -129,6 +140,7 @@ pub fn read_dir(
 /// One provisioning file.
 fn read_file(
     path: &Path,
+    oci_cache: &Path,
     uid_of: &dyn Fn(&str) -> Result<u32, String>,
     max_bytes: u64,
 ) -> Result<Declared, Invalid> {
@@ -139,15 +151,16 @@ fn read_file(
         error,
         name: None,
         owner: None,
+        pull: None,
     };
-    let meta = std::fs::metadata(path).map_err(|e| invalid(None, e.to_string()))?;
-    if !meta.is_file() {
-        return Err(invalid(None, "not a regular file".into()));
-    }
-    if meta.len() > 1 << 20 {
+    let (f, len) = open_regular(path).map_err(|e| invalid(None, e))?;
+    if len > 1 << 20 {
         return Err(invalid(None, "larger than 1 MiB".into()));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| invalid(None, e.to_string()))?;
+    let mut text = String::new();
+    (&f).take(1 << 20)
+        .read_to_string(&mut text)
+        .map_err(|e| invalid(None, e.to_string()))?;
     let line_of = |span: std::ops::Range<usize>| {
         let upto = span.start.min(text.len());
         Some(text[..upto].bytes().filter(|b| *b == b'\n').count() as u32 + 1)
@@ -165,6 +178,7 @@ fn read_file(
         error,
         name: Some(name.clone()),
         owner: None,
+        pull: None,
     };
     crate::registry::validate_name(&name).map_err(|e| at(raw.name.span(), e.to_string()))?;
     let owner = match &raw.owner {
@@ -181,21 +195,32 @@ fn read_file(
         e
     };
     let source_text = raw.source.get_ref();
-    if source_text.starts_with("oci://") {
-        return Err(with_owner(at(
-            raw.source.span(),
-            "source: oci:// references are not taken by provisioning: the daemon does not reach the network (its unit allows Unix sockets only); pull the module to a file (wasmcorectl push/skopeo copy) and give its path".into(),
-        )));
-    }
-    let source = PathBuf::from(source_text);
-    if !source.is_absolute() {
-        return Err(with_owner(at(
-            raw.source.span(),
-            format!("source {source_text:?} must be an absolute path"),
-        )));
-    }
-    let (module, sha256) = hash_module(&source, max_bytes)
-        .map_err(|e| with_owner(at(raw.source.span(), format!("source: {e}"))))?;
+    let (source, module, sha256, oci) = if source_text.starts_with("oci://") {
+        let cached = from_cache(source_text, oci_cache, max_bytes).map_err(|(error, pull)| {
+            let mut e = with_owner(at(raw.source.span(), format!("source: {error}")));
+            e.pull = pull;
+            e
+        })?;
+        (
+            cached.module_path,
+            cached.module,
+            cached.sha256,
+            Some(cached.source),
+        )
+    } else {
+        let source = PathBuf::from(source_text);
+        if !source.is_absolute() {
+            return Err(with_owner(at(
+                raw.source.span(),
+                format!(
+                    "source {source_text:?} must be an absolute path or an oci:// reference pinned by digest"
+                ),
+            )));
+        }
+        let (module, sha256) = hash_module(&source, max_bytes)
+            .map_err(|e| with_owner(at(raw.source.span(), format!("source: {e}"))))?;
+        (source, module, sha256, None)
+    };
     Ok(Declared {
         file,
         name,
@@ -210,21 +235,144 @@ fn read_file(
         },
         module,
         sha256,
+        oci,
     })
+}
+
+/// An `oci://` source found in the cache and checked.
+struct Cached {
+    module_path: PathBuf,
+    module: File,
+    sha256: String,
+    source: Source,
+}
+
+/// The config media type and the layer media type of a Wasm OCI artifact.
+const WASM_CONFIG_MEDIA_TYPE: &str = "application/vnd.wasm.config.v0+json";
+const WASM_LAYER_MEDIA_TYPE: &str = "application/wasm";
+
+/// Find `reference` (which must pin a manifest digest) in `cache` and check it. `Err`: why
+/// not, and the reference to pull when it is not there yet.
+fn from_cache(
+    reference: &str,
+    cache: &Path,
+    max_bytes: u64,
+) -> Result<Cached, (String, Option<String>)> {
+    let refused = |why: String| (why, None);
+    let hex = reference
+        .rsplit_once("@sha256:")
+        .map(|(_, h)| h)
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        .ok_or_else(|| {
+            refused(format!(
+                "{reference:?} is not pinned: give the manifest digest (oci://REGISTRY/REPOSITORY@sha256:<64 hex digits>; wasmcorectl push prints it), so that every host runs the same bytes"
+            ))
+        })?;
+    if reference.len() > 1024
+        || reference
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(refused(format!("{reference:?} is not a reference")));
+    }
+    let dir = cache.join(format!("sha256-{hex}"));
+    if !dir.exists() {
+        return Err((
+            format!(
+                "{reference} is not in {} yet: `wasmcorectl apply` pulls it (as you, with your registry credentials) and applies again",
+                cache.display()
+            ),
+            Some(reference.to_string()),
+        ));
+    }
+    let manifest_path = dir.join("manifest.json");
+    let (f, len) = open_regular(&manifest_path).map_err(refused)?;
+    if len > 1 << 20 {
+        return Err(refused(format!(
+            "{} is larger than 1 MiB",
+            manifest_path.display()
+        )));
+    }
+    let mut raw = Vec::new();
+    (&f).take(1 << 20)
+        .read_to_end(&mut raw)
+        .map_err(|e| refused(format!("reading {}: {e}", manifest_path.display())))?;
+    let stale = |what: String| {
+        refused(format!(
+            "{what}; remove {} and run `wasmcorectl apply` to pull it again",
+            dir.display()
+        ))
+    };
+    if hex_of(&Sha256::digest(&raw)) != hex {
+        return Err(stale(format!(
+            "{} does not match the digest sha256:{hex}",
+            manifest_path.display()
+        )));
+    }
+    let manifest: serde_json::Value = serde_json::from_slice(&raw)
+        .map_err(|e| stale(format!("{}: {e}", manifest_path.display())))?;
+    if manifest["config"]["mediaType"] != WASM_CONFIG_MEDIA_TYPE {
+        return Err(refused(format!(
+            "{reference} is not a Wasm artifact (its config is {}, not {WASM_CONFIG_MEDIA_TYPE})",
+            manifest["config"]["mediaType"]
+        )));
+    }
+    let layer_hex = match manifest["layers"].as_array().map(Vec::as_slice) {
+        Some([layer]) if layer["mediaType"] == WASM_LAYER_MEDIA_TYPE => layer["digest"]
+            .as_str()
+            .and_then(|d| d.strip_prefix("sha256:"))
+            .map(str::to_string),
+        _ => None,
+    }
+    .ok_or_else(|| {
+        refused(format!(
+            "{reference} is not a Wasm artifact (one {WASM_LAYER_MEDIA_TYPE} layer with a sha256 digest)"
+        ))
+    })?;
+    let module_path = dir.join("module.wasm");
+    let (module, sha256) = hash_module(&module_path, max_bytes).map_err(refused)?;
+    if sha256 != layer_hex {
+        return Err(stale(format!(
+            "{} does not match the layer digest sha256:{layer_hex}",
+            module_path.display()
+        )));
+    }
+    Ok(Cached {
+        module_path,
+        module,
+        sha256,
+        source: Source {
+            reference: reference.to_string(),
+            digest: format!("sha256:{hex}"),
+        },
+    })
+}
+
+/// Open `path` if it is a regular file (never blocking on a FIFO or a device), with its
+/// size.
+fn open_regular(path: &Path) -> Result<(File, u64), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)
+        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    let meta = f
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    Ok((f, meta.len()))
 }
 
 /// Open a module file, hash it, and leave it at its start for the load.
 fn hash_module(path: &Path, max_bytes: u64) -> Result<(File, String), String> {
-    let mut f = File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
-    let meta = f.metadata().map_err(|e| e.to_string())?;
-    if !meta.is_file() {
-        return Err(format!("{} is not a regular file", path.display()));
-    }
-    if meta.len() > max_bytes {
+    let (mut f, len) = open_regular(path)?;
+    if len > max_bytes {
         return Err(format!(
-            "{} has {} bytes, more than registry.max_module_bytes ({max_bytes})",
-            path.display(),
-            meta.len()
+            "{} has {len} bytes, more than registry.max_module_bytes ({max_bytes})",
+            path.display()
         ));
     }
     let mut hasher = Sha256::new();
@@ -240,10 +388,10 @@ fn hash_module(path: &Path, max_bytes: u64) -> Result<(File, String), String> {
     }
     f.rewind()
         .map_err(|e| format!("reading {}: {e}", path.display()))?;
-    Ok((f, hex(&hasher.finalize())))
+    Ok((f, hex_of(&hasher.finalize())))
 }
 
-fn hex(bytes: &[u8]) -> String {
+fn hex_of(bytes: &[u8]) -> String {
     use std::fmt::Write;
     bytes.iter().fold(String::new(), |mut s, b| {
         let _ = write!(s, "{b:02x}");
@@ -279,6 +427,7 @@ impl Step {
             sha256: Some(d.sha256.clone()),
             error: None,
             line: None,
+            pull: None,
         };
         match self {
             Step::Load(d) => of(d, ProvisionAction::Load, None),
@@ -299,6 +448,7 @@ impl Step {
                 sha256: None,
                 error: None,
                 line: None,
+                pull: None,
             },
             Step::Invalid(i) => ProvisionEntry {
                 file: i.file.clone(),
@@ -309,6 +459,7 @@ impl Step {
                 sha256: None,
                 error: Some(i.error.clone()),
                 line: i.line,
+                pull: i.pull.clone(),
             },
         }
     }
@@ -342,6 +493,7 @@ pub fn plan(declared: Vec<Declared>, invalid: Vec<Invalid>, metas: &[BinaryMeta]
                     error,
                     name: Some(d.name),
                     owner: Some(d.owner),
+                    pull: None,
                 }),
             ));
             continue;
@@ -362,6 +514,7 @@ pub fn plan(declared: Vec<Declared>, invalid: Vec<Invalid>, metas: &[BinaryMeta]
                     line: None,
                     name: Some(d.name),
                     owner: Some(d.owner),
+                    pull: None,
                 }),
                 Some(_) if cur.public != d.public => Step::Invalid(Invalid {
                     error: format!(
@@ -373,6 +526,7 @@ pub fn plan(declared: Vec<Declared>, invalid: Vec<Invalid>, metas: &[BinaryMeta]
                     line: None,
                     name: Some(d.name),
                     owner: Some(d.owner),
+                    pull: None,
                 }),
                 Some(p) => {
                     if cur.sha256 != d.sha256 {
@@ -511,12 +665,13 @@ mod tests {
         .unwrap();
         std::fs::write(
             d.join("80-oci.toml"),
-            "name = \"h\"\nsource = \"oci://r.example/x@sha256:00\"\n",
+            "name = \"h\"\nsource = \"oci://r.example/x:1.0\"\n",
         )
         .unwrap();
         std::fs::write(d.join("README"), "not a provisioning file").unwrap();
         std::fs::write(d.join(".hidden.toml"), "garbage").unwrap();
-        let (good, bad) = read_dir(&d, &no_users, 1 << 20).unwrap();
+        let (good, bad) =
+            read_dir(&d, Path::new("/nonexistent-cache"), &no_users, 1 << 20).unwrap();
         assert_eq!(good.len(), 2, "{bad:?}");
         assert_eq!(good[0].name, "a");
         assert_eq!(good[0].owner, 1001);
@@ -558,9 +713,12 @@ mod tests {
             bad[3].error
         );
         assert!(bad[4].error.contains("bob"), "{}", bad[4].error);
+        assert!(bad[5].error.contains("not pinned"), "{}", bad[5].error);
+        assert_eq!(bad[5].pull, None);
         let _ = std::fs::remove_dir_all(&d);
         // A missing directory declares nothing.
-        let (good, bad) = read_dir(&d, &no_users, 1 << 20).unwrap();
+        let (good, bad) =
+            read_dir(&d, Path::new("/nonexistent-cache"), &no_users, 1 << 20).unwrap();
         assert!(good.is_empty() && bad.is_empty());
     }
 
@@ -578,6 +736,7 @@ mod tests {
             limits: LimitsRequest::default(),
             module: module_file,
             sha256,
+            oci: None,
         }
     }
 
@@ -608,6 +767,7 @@ mod tests {
             error: "bad".into(),
             name: None,
             owner: None,
+            pull: None,
         };
         let steps = plan(
             vec![same, changed, fresh, reconf, clash, twice],
@@ -639,6 +799,46 @@ mod tests {
         // The unload names the current version.
         assert_eq!(steps[7].entry().binary, Some(metas[5].id.to_string()));
         assert!(steps[6].entry().error.unwrap().contains("a.toml"));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn an_oci_source_is_taken_from_the_cache_checked_against_its_digests() {
+        let d = dir("oci");
+        let cache = d.join("cache");
+        let module = b"\0asm\x01\0\0\0".to_vec();
+        let layer = hex_of(&Sha256::digest(&module));
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": WASM_CONFIG_MEDIA_TYPE, "digest": "sha256:00", "size": 2},
+            "layers": [{"mediaType": WASM_LAYER_MEDIA_TYPE, "digest": format!("sha256:{layer}"), "size": module.len()}],
+        }))
+        .unwrap();
+        let digest = hex_of(&Sha256::digest(&manifest));
+        let reference = format!("oci://r.example/team/x@sha256:{digest}");
+        let max = 1 << 20;
+        // Not pulled yet: the reference to pull.
+        let (why, pull) = from_cache(&reference, &cache, max).err().unwrap();
+        assert!(why.contains("not in"), "{why}");
+        assert_eq!(pull.as_deref(), Some(reference.as_str()));
+        let entry = cache.join(format!("sha256-{digest}"));
+        std::fs::create_dir_all(&entry).unwrap();
+        std::fs::write(entry.join("manifest.json"), &manifest).unwrap();
+        std::fs::write(entry.join("module.wasm"), &module).unwrap();
+        let got = from_cache(&reference, &cache, max).ok().unwrap();
+        assert_eq!(got.sha256, layer);
+        assert_eq!(got.source.digest, format!("sha256:{digest}"));
+        // A module that is not the layer the manifest names.
+        std::fs::write(entry.join("module.wasm"), b"\0asm\x01\0\0\0\0").unwrap();
+        let (why, pull) = from_cache(&reference, &cache, max).err().unwrap();
+        assert!(why.contains("does not match the layer digest"), "{why}");
+        assert_eq!(pull, None);
+        // A manifest that is not the one pinned.
+        std::fs::write(entry.join("module.wasm"), &module).unwrap();
+        std::fs::write(entry.join("manifest.json"), b"{}").unwrap();
+        let (why, _) = from_cache(&reference, &cache, max).err().unwrap();
+        assert!(why.contains("does not match the digest"), "{why}");
         let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -328,3 +328,104 @@ fn credentials_are_the_calling_users_own() {
     assert_eq!(ok(&r)["output"], json!("Q"));
     assert!(!d.log().contains("s3cret"));
 }
+
+#[test]
+fn provisioning_takes_oci_sources_pinned_by_digest_from_the_cache_apply_fills() {
+    let reg = Registry::start();
+    let cache = TempDir::new("oci-cache");
+    let cache_dir = cache.path().join("oci");
+    let mut d = Daemon::start_config(
+        &format!("[provisioning]\noci_cache = \"{}\"\n", cache_dir.display()),
+        &[],
+    );
+    let dir = d.dir.path().join("binaries.d");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = plugin_path("uppercase");
+    let bytes = std::fs::read(&path).unwrap();
+    let tagged = reg.reference("team/up:1.0");
+    let pushed = json_out(&d.ctl(&["--json", "push", path.to_str().unwrap(), &tagged]));
+    let pinned = pushed["pinned"].as_str().unwrap().to_string();
+    let digest = pushed["digest"].as_str().unwrap().to_string();
+    std::fs::write(
+        dir.join("up.toml"),
+        format!("name = \"up\"\nsource = \"{pinned}\"\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("tag.toml"),
+        format!("name = \"tagged\"\nsource = \"{tagged}\"\n"),
+    )
+    .unwrap();
+    // The daemon does not pull: it says what to pull. A tag is not a pin.
+    let r = d.client().call(&json!({"op": "apply", "dry_run": true}));
+    let entries = ok(&r)["entries"].as_array().unwrap().clone();
+    assert_eq!(entries[0]["action"], json!("invalid"), "{r}");
+    assert!(
+        entries[0]["error"].as_str().unwrap().contains("not pinned"),
+        "{r}"
+    );
+    assert_eq!(entries[0]["line"], json!(2));
+    assert_eq!(entries[0]["pull"], Value::Null);
+    assert_eq!(entries[1]["action"], json!("invalid"), "{r}");
+    assert_eq!(entries[1]["pull"], json!(pinned), "{r}");
+    // `wasmcorectl apply` pulls it into the cache, then applies (the tag's file is refused).
+    let o = d.ctl(&["apply"]);
+    assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("pulled {pinned} into ")),
+        "{}",
+        stderr(&o)
+    );
+    let info = d.client().call(&json!({"op": "info", "binary": "up"}));
+    assert_eq!(ok(&info)["sha256"], json!(sha256(&bytes)), "byte for byte");
+    assert_eq!(
+        info["source"],
+        json!({"reference": pinned, "digest": digest})
+    );
+    assert!(
+        info["provisioned"]["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("up.toml")
+    );
+    let run = json!({"op": "execute", "binary": "up", "input": "abc"});
+    assert_eq!(d.client().call(&run)["output"], json!("ABC"));
+    // The cache entry: the manifest as the registry served it, and the module.
+    let entry = cache_dir.join(format!(
+        "sha256-{}",
+        digest.strip_prefix("sha256:").unwrap()
+    ));
+    assert_eq!(
+        format!(
+            "sha256:{}",
+            sha256(&std::fs::read(entry.join("manifest.json")).unwrap())
+        ),
+        digest
+    );
+    assert_eq!(std::fs::read(entry.join("module.wasm")).unwrap(), bytes);
+    // A cache entry that does not match its digests is refused; the binary stays.
+    std::fs::remove_file(dir.join("tag.toml")).unwrap();
+    std::fs::write(entry.join("module.wasm"), b"\0asm\x01\0\0\0").unwrap();
+    let r = d.client().call(&json!({"op": "apply"}));
+    let e = &ok(&r)["entries"][0];
+    assert_eq!(e["action"], json!("invalid"), "{r}");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("does not match the layer digest"),
+        "{r}"
+    );
+    assert_eq!(d.client().call(&run)["output"], json!("ABC"));
+    // Removed from the cache, it is pulled again.
+    std::fs::remove_dir_all(&entry).unwrap();
+    let o = d.ctl(&["apply"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(entry.join("module.wasm").exists());
+    // Without the registry, a restart applies from the cache: nothing to change.
+    drop(reg);
+    d.restart();
+    let r = d.client().call(&json!({"op": "apply", "dry_run": true}));
+    assert_eq!(ok(&r)["entries"][0]["action"], json!("unchanged"), "{r}");
+    assert_eq!(d.client().call(&run)["output"], json!("ABC"));
+}

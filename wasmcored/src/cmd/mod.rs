@@ -352,6 +352,12 @@ pub async fn provision(
     fds: Vec<OwnedFd>,
     provisioned: Option<wasmcore_proto::Provisioned>,
 ) -> Result<Reply> {
+    if let Some(p) = &provisioned {
+        daemon
+            .executor
+            .resolve_limits(&p.limits)
+            .map_err(|e| Error::bad_request(format!("[limits]: {e}")))?;
+    }
     match (req, provisioned) {
         (Request::Load(r), Some(p)) => Box::pin(load::declared(daemon, tenant, r, fds, Some(p)))
             .await

@@ -774,7 +774,8 @@ fn quarantine_logged(dir: &StateDir, path: &Path, why: &str, owner: Option<u32>)
 
 /// Bring the public binaries of `registry` in line with the state directory after another
 /// worker loaded, replaced, rolled back, configured or unloaded one: register the new ones,
-/// move names to the versions now current, take changed configurations, forget the removed
+/// move names to the versions now current, take changed configurations (and a provisioning
+/// file's changed limits), forget the removed
 /// ones (in that order, so that a replaced name never goes missing on the way). Returns how
 /// many changed.
 pub fn sync_public(dir: &StateDir, registry: &crate::registry::Registry) -> io::Result<usize> {
@@ -807,6 +808,11 @@ pub fn sync_public(dir: &StateDir, registry: &crate::registry::Registry) -> io::
         }
         if **bin.config.load() != s.meta.config {
             bin.config.store(std::sync::Arc::new(s.meta.config.clone()));
+            changed += 1;
+        }
+        if bin.provisioned() != s.meta.provisioned {
+            bin.provisioned
+                .store(s.meta.provisioned.clone().map(std::sync::Arc::new));
             changed += 1;
         }
     }
