@@ -1143,7 +1143,13 @@ impl Broker {
         use wasmcore_proto::Request as R;
         if !matches!(
             *request,
-            R::Execute(_) | R::Chain(_) | R::Info(_) | R::Unload(_) | R::Configure(_)
+            R::Execute(_)
+                | R::Chain(_)
+                | R::Info(_)
+                | R::Unload(_)
+                | R::Configure(_)
+                | R::Rollback(_)
+                | R::Versions(_)
         ) {
             return Err(ErrorBody::new(
                 ErrorCode::BadRequest,

@@ -353,6 +353,34 @@ fn a_public_name_replaced_and_rolled_back_moves_for_every_tenant() {
     ok(&load(&mut root, "x1", "private", false));
     let r = root.call(&json!({"op": "load", "wasm_base64": b64(&tagged("x2")), "name": "private", "replace": true, "public": true}));
     assert_eq!(err_code(&r), "bad_request", "{r}");
+    // An admin rolls back another tenant's name, by OWNER/NAME (a user name), through the
+    // broker to the owner's worker.
+    for tag in ["o1", "o2"] {
+        let req =
+            json!({"op": "load", "wasm_base64": b64(&tagged(tag)), "name": "own", "replace": true});
+        ok(&as_alice(&req));
+    }
+    let own = json!({"op": "execute", "binary": "own"});
+    assert_eq!(as_alice(&own)["output"], json!("o2;"));
+    let theirs = format!("{}/own", alice.name);
+    let out = d.ctl(&["rollback", &theirs]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("own is now "), "{}", stdout(&out));
+    assert_eq!(
+        as_alice(&own)["output"],
+        json!("o1;"),
+        "alice's worker took it"
+    );
+    let listed = root.call(&json!({"op": "versions", "binary": theirs}));
+    // In the order they became current: o2, then o1 again (current, last).
+    let listed = ok(&listed)["versions"].as_array().unwrap().clone();
+    let current: Vec<bool> = listed
+        .iter()
+        .map(|v| v["current"].as_bool().unwrap())
+        .collect();
+    assert_eq!(current, [false, true], "{listed:?}");
+    let info = as_alice(&json!({"op": "info", "binary": "own"}));
+    assert_eq!(listed[1]["binary"], ok(&info)["binary"]);
 }
 
 #[test]
