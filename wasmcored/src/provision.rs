@@ -30,7 +30,6 @@ use crate::store::{BinaryMeta, current_of};
 pub struct Declared {
     pub file: String,
     pub name: String,
-    pub source: PathBuf,
     pub owner: u32,
     pub public: bool,
     pub config: BTreeMap<String, String>,
@@ -195,18 +194,13 @@ fn read_file(
         e
     };
     let source_text = raw.source.get_ref();
-    let (source, module, sha256, oci) = if source_text.starts_with("oci://") {
+    let (module, sha256, oci) = if source_text.starts_with("oci://") {
         let cached = from_cache(source_text, oci_cache, max_bytes).map_err(|(error, pull)| {
             let mut e = with_owner(at(raw.source.span(), format!("source: {error}")));
             e.pull = pull;
             e
         })?;
-        (
-            cached.module_path,
-            cached.module,
-            cached.sha256,
-            Some(cached.source),
-        )
+        (cached.module, cached.sha256, Some(cached.source))
     } else {
         let source = PathBuf::from(source_text);
         if !source.is_absolute() {
@@ -219,12 +213,11 @@ fn read_file(
         }
         let (module, sha256) = hash_module(&source, max_bytes)
             .map_err(|e| with_owner(at(raw.source.span(), format!("source: {e}"))))?;
-        (source, module, sha256, None)
+        (module, sha256, None)
     };
     Ok(Declared {
         file,
         name,
-        source,
         owner,
         public: raw.public,
         config: raw.config,
@@ -241,7 +234,6 @@ fn read_file(
 
 /// An `oci://` source found in the cache and checked.
 struct Cached {
-    module_path: PathBuf,
     module: File,
     sha256: String,
     source: Source,
@@ -303,7 +295,7 @@ fn from_cache(
             dir.display()
         ))
     };
-    if hex_of(&Sha256::digest(&raw)) != hex {
+    if hex::encode(Sha256::digest(&raw)) != hex {
         return Err(stale(format!(
             "{} does not match the digest sha256:{hex}",
             manifest_path.display()
@@ -338,7 +330,6 @@ fn from_cache(
         )));
     }
     Ok(Cached {
-        module_path,
         module,
         sha256,
         source: Source {
@@ -388,15 +379,7 @@ fn hash_module(path: &Path, max_bytes: u64) -> Result<(File, String), String> {
     }
     f.rewind()
         .map_err(|e| format!("reading {}: {e}", path.display()))?;
-    Ok((f, hex_of(&hasher.finalize())))
-}
-
-fn hex_of(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    Ok((f, hex::encode(hasher.finalize())))
 }
 
 /// What to do for one file, or for one provisioned binary whose file is gone.
@@ -729,7 +712,6 @@ mod tests {
         Declared {
             file: d.join(file).display().to_string(),
             name: name.into(),
-            source: module,
             owner: 0,
             public: false,
             config: BTreeMap::new(),
@@ -807,7 +789,7 @@ mod tests {
         let d = dir("oci");
         let cache = d.join("cache");
         let module = b"\0asm\x01\0\0\0".to_vec();
-        let layer = hex_of(&Sha256::digest(&module));
+        let layer = hex::encode(Sha256::digest(&module));
         let manifest = serde_json::to_vec(&serde_json::json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -815,7 +797,7 @@ mod tests {
             "layers": [{"mediaType": WASM_LAYER_MEDIA_TYPE, "digest": format!("sha256:{layer}"), "size": module.len()}],
         }))
         .unwrap();
-        let digest = hex_of(&Sha256::digest(&manifest));
+        let digest = hex::encode(Sha256::digest(&manifest));
         let reference = format!("oci://r.example/team/x@sha256:{digest}");
         let max = 1 << 20;
         // Not pulled yet: the reference to pull.

@@ -62,7 +62,7 @@ impl Tenant {
         self.provisioning
     }
 
-    /// Root or a member of an admin group.
+    /// Root, the daemon's own user, or a member of an admin group.
     pub fn is_admin(&self) -> bool {
         self.is_admin
     }
