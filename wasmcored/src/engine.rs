@@ -14,6 +14,7 @@ use wasmtime::{Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationCon
 
 use crate::config::{EngineConfig, LimitsConfig};
 use crate::context::StoreShape;
+use crate::shard::{self, Sharded};
 
 /// The Wasmtime release the daemon is built with (pinned in the workspace's Cargo.toml).
 pub const WASMTIME_VERSION: &str = "48.0.8";
@@ -108,7 +109,7 @@ impl WasmEngine {
 
     /// Executions running now.
     pub fn running_count(&self) -> usize {
-        self.ticker.shared.active.load(SeqCst)
+        self.ticker.shared.active()
     }
 }
 
@@ -173,11 +174,32 @@ fn wasmtime_config(cfg: &EngineConfig, limits: &LimitsConfig) -> anyhow::Result<
 }
 
 struct TickShared {
+    /// Executions running and started, per shard: every execution counts itself in its
+    /// thread's copy, and the ticker sums them (no cache line shared by two cores' executions).
+    counts: Sharded<TickCounts>,
+    parked: AtomicBool,
+    stop: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct TickCounts {
+    /// Executions running (an execution's guard gives back to the copy it took from,
+    /// whatever thread the execution ends on).
     active: AtomicUsize,
     /// Executions started; lets the ticker see activity between two of its looks.
     started: AtomicUsize,
-    parked: AtomicBool,
-    stop: AtomicBool,
+}
+
+impl TickShared {
+    fn active(&self) -> usize {
+        self.counts.all().map(|c| c.active.load(SeqCst)).sum()
+    }
+
+    fn started(&self) -> usize {
+        let n = self.counts.all().map(|c| c.started.load(SeqCst));
+        // Wraps after 2^64 executions, as one counter would; only changes are compared.
+        n.fold(0, usize::wrapping_add)
+    }
 }
 
 /// The epoch ticker thread; joined on drop.
@@ -190,6 +212,7 @@ struct Ticker {
 #[derive(Debug)]
 pub struct RunningGuard<'a> {
     shared: &'a TickShared,
+    shard: usize,
 }
 
 impl std::fmt::Debug for TickShared {
@@ -200,15 +223,15 @@ impl std::fmt::Debug for TickShared {
 
 impl Drop for RunningGuard<'_> {
     fn drop(&mut self) {
-        self.shared.active.fetch_sub(1, SeqCst);
+        let c = self.shared.counts.get(self.shard);
+        c.active.fetch_sub(1, SeqCst);
     }
 }
 
 impl Ticker {
     fn start(engine: Engine, tick: Duration) -> anyhow::Result<Ticker> {
         let shared = Arc::new(TickShared {
-            active: AtomicUsize::new(0),
-            started: AtomicUsize::new(0),
+            counts: Sharded::default(),
             parked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
         });
@@ -221,8 +244,8 @@ impl Ticker {
                 while !s.stop.load(SeqCst) {
                     std::thread::sleep(tick);
                     engine.increment_epoch();
-                    let started = s.started.load(SeqCst);
-                    if s.active.load(SeqCst) > 0 || started != last_started {
+                    let started = s.started();
+                    if s.active() > 0 || started != last_started {
                         idle = 0;
                         last_started = started;
                         continue;
@@ -235,7 +258,7 @@ impl Ticker {
                     // `started` before it reads `parked`, and we set `parked` before we
                     // re-read `started`, so one of the two always sees the other.
                     s.parked.store(true, SeqCst);
-                    if s.started.load(SeqCst) == last_started && !s.stop.load(SeqCst) {
+                    if s.started() == last_started && !s.stop.load(SeqCst) {
                         std::thread::park();
                     }
                     s.parked.store(false, SeqCst);
@@ -250,8 +273,10 @@ impl Ticker {
     }
 
     fn enter(&self) -> RunningGuard<'_> {
-        self.shared.active.fetch_add(1, SeqCst);
-        self.shared.started.fetch_add(1, SeqCst);
+        let shard = shard::shard();
+        let c = self.shared.counts.get(shard);
+        c.active.fetch_add(1, SeqCst);
+        c.started.fetch_add(1, SeqCst);
         if self.shared.parked.load(SeqCst)
             && let Some(h) = &self.handle
         {
@@ -259,6 +284,7 @@ impl Ticker {
         }
         RunningGuard {
             shared: &self.shared,
+            shard,
         }
     }
 }

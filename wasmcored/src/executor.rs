@@ -7,7 +7,6 @@
 //! never bumped to cancel one call.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use wasmcore_proto::{LimitsRequest, Stats};
@@ -284,7 +283,7 @@ impl Executor {
     ) -> Result<RunOutput> {
         let _running = self.engine.running();
         let start = Instant::now();
-        bin.executions.fetch_add(1, Relaxed);
+        bin.stats.start();
         let timeout_ms = limits.timeout.as_millis() as u64;
         if start >= deadline {
             return Err(Error::exec(ExecFailure::Timeout { timeout_ms }, Vec::new()));

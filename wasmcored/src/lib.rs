@@ -10,6 +10,7 @@
 //!
 //! - [`config`]: validated settings.
 //! - [`tenant`]: the caller's identity from SO_PEERCRED.
+//! - [`shard`]: counters every execution writes, one copy per thread (a leaf).
 //! - [`engine`]: the Wasmtime engine and its epoch ticker.
 //! - [`context`]: the data of one execution's store, shared by every kind.
 //! - [`blocks`]: Extism's memory-block space (a leaf: plain data).
@@ -51,6 +52,7 @@ pub mod metrics;
 pub mod provision;
 pub mod registry;
 pub mod server;
+pub mod shard;
 pub mod state;
 pub mod store;
 mod sys;

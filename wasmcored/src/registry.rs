@@ -63,7 +63,6 @@ pub struct Binary {
     pub source: Option<Source>,
     /// Declared by a provisioning file (which may change its configuration and limits).
     pub provisioned: ArcSwapOption<Provisioned>,
-    pub executions: AtomicU64,
     /// Bytes it takes in the state directory (module + precompiled code), set when stored
     /// or restored so `info` and `status` need no disk access.
     pub stored_bytes: AtomicU64,
@@ -74,7 +73,7 @@ pub struct Binary {
     /// Extism plugins: what `config_get` reads; replaced whole by `configure`, and each
     /// execution takes the map as it was when it started.
     pub config: ArcSwap<PluginConfig>,
-    /// Errors, time, fuel, memory and a latency sketch of its executions.
+    /// Executions started, errors, time, fuel, memory and a latency sketch of its executions.
     pub stats: BinaryStats,
 }
 
@@ -112,7 +111,7 @@ impl Binary {
             kind: self.kind,
             public: self.public,
             loaded_at: self.loaded_at,
-            executions: self.executions.load(Relaxed),
+            executions: self.stats.started(),
             superseded,
             source: self.source.clone(),
             provisioned: self.provisioned(),
@@ -734,7 +733,6 @@ impl Registry {
                 .map_or(0, |d| d.as_secs()),
             seq: self.seq.fetch_add(1, Relaxed),
             activation: AtomicU64::new(0),
-            executions: AtomicU64::new(0),
             stored_bytes: AtomicU64::new(0),
             code: compiled.code,
             glue: compiled.glue,

@@ -509,7 +509,7 @@ async fn answer(
         Call::Counts => {
             let (rss_bytes, cpu_us) = OWN_USAGE.get().map_or((0, 0), OwnUsage::read);
             serde_json::to_value(WorkerCounts {
-                executions: daemon.executions.load(Relaxed),
+                executions: daemon.executions.total(),
                 executions_running: daemon.executor.engine().running_count() as u64,
                 state_bytes: daemon.registry.state().total_usage(),
                 rss_bytes,

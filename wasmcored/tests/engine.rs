@@ -41,7 +41,7 @@ async fn results_carry_accounting() {
     assert_eq!(out.output, b"HELLO WORLD");
     assert!(out.stats.fuel_used.unwrap() > 0);
     assert_eq!(out.stats.memory_peak_bytes, Some(65536));
-    assert_eq!(bin.executions.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(bin.stats.started(), 1);
 }
 
 #[tokio::test]

@@ -71,9 +71,7 @@ pub async fn apply(daemon: &Daemon, tenant: &Tenant, req: ChainRequest) -> Resul
     // Taken before the execution starts and released when it ends, whatever the outcome.
     let _slot = daemon.admit(tenant)?;
     // One per stage, as `metrics` and `list` count them.
-    daemon
-        .executions
-        .fetch_add(stages.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    daemon.executions.add(stages.len() as u64);
     let out = daemon
         .executor
         .chain(&stages, tenant.uid, input, &limits)

@@ -25,9 +25,7 @@ pub async fn apply(
     Executor::check_function(&bin, function)?;
     // Taken before the execution starts and released when it ends, whatever the outcome.
     let _slot = daemon.admit(tenant)?;
-    daemon
-        .executions
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    daemon.executions.add(1);
     let run = daemon
         .executor
         .execute(&bin, function, tenant.uid, input, &limits)

@@ -12,7 +12,7 @@ use wasmcore_proto::{
 
 use crate::daemon::Daemon;
 use crate::engine::WASMTIME_VERSION;
-use crate::metrics::{Histogram, TenantStats};
+use crate::metrics::{Snapshot, TenantStats};
 use crate::tenant::Tenant;
 
 pub fn apply(daemon: &Daemon, tenant: &Tenant, _req: MetricsRequest) -> MetricsResponse {
@@ -70,8 +70,8 @@ pub fn apply(daemon: &Daemon, tenant: &Tenant, _req: MetricsRequest) -> MetricsR
                 name: b.name.clone(),
                 owner_uid: b.owner,
                 kind: b.kind,
-                executions: b.executions.load(Relaxed),
-                errors: b.stats.errors.load(Relaxed),
+                executions: b.stats.started(),
+                errors: b.stats.errors(),
                 wall_seconds_total: b.stats.wall_seconds(),
                 fuel_total: b.stats.fuel(),
                 memory_peak_bytes: b.stats.memory_peak(),
@@ -101,8 +101,7 @@ pub fn apply(daemon: &Daemon, tenant: &Tenant, _req: MetricsRequest) -> MetricsR
     }
 }
 
-fn histogram(h: &Histogram) -> HistogramData {
-    let (buckets, count, sum) = h.snapshot();
+fn histogram((buckets, count, sum): Snapshot) -> HistogramData {
     HistogramData {
         buckets,
         count,
@@ -132,7 +131,7 @@ fn tenant_metrics(
                 .collect(),
             fuel_total: s.fuel(),
             memory_peak_bytes: s.memory_peak(),
-            latency_seconds: histogram(&s.latency),
+            latency_seconds: histogram(s.latency()),
         })
         .collect();
     TenantMetrics {
@@ -145,7 +144,7 @@ fn tenant_metrics(
         state_bytes,
         loads_ok: t.loads_ok.load(Relaxed),
         loads_failed: t.loads_failed.load(Relaxed),
-        compile_seconds: histogram(&t.compile),
+        compile_seconds: histogram(t.compile.snapshot()),
         refusals: t
             .refusals()
             .into_iter()

@@ -15,7 +15,7 @@ pub fn apply(daemon: &Daemon, tenant: &Tenant, _req: StatusRequest) -> StatusRes
         protocol: wasmcore_proto::PROTOCOL_VERSION,
         uptime_s: daemon.started.elapsed().as_secs(),
         binaries: daemon.registry.len() as u64,
-        executions: daemon.executions.load(Relaxed),
+        executions: daemon.executions.total(),
         executions_running: daemon.executor.engine().running_count() as u64,
         connections: daemon.connections.load(Relaxed),
         fuel_metering: c.engine.fuel_metering,
