@@ -6,6 +6,12 @@ use std::sync::Arc;
 
 use clap::Parser;
 
+// mimalloc: glibc's malloc and free were 5 % of a worker's CPU under pipelined load, and
+// with mimalloc the socket bench spends less CPU per request (docs/PERFORMANCE.md,
+// "Per-request overhead").
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = wasmcored::cli::Args::parse();
     wasmcored::logging::init(
