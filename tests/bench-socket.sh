@@ -26,6 +26,9 @@ for _ in $(seq 200); do [ -S "$sock" ] && break; kill -0 "$pid" || exit 1; sleep
 engine_us=$(BENCH_ITERS=5000 cargo bench --quiet -p wasmcored --bench exec -- --executor-us)
 # The bare-Wasmtime floor of one execution: the unit of the daemon's overhead.
 floor_us=$(BENCH_ITERS=5000 cargo bench --quiet -p wasmcored --bench exec -- --floor-us)
+# The same floor with every CPU executing at once: what bare Wasmtime costs on busy cores.
+floor_parallel_us=$(BENCH_ITERS=5000 cargo bench --quiet -p wasmcored --bench exec -- --floor-parallel-us)
 "$bin/wasmcorectl" --socket "$sock" bench --load plugins/dist/uppercase.wasm \
     --plugins plugins/dist --wasi plugins/dist/wc.wasm --extism plugins/dist/count_vowels.wasm \
-    --engine-us "$engine_us" --floor-us "$floor_us" "$@"
+    --engine-us "$engine_us" --floor-us "$floor_us" \
+    --floor-parallel-us "$floor_parallel_us" "$@"

@@ -161,7 +161,7 @@ _wasmcorectl() {
             return 0
             ;;
         wasmcorectl__subcmd__bench)
-            opts="-h --binary --load --input --duration-ms --rounds --pipeline --chain --plugins --executions --copies --extism --wasi --rotate --tenants --tenant-uid --engine-us --floor-us --only --check --socket --json --help"
+            opts="-h --binary --load --input --duration-ms --rounds --pipeline --chain --plugins --executions --copies --extism --wasi --rotate --tenants --tenant-uid --engine-us --floor-us --floor-parallel-us --only --check --socket --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -232,6 +232,10 @@ _wasmcorectl() {
                     return 0
                     ;;
                 --floor-us)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --floor-parallel-us)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -89,6 +89,11 @@ pub struct BenchArgs {
     /// reported in floors.
     #[arg(long, value_name = "US")]
     pub floor_us: Option<f64>,
+    /// The same floor with every CPU running executions at once, in CPU µs per execution
+    /// (`cargo bench -p wasmcored --bench exec -- --floor-parallel-us`): the multi-connection
+    /// scenarios are also reported in it, for what bare Wasmtime itself costs on busy cores.
+    #[arg(long, value_name = "US")]
+    pub floor_parallel_us: Option<f64>,
     /// Run only these scenarios (comma-separated: ping1, ping10, pipe1, pipe10, chain10,
     /// tenants, rotate, extism10), e.g. to profile one.
     #[arg(long, value_delimiter = ',', value_name = "NAMES")]
@@ -241,6 +246,9 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
     }
     if let Some(us) = args.floor_us {
         println!("bare-Wasmtime floor of one execution (engine bench): {us:.2} µs");
+    }
+    if let Some(us) = args.floor_parallel_us {
+        println!("the same floor, every CPU at once (engine bench): {us:.2} CPU µs");
     }
     println!();
 
@@ -447,6 +455,7 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
             ));
         }
     }
+    in_parallel_floors(&results, args);
 
     if let Some(dir) = &args.plugins {
         println!();
@@ -470,6 +479,43 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
         ));
     }
     Ok(())
+}
+
+/// The multi-connection scenarios in floors measured with every CPU busy, as the daemon's
+/// are under these loads (for reading, not a target: the targets are in the floor of one).
+fn in_parallel_floors(results: &[(Kind, Measured, Measured)], args: &BenchArgs) {
+    let Some(floor) = args.floor_parallel_us else {
+        return;
+    };
+    let get = |k: Kind| results.iter().find(|r| r.0 == k).map(|r| (r.1, r.2));
+    let rows = [
+        (
+            "10 connections ping-pong: (daemon − echo CPU/req)",
+            Kind::Ping10,
+            1.0,
+        ),
+        ("10 × pipelined: (daemon − echo CPU/req)", Kind::Pipe10, 1.0),
+        (
+            "chain, 10 connections: daemon CPU/req / stages",
+            Kind::Chain10,
+            0.0,
+        ),
+    ];
+    for (what, kind, echo) in rows {
+        let stages = if kind == Kind::Chain10 {
+            args.chain as f64
+        } else {
+            1.0
+        };
+        let v = get(kind).and_then(|(js, d)| Some((d.cpu_us? - echo * js.cpu_us?) / stages));
+        if let Some(v) = v {
+            println!(
+                "{:<64} {:>7.2}",
+                format!("{what} / parallel floor"),
+                v / floor
+            );
+        }
+    }
 }
 
 /// The targets of the scenarios that ran, with the measured value of each.

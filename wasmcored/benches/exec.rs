@@ -520,6 +520,33 @@ fn main() {
         println!("{:.2}", median(runs.collect()) / 1000.0);
         return;
     }
+    // `--floor-parallel-us`: the floor with every CPU running executions at once (one
+    // thread each, sharing the engine and the module as a worker's threads do): process
+    // CPU time per execution, in µs. What the floor costs when the cores share the engine's
+    // atomics and the pool's lock, the way they do under a socket load.
+    if std::env::args().any(|a| a == "--floor-parallel-us") {
+        let fl = floor(&bytes);
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        bare_ns(&fl, INPUT, 1000);
+        let runs = (0..ROUNDS).map(|_| {
+            let cpu = || {
+                use nix::sys::resource::{UsageWho, getrusage};
+                let u = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage");
+                let ns =
+                    |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e9 + t.tv_usec() as f64 * 1e3;
+                ns(u.user_time()) + ns(u.system_time())
+            };
+            let before = cpu();
+            std::thread::scope(|s| {
+                for _ in 0..threads {
+                    s.spawn(|| bare_ns(&fl, INPUT, iters));
+                }
+            });
+            (cpu() - before) / (iters * threads) as f64
+        });
+        println!("{:.2}", median(runs.collect()) / 1000.0);
+        return;
+    }
     // `--request-us`: only the request path's cost (decode, dispatch, encode), in µs.
     if std::env::args().any(|a| a == "--request-us") {
         let d = request_daemon(&bytes);
