@@ -186,7 +186,7 @@ impl Daemon {
     /// them before it confines itself).
     pub fn build(
         config: Config,
-        engine: wasmtime::Engine,
+        engine: crate::engine::Engines,
         store: StateDir,
         scope: Scope,
         upstream: Option<Box<dyn Upstream>>,

@@ -10,11 +10,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use wasmtime::{Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{
+    Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, PoolingAllocatorMetrics,
+};
 
 use crate::config::{EngineConfig, LimitsConfig};
 use crate::context::StoreShape;
-use crate::shard::{self, Sharded};
+use crate::shard::{self, SHARDS, Sharded};
 
 /// The Wasmtime release the daemon is built with (pinned in the workspace's Cargo.toml).
 pub const WASMTIME_VERSION: &str = "48.0.8";
@@ -22,13 +24,24 @@ pub const WASMTIME_VERSION: &str = "48.0.8";
 /// Idle ticks before the ticker parks.
 const IDLE_TICKS_BEFORE_PARK: u32 = 200;
 
-/// The engine plus its ticker.
+/// The engines plus their ticker.
+///
+/// One Wasmtime engine per CPU (up to [`SHARDS`]), each with its share of the pool: a
+/// store is made on the engine of the thread that starts it. Every instantiation writes
+/// engine-wide state (the type registry's reference counts and lock, the pool's slot
+/// allocator); with one engine for both cores, those cache lines and locks were shared by
+/// every execution, and bare Wasmtime alone cost 1.5-1.8x more per execution with both
+/// cores busy than on one (docs/PERFORMANCE.md, "Per-request overhead"). Binaries are
+/// compiled once, on the first engine, and deserialized into the others.
 pub struct WasmEngine {
-    engine: Engine,
+    engines: Box<[Engine]>,
+    /// Each engine's pool figures (slots in use), read to place a store.
+    pools: Box<[PoolingAllocatorMetrics]>,
+    /// Core instance slots of each engine's pool.
+    per_engine: u64,
     ticker: Ticker,
     fuel_metering: bool,
     tick: Duration,
-    pool_instances: u32,
 }
 
 impl std::fmt::Debug for WasmEngine {
@@ -39,34 +52,101 @@ impl std::fmt::Debug for WasmEngine {
     }
 }
 
+/// Engines wanted: one per CPU, at most [`SHARDS`].
+pub fn engines_wanted() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(SHARDS)
+}
+
+/// Engines for a pool of `pool_instances` slots: [`engines_wanted`], as long as each one's
+/// share of the pool still holds a component of the largest shape (a small pool stays
+/// whole, in one engine).
+pub fn engines_for(pool_instances: u32) -> usize {
+    let fit = (pool_instances as usize / StoreShape::COMPONENT.instances).max(1);
+    engines_wanted().min(fit)
+}
+
 impl WasmEngine {
-    /// Build the engine for these settings.
+    /// Build the engines for these settings.
     pub fn new(cfg: &EngineConfig, limits: &LimitsConfig) -> anyhow::Result<Arc<WasmEngine>> {
         WasmEngine::start(WasmEngine::configure(cfg, limits)?, cfg)
     }
 
-    /// The Wasmtime engine for these settings, without the ticker: no thread is started, so
-    /// a worker makes it (and Wasmtime opens what it opens, `/proc/self/pagemap`) before it
-    /// confines itself.
-    pub fn configure(cfg: &EngineConfig, limits: &LimitsConfig) -> anyhow::Result<Engine> {
-        Engine::new(&wasmtime_config(cfg, limits)?)
-            .map_err(|e| anyhow::anyhow!("configuring the wasm engine: {e:#}"))
+    /// The Wasmtime engines for these settings ([`engines_for`] them, each with its share of
+    /// `engine.pool_instances` and of `engine.max_unused_warm_slots`), without the ticker:
+    /// no thread is started, so a worker makes them (and Wasmtime opens what it opens,
+    /// `/proc/self/pagemap`) before it confines itself.
+    pub fn configure(cfg: &EngineConfig, limits: &LimitsConfig) -> anyhow::Result<Engines> {
+        let n = engines_for(cfg.pool_instances);
+        let share = EngineConfig {
+            pool_instances: cfg.pool_instances / n as u32,
+            max_unused_warm_slots: (cfg.max_unused_warm_slots / n as u32).max(1),
+            ..cfg.clone()
+        };
+        let config = wasmtime_config(&share, limits)?;
+        let engines = (0..n)
+            .map(|_| {
+                Engine::new(&config)
+                    .map_err(|e| anyhow::anyhow!("configuring the wasm engine: {e:#}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Engines {
+            engines,
+            per_engine: u64::from(share.pool_instances),
+        })
     }
 
-    /// `engine` (made by [`WasmEngine::configure`] with `cfg`) with its ticker started.
-    pub fn start(engine: Engine, cfg: &EngineConfig) -> anyhow::Result<Arc<WasmEngine>> {
-        let ticker = Ticker::start(engine.clone(), cfg.epoch_tick)?;
+    /// `engines` (made by [`WasmEngine::configure`] with `cfg`) with their ticker started.
+    pub fn start(engines: Engines, cfg: &EngineConfig) -> anyhow::Result<Arc<WasmEngine>> {
+        let Engines {
+            engines,
+            per_engine,
+        } = engines;
+        let pools = engines
+            .iter()
+            .map(|e| {
+                e.pooling_allocator_metrics()
+                    .ok_or_else(|| anyhow::anyhow!("the wasm engine has no pooling allocator"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let ticker = Ticker::start(engines.clone(), cfg.epoch_tick)?;
         Ok(Arc::new(WasmEngine {
-            engine,
+            engines: engines.into(),
+            pools: pools.into(),
+            per_engine,
             ticker,
             fuel_metering: cfg.fuel_metering,
             tick: cfg.epoch_tick,
-            pool_instances: cfg.pool_instances,
         }))
     }
 
+    /// The first engine: binaries are compiled on it, and its compatibility hash names
+    /// their stored code.
     pub fn engine(&self) -> &Engine {
-        &self.engine
+        &self.engines[0]
+    }
+
+    /// Every engine; index them with [`WasmEngine::pick`].
+    pub fn engines(&self) -> &[Engine] {
+        &self.engines
+    }
+
+    /// The engine for a new store of `shape`: the calling thread's, unless its pool has no
+    /// room for the store while another's has (then the one with the most room), so that
+    /// the engines together run as many stores as one pool of `engine.pool_instances`.
+    pub fn pick(&self, shape: StoreShape) -> usize {
+        let mine = shard::shard() % self.engines.len();
+        let free = |i: usize| {
+            self.per_engine
+                .saturating_sub(self.pools[i].core_instances())
+        };
+        if self.engines.len() == 1 || free(mine) >= shape.instances as u64 {
+            return mine;
+        }
+        (0..self.engines.len())
+            .max_by_key(|i| free(*i))
+            .unwrap_or(mine)
     }
 
     /// A stable name for this engine's compatibility: precompiled artifacts are stored under
@@ -77,7 +157,7 @@ impl WasmEngine {
         // SipHash with fixed keys: the same engine gives the same name in every process.
         #[allow(deprecated)]
         let mut h = std::hash::SipHasher::new();
-        self.engine.precompile_compatibility_hash().hash(&mut h);
+        self.engine().precompile_compatibility_hash().hash(&mut h);
         format!("{:016x}", h.finish())
     }
 
@@ -94,16 +174,17 @@ impl WasmEngine {
         self.ticker.enter()
     }
 
-    /// Slots of the pooling allocator in use now, and its capacity (`engine.pool_instances`).
+    /// Slots of the pooling allocators in use now (all engines), and their capacity
+    /// (`engine.pool_instances`).
     pub fn pool(&self) -> Option<wasmcore_proto::PoolMetrics> {
-        let m = self.engine.pooling_allocator_metrics()?;
+        let sum = |f: &dyn Fn(&PoolingAllocatorMetrics) -> u64| self.pools.iter().map(f).sum();
         Some(wasmcore_proto::PoolMetrics {
-            capacity: self.pool_instances as u64,
-            core_instances: m.core_instances(),
-            component_instances: m.component_instances(),
-            memories: m.memories() as u64,
-            tables: m.tables() as u64,
-            unused_warm_memories: u64::from(m.unused_warm_memories()),
+            capacity: self.per_engine * self.engines.len() as u64,
+            core_instances: sum(&|m| m.core_instances()),
+            component_instances: sum(&|m| m.component_instances()),
+            memories: sum(&|m| m.memories() as u64),
+            tables: sum(&|m| m.tables() as u64),
+            unused_warm_memories: sum(&|m| u64::from(m.unused_warm_memories())),
         })
     }
 
@@ -202,6 +283,19 @@ impl TickShared {
     }
 }
 
+/// The engines [`WasmEngine::configure`] makes, before their ticker starts.
+pub struct Engines {
+    engines: Vec<Engine>,
+    per_engine: u64,
+}
+
+impl Engines {
+    /// The first engine (binaries are compiled on it).
+    pub fn first(&self) -> &Engine {
+        &self.engines[0]
+    }
+}
+
 /// The epoch ticker thread; joined on drop.
 struct Ticker {
     shared: Arc<TickShared>,
@@ -229,7 +323,7 @@ impl Drop for RunningGuard<'_> {
 }
 
 impl Ticker {
-    fn start(engine: Engine, tick: Duration) -> anyhow::Result<Ticker> {
+    fn start(engines: Vec<Engine>, tick: Duration) -> anyhow::Result<Ticker> {
         let shared = Arc::new(TickShared {
             counts: Sharded::default(),
             parked: AtomicBool::new(false),
@@ -243,7 +337,9 @@ impl Ticker {
                 let mut last_started = 0usize;
                 while !s.stop.load(SeqCst) {
                     std::thread::sleep(tick);
-                    engine.increment_epoch();
+                    for engine in &engines {
+                        engine.increment_epoch();
+                    }
                     let started = s.started();
                     if s.active() > 0 || started != last_started {
                         idle = 0;

@@ -138,6 +138,8 @@ struct Job<'a> {
     start: Instant,
     /// The configuration snapshot the whole execution uses.
     cfg: &'a Config,
+    /// The engine its store is made on ([`WasmEngine::pick`]).
+    engine: usize,
 }
 
 /// Runs binaries.
@@ -199,7 +201,7 @@ impl Executor {
         bin: &'a Binary,
         function: Option<&'a str>,
     ) -> Result<Option<&'a str>> {
-        bin.glue
+        bin.glue()
             .function(function)
             .map_err(|m| Error::bad_request(format!("{}: {m}", bin.display_name())))
     }
@@ -302,6 +304,7 @@ impl Executor {
             deadline,
             start,
             cfg: &cfg,
+            engine: self.engine.pick(bin.glue().shape()),
         };
         let (mut store, input) = match self.new_store(&job, input) {
             Ok(s) => s,
@@ -313,10 +316,12 @@ impl Executor {
         // Boxed by the kind: Wasmtime's instantiation and call futures are large, and every
         // async caller above this one would otherwise copy them into its own state at each
         // call (docs/PERFORMANCE.md, "Small futures").
-        let run = bin.glue.run(&mut store, Call { input, function });
+        let run = bin
+            .glue_on(job.engine)
+            .run(&mut store, Call { input, function });
         // A module that uses WASI may block in a host call (poll_oneoff sleeping), where no
         // epoch check runs: the deadline must also hold outside wasm code.
-        let result = if bin.glue.stdio() != Stdio::None {
+        let result = if bin.glue().stdio() != Stdio::None {
             match tokio::time::timeout_at(deadline.into(), run).await {
                 Ok(r) => r,
                 Err(_) => Err(wasmtime::Error::new(HostTrap::TimedOut)),
@@ -365,7 +370,7 @@ impl Executor {
             binary: bin.id,
         };
         let lim = &cfg.limits;
-        let glue = &bin.glue;
+        let glue = bin.glue();
         let mut ctx = ExecCtx {
             limiter: Limiter::new(limits.memory_bytes, lim.max_table_elements, glue.shape()),
             memory: None,
@@ -429,7 +434,7 @@ impl Executor {
             }
         };
 
-        let mut store = Store::new(self.engine.engine(), ctx);
+        let mut store = Store::new(&self.engine.engines()[job.engine], ctx);
         store.limiter(|c| &mut c.limiter);
         if self.engine.fuel_metering() {
             store
@@ -476,7 +481,7 @@ impl Executor {
             ctx.logs.push_text(&p.stderr.contents());
             // Where stdout is not the output (a process or Extism plugin that imports
             // WASI), what it printed is logged.
-            if job.bin.glue.stdio() == (Stdio::P1 { command: false }) {
+            if job.bin.glue().stdio() == (Stdio::P1 { command: false }) {
                 ctx.logs.push_text(&p.stdout.contents());
             }
         }

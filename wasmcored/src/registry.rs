@@ -33,6 +33,7 @@ use crate::error::{Error, Result};
 use crate::kinds::{Code, Kind, Linkers};
 use crate::metrics::{BinaryStats, Metrics, Refusal};
 use crate::state::StateStore;
+use crate::sys;
 use crate::tenant::Tenant;
 
 const MAX_NAME_LEN: usize = 64;
@@ -68,8 +69,9 @@ pub struct Binary {
     pub stored_bytes: AtomicU64,
     /// The compiled code, kept for `info` (imports and exports).
     pub code: Code,
-    /// The kind's glue, prepared at load.
-    pub glue: Arc<dyn Kind>,
+    /// The kind's glue, prepared at load for each engine (indexed as
+    /// [`WasmEngine::engines`]).
+    glues: Box<[Arc<dyn Kind>]>,
     /// Extism plugins: what `config_get` reads; replaced whole by `configure`, and each
     /// execution takes the map as it was when it started.
     pub config: ArcSwap<PluginConfig>,
@@ -89,6 +91,16 @@ impl std::fmt::Debug for Binary {
 }
 
 impl Binary {
+    /// The kind's glue (as prepared on the first engine: the same on all).
+    pub fn glue(&self) -> &dyn Kind {
+        &*self.glues[0]
+    }
+
+    /// The kind's glue for a store of engine `engine` (of [`WasmEngine::pick`]).
+    pub fn glue_on(&self, engine: usize) -> &dyn Kind {
+        &*self.glues[engine]
+    }
+
     /// The name if any, else the UUID.
     pub fn display_name(&self) -> String {
         self.name.clone().unwrap_or_else(|| self.id.to_string())
@@ -219,7 +231,7 @@ fn describe(t: &ExternType) -> String {
 /// A compiled binary with its kind's glue, ready to be registered.
 pub struct Compiled {
     code: Code,
-    glue: Arc<dyn Kind>,
+    glues: Box<[Arc<dyn Kind>]>,
     sha256: String,
     size: u64,
     pub compile_ms: f64,
@@ -227,7 +239,7 @@ pub struct Compiled {
 
 impl Compiled {
     pub fn kind(&self) -> ModuleKind {
-        self.glue.kind()
+        self.glues[0].kind()
     }
 
     /// The precompiled artifact to store next to the original bytes.
@@ -302,7 +314,8 @@ pub enum Access {
 /// All loaded binaries.
 pub struct Registry {
     engine: Arc<WasmEngine>,
-    linkers: Linkers,
+    /// The host functions, for each engine.
+    linkers: Box<[Linkers]>,
     live: Live,
     state: Arc<dyn StateStore>,
     /// Lock-free reads on the execute path; an entry is never held across `.await`.
@@ -337,7 +350,11 @@ impl Registry {
         live: Live,
         state: Arc<dyn StateStore>,
     ) -> anyhow::Result<Self> {
-        let linkers = Linkers::new(engine.engine())
+        let linkers = engine
+            .engines()
+            .iter()
+            .map(Linkers::new)
+            .collect::<wasmtime::Result<Box<[_]>>>()
             .map_err(|e| anyhow::anyhow!("defining host functions: {e:#}"))?;
         Ok(Registry {
             engine,
@@ -419,12 +436,41 @@ impl Registry {
         Ok(c)
     }
 
-    /// Detect the kind of compiled (or deserialized) code and prepare its glue.
+    /// Detect the kind of compiled (or deserialized) code (of the first engine) and prepare
+    /// its glue, on every engine: the code is deserialized into the other engines.
     pub fn prepare(&self, code: Code, sha256: String, size: u64) -> Result<Compiled> {
-        let glue = crate::kinds::prepare(&self.linkers, &code).map_err(Error::InvalidModule)?;
+        let mut glues =
+            vec![crate::kinds::prepare(&self.linkers[0], &code).map_err(Error::InvalidModule)?];
+        if self.linkers.len() > 1 {
+            let bytes = code
+                .serialize()
+                .map_err(|e| Error::internal(format!("serializing the compiled binary: {e:#}")))?;
+            let engines = self
+                .engine
+                .engines()
+                .iter()
+                .zip(self.linkers.iter())
+                .skip(1);
+            for (engine, linkers) in engines {
+                let copy = match &code {
+                    Code::Module(_) => {
+                        sys::deserialize_module_bytes(engine, &bytes).map(Code::Module)
+                    }
+                    Code::Component(_) => {
+                        sys::deserialize_component_bytes(engine, &bytes).map(Code::Component)
+                    }
+                }
+                .map_err(|e| {
+                    Error::internal(format!(
+                        "loading the compiled binary into another engine: {e:#}"
+                    ))
+                })?;
+                glues.push(crate::kinds::prepare(linkers, &copy).map_err(Error::InvalidModule)?);
+            }
+        }
         Ok(Compiled {
             code,
-            glue,
+            glues: glues.into(),
             sha256,
             size,
             compile_ms: 0.0,
@@ -726,7 +772,7 @@ impl Registry {
             owner,
             sha256: compiled.sha256,
             size: compiled.size,
-            kind: compiled.glue.kind(),
+            kind: compiled.glues[0].kind(),
             public: opts.public,
             loaded_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -735,7 +781,7 @@ impl Registry {
             activation: AtomicU64::new(0),
             stored_bytes: AtomicU64::new(0),
             code: compiled.code,
-            glue: compiled.glue,
+            glues: compiled.glues,
             config: ArcSwap::from_pointee(opts.config.unwrap_or_default()),
             stats: BinaryStats::default(),
             source: opts.source,

@@ -132,6 +132,26 @@ pub fn deserialize_component(
     unsafe { wasmtime::component::Component::deserialize_file(engine, path) }
 }
 
+/// Load the code another engine of this process compiled (or loaded) a moment ago, with
+/// the same settings: the engines of one worker share each binary this way.
+pub fn deserialize_module_bytes(
+    engine: &wasmtime::Engine,
+    bytes: &[u8],
+) -> wasmtime::Result<wasmtime::Module> {
+    // SAFETY: `bytes` is `Module::serialize` output of an engine of this process with the
+    // same configuration, made from code that was compiled or checked as above.
+    unsafe { wasmtime::Module::deserialize(engine, bytes) }
+}
+
+/// [`deserialize_module_bytes`] for a component.
+pub fn deserialize_component_bytes(
+    engine: &wasmtime::Engine,
+    bytes: &[u8],
+) -> wasmtime::Result<wasmtime::component::Component> {
+    // SAFETY: as for deserialize_module_bytes, for `Component::serialize` output.
+    unsafe { wasmtime::component::Component::deserialize(engine, bytes) }
+}
+
 /// A function export whose signature was checked to be `P -> R` when its module was
 /// loaded; only [`CheckedFunc::verified`] makes one, after that check. Executions then
 /// skip the per-call type check, which takes a lock in the engine's type registry

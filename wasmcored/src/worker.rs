@@ -52,11 +52,13 @@ pub fn max_tasks() -> usize {
 }
 
 /// The pool of `uid`'s worker: what its quota lets it run at once, each execution (or load)
-/// a component of the largest shape, and no more than `engine.pool_instances`.
+/// a component of the largest shape, in the pool of each of its engines (one per CPU, so
+/// that any thread can start them all), and no more than `engine.pool_instances`.
 pub fn pool_instances(config: &Config, uid: u32) -> u32 {
     let q = config.quotas.for_uid(uid);
     let need = (q.concurrent_executions + q.concurrent_loads)
-        .saturating_mul(crate::context::StoreShape::COMPONENT.instances);
+        .saturating_mul(crate::context::StoreShape::COMPONENT.instances)
+        .saturating_mul(crate::engine::engines_wanted());
     config
         .engine
         .pool_instances
@@ -189,7 +191,7 @@ pub fn main(uid: u32) -> anyhow::Result<()> {
 struct Parts {
     uid: u32,
     config: Config,
-    engine: wasmtime::Engine,
+    engine: crate::engine::Engines,
     store: StateDir,
     /// Control bytes read past the hello.
     early: Vec<u8>,
@@ -548,8 +550,9 @@ mod tests {
             "[quotas]\nconcurrent_executions = 2\n[quotas.users.\"4242\"]\nconcurrent_executions = 100\n",
         )
         .unwrap();
-        // (2 executions + 1 load) × a component's 32 core instances.
-        assert_eq!(pool_instances(&c, 1000), 96);
+        // (2 executions + 1 load) × a component's 32 core instances, for each engine.
+        let engines = crate::engine::engines_wanted() as u32;
+        assert_eq!(pool_instances(&c, 1000), (96 * engines).min(512));
         // Never more than engine.pool_instances.
         assert_eq!(pool_instances(&c, 4242), 512);
         c.engine.pool_instances = 50;

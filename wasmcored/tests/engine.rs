@@ -513,6 +513,56 @@ async fn a_full_pool_answers_busy() {
     }
 }
 
+/// A pool large enough to share out runs on one engine per CPU: every engine runs every
+/// kind of binary, and the engines together hold exactly `engine.pool_instances` stores (a
+/// thread whose engine is full starts its store on another).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engines_share_the_pool_and_run_every_binary() {
+    let mut c = config();
+    c.engine.pool_instances = 64;
+    let e = std::sync::Arc::new(env_with(c));
+    let engines = e.exec.engine().engines().len();
+    assert_eq!(engines, wasmcored::engine::engines_for(64));
+    assert_eq!(engines, wasmcored::engine::engines_wanted().min(2));
+    assert_eq!(e.exec.engine().pool().unwrap().capacity, 64);
+    // Each binary runs on each engine, from both runtime threads.
+    let bins = [
+        (e.load(&plugin("uppercase")), &b"PEAR\nAPPLE\n"[..]),
+        (e.load(&plugin("wc")), b"2 2 11\n"),
+        (e.load(&plugin("sort")), b"apple\npear\n"),
+    ];
+    assert_eq!(bins[2].0.kind, ModuleKind::Component);
+    let mut runs = Vec::new();
+    for i in 0..60 {
+        let (e, bin) = (e.clone(), bins[i % 3].0.clone());
+        runs.push(tokio::spawn(async move {
+            e.run(&bin, b"pear\napple\n").await.map(|o| o.output)
+        }));
+    }
+    for (i, r) in runs.into_iter().enumerate() {
+        assert_eq!(r.await.unwrap().unwrap(), bins[i % 3].1, "run {i}");
+    }
+    // Fill the whole pool, one store at a time, from both threads: the 65th is refused.
+    let looper = e.load(&fixture("loop.wat"));
+    let mut loops = Vec::new();
+    for _ in 0..64 {
+        let (e, bin) = (e.clone(), looper.clone());
+        loops.push(tokio::spawn(async move {
+            e.run_with(&bin, b"", limits(Some(3000), None, None))
+                .await
+                .map(|_| ())
+        }));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(e.exec.engine().pool().unwrap().core_instances, 64);
+    let (c, msg) = code(e.run(&looper, b"").await);
+    assert_eq!(c, ErrorCode::Busy, "{msg}");
+    for l in loops {
+        assert_eq!(code(l.await.unwrap()).0, ErrorCode::Timeout);
+    }
+}
+
 #[tokio::test]
 async fn chains_pass_output_along_and_name_the_failing_stage() {
     let e = env();

@@ -27,7 +27,7 @@ pub fn apply(daemon: &Daemon, tenant: &Tenant, req: BinaryRequest) -> Result<Inf
             binary: bin.id,
         }),
         stored_bytes: bin.stored_bytes.load(std::sync::atomic::Ordering::Relaxed),
-        functions: bin.glue.functions().to_vec(),
+        functions: bin.glue().functions().to_vec(),
         config: (**bin.config.load()).clone(),
     })
 }
