@@ -521,13 +521,15 @@ fn main() {
         return;
     }
     // `--floor-parallel-us`: the floor with every CPU running executions at once (one
-    // thread each, sharing the engine and the module as a worker's threads do): process
-    // CPU time per execution, in µs. What the floor costs when the cores share the engine's
-    // atomics and the pool's lock, the way they do under a socket load.
+    // thread each, each with an engine and module of its own, as a worker's threads have
+    // them): process CPU time per execution, in µs. What the floor costs when the cores
+    // share the address space, the caches and the kernel, as under a socket load.
     if std::env::args().any(|a| a == "--floor-parallel-us") {
-        let fl = floor(&bytes);
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-        bare_ns(&fl, INPUT, 1000);
+        let floors: Vec<Bare> = (0..threads).map(|_| floor(&bytes)).collect();
+        for fl in &floors {
+            bare_ns(fl, INPUT, 1000);
+        }
         let runs = (0..ROUNDS).map(|_| {
             let cpu = || {
                 use nix::sys::resource::{UsageWho, getrusage};
@@ -538,8 +540,8 @@ fn main() {
             };
             let before = cpu();
             std::thread::scope(|s| {
-                for _ in 0..threads {
-                    s.spawn(|| bare_ns(&fl, INPUT, iters));
+                for fl in &floors {
+                    s.spawn(move || bare_ns(fl, INPUT, iters));
                 }
             });
             (cpu() - before) / (iters * threads) as f64

@@ -26,8 +26,8 @@ const IDLE_TICKS_BEFORE_PARK: u32 = 200;
 
 /// The engines plus their ticker.
 ///
-/// One Wasmtime engine per CPU (up to [`SHARDS`]), each with its share of the pool: a
-/// store is made on the engine of the thread that starts it. Every instantiation writes
+/// One Wasmtime engine per CPU (up to [`SHARDS`]), each with a pool of its own: a store is
+/// made on the engine of the thread that starts it. Every instantiation writes
 /// engine-wide state (the type registry's reference counts and lock, the pool's slot
 /// allocator); with one engine for both cores, those cache lines and locks were shared by
 /// every execution, and bare Wasmtime alone cost 1.5-1.8x more per execution with both
@@ -59,12 +59,16 @@ pub fn engines_wanted() -> usize {
         .min(SHARDS)
 }
 
-/// Engines for a pool of `pool_instances` slots: [`engines_wanted`], as long as each one's
-/// share of the pool still holds a component of the largest shape (a small pool stays
-/// whole, in one engine).
+/// Engines for pools of `pool_instances` slots: [`engines_wanted`] from 128 slots, one
+/// below. Wasmtime shards a pool of 128 slots or more between the threads that use it
+/// (each thread allocates from a home share first, and keeps its warm slots there); a
+/// smaller pool it keeps whole, and so do we.
 pub fn engines_for(pool_instances: u32) -> usize {
-    let fit = (pool_instances as usize / StoreShape::COMPONENT.instances).max(1);
-    engines_wanted().min(fit)
+    if pool_instances >= 128 {
+        engines_wanted()
+    } else {
+        1
+    }
 }
 
 impl WasmEngine {
@@ -73,18 +77,15 @@ impl WasmEngine {
         WasmEngine::start(WasmEngine::configure(cfg, limits)?, cfg)
     }
 
-    /// The Wasmtime engines for these settings ([`engines_for`] them, each with its share of
-    /// `engine.pool_instances` and of `engine.max_unused_warm_slots`), without the ticker:
-    /// no thread is started, so a worker makes them (and Wasmtime opens what it opens,
-    /// `/proc/self/pagemap`) before it confines itself.
+    /// The Wasmtime engines for these settings ([`engines_for`] them, each with a pool of
+    /// `engine.pool_instances` slots and `engine.max_unused_warm_slots` warm ones: each
+    /// engine serves one thread mostly, and that thread keeps, in its engine, the share of
+    /// the pool it had of the one pool before), without the ticker: no thread is started,
+    /// so a worker makes them (and Wasmtime opens what it opens, `/proc/self/pagemap`)
+    /// before it confines itself.
     pub fn configure(cfg: &EngineConfig, limits: &LimitsConfig) -> anyhow::Result<Engines> {
         let n = engines_for(cfg.pool_instances);
-        let share = EngineConfig {
-            pool_instances: cfg.pool_instances / n as u32,
-            max_unused_warm_slots: (cfg.max_unused_warm_slots / n as u32).max(1),
-            ..cfg.clone()
-        };
-        let config = wasmtime_config(&share, limits)?;
+        let config = wasmtime_config(cfg, limits)?;
         let engines = (0..n)
             .map(|_| {
                 Engine::new(&config)
@@ -93,7 +94,7 @@ impl WasmEngine {
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Engines {
             engines,
-            per_engine: u64::from(share.pool_instances),
+            per_engine: u64::from(cfg.pool_instances),
         })
     }
 
@@ -133,8 +134,8 @@ impl WasmEngine {
     }
 
     /// The engine for a new store of `shape`: the calling thread's, unless its pool has no
-    /// room for the store while another's has (then the one with the most room), so that
-    /// the engines together run as many stores as one pool of `engine.pool_instances`.
+    /// room for the store (then the one with the most room), so that a thread whose
+    /// engine is full still starts stores while another has room.
     pub fn pick(&self, shape: StoreShape) -> usize {
         let mine = shard::shard() % self.engines.len();
         let free = |i: usize| {
@@ -175,7 +176,7 @@ impl WasmEngine {
     }
 
     /// Slots of the pooling allocators in use now (all engines), and their capacity
-    /// (`engine.pool_instances`).
+    /// (`engine.pool_instances` for each engine).
     pub fn pool(&self) -> Option<wasmcore_proto::PoolMetrics> {
         let sum = |f: &dyn Fn(&PoolingAllocatorMetrics) -> u64| self.pools.iter().map(f).sum();
         Some(wasmcore_proto::PoolMetrics {
@@ -287,13 +288,6 @@ impl TickShared {
 pub struct Engines {
     engines: Vec<Engine>,
     per_engine: u64,
-}
-
-impl Engines {
-    /// The first engine (binaries are compiled on it).
-    pub fn first(&self) -> &Engine {
-        &self.engines[0]
-    }
 }
 
 /// The epoch ticker thread; joined on drop.

@@ -51,14 +51,13 @@ pub fn max_tasks() -> usize {
     2 * threads() + MAX_BLOCKING_THREADS + 16
 }
 
-/// The pool of `uid`'s worker: what its quota lets it run at once, each execution (or load)
-/// a component of the largest shape, in the pool of each of its engines (one per CPU, so
-/// that any thread can start them all), and no more than `engine.pool_instances`.
+/// The pool of `uid`'s worker (of each of its engines, so that any thread can start them
+/// all): what its quota lets it run at once, each execution (or load) a component of the
+/// largest shape, and no more than `engine.pool_instances`.
 pub fn pool_instances(config: &Config, uid: u32) -> u32 {
     let q = config.quotas.for_uid(uid);
     let need = (q.concurrent_executions + q.concurrent_loads)
-        .saturating_mul(crate::context::StoreShape::COMPONENT.instances)
-        .saturating_mul(crate::engine::engines_wanted());
+        .saturating_mul(crate::context::StoreShape::COMPONENT.instances);
     config
         .engine
         .pool_instances
@@ -550,9 +549,8 @@ mod tests {
             "[quotas]\nconcurrent_executions = 2\n[quotas.users.\"4242\"]\nconcurrent_executions = 100\n",
         )
         .unwrap();
-        // (2 executions + 1 load) × a component's 32 core instances, for each engine.
-        let engines = crate::engine::engines_wanted() as u32;
-        assert_eq!(pool_instances(&c, 1000), (96 * engines).min(512));
+        // (2 executions + 1 load) × a component's 32 core instances.
+        assert_eq!(pool_instances(&c, 1000), 96);
         // Never more than engine.pool_instances.
         assert_eq!(pool_instances(&c, 4242), 512);
         c.engine.pool_instances = 50;

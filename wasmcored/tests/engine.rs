@@ -513,18 +513,20 @@ async fn a_full_pool_answers_busy() {
     }
 }
 
-/// A pool large enough to share out runs on one engine per CPU: every engine runs every
-/// kind of binary, and the engines together hold exactly `engine.pool_instances` stores (a
-/// thread whose engine is full starts its store on another).
+/// A pool of 128 slots or more runs on one engine per CPU, each with such a pool: every
+/// engine runs every kind of binary, and the engines together hold exactly their pools'
+/// stores (a thread whose engine is full starts its store on another).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_engines_share_the_pool_and_run_every_binary() {
     let mut c = config();
-    c.engine.pool_instances = 64;
+    c.engine.pool_instances = 128;
     let e = std::sync::Arc::new(env_with(c));
     let engines = e.exec.engine().engines().len();
-    assert_eq!(engines, wasmcored::engine::engines_for(64));
-    assert_eq!(engines, wasmcored::engine::engines_wanted().min(2));
-    assert_eq!(e.exec.engine().pool().unwrap().capacity, 64);
+    assert_eq!(engines, wasmcored::engine::engines_for(128));
+    assert_eq!(engines, wasmcored::engine::engines_wanted());
+    assert_eq!(wasmcored::engine::engines_for(127), 1);
+    let capacity = 128 * engines as u64;
+    assert_eq!(e.exec.engine().pool().unwrap().capacity, capacity);
     // Each binary runs on each engine, from both runtime threads.
     let bins = [
         (e.load(&plugin("uppercase")), &b"PEAR\nAPPLE\n"[..]),
@@ -542,20 +544,25 @@ async fn the_engines_share_the_pool_and_run_every_binary() {
     for (i, r) in runs.into_iter().enumerate() {
         assert_eq!(r.await.unwrap().unwrap(), bins[i % 3].1, "run {i}");
     }
-    // Fill the whole pool, one store at a time, from both threads: the 65th is refused.
-    let looper = e.load(&fixture("loop.wat"));
+    // Fill every pool, one store at a time, from both threads: the next one is refused.
+    // Executions that sleep in a host call: they hold their slots without the CPU.
+    let looper = e.load(&fixture("sleep_process.wat"));
     let mut loops = Vec::new();
-    for _ in 0..64 {
+    let in_use = || e.exec.engine().pool().unwrap().core_instances;
+    for n in 1..=capacity {
         let (e, bin) = (e.clone(), looper.clone());
         loops.push(tokio::spawn(async move {
             e.run_with(&bin, b"", limits(Some(3000), None, None))
                 .await
                 .map(|_| ())
         }));
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Each one running before the next starts, wherever the runtime put it.
+        let t = std::time::Instant::now();
+        while in_use() < n && t.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(in_use(), n);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(e.exec.engine().pool().unwrap().core_instances, 64);
     let (c, msg) = code(e.run(&looper, b"").await);
     assert_eq!(c, ErrorCode::Busy, "{msg}");
     for l in loops {
