@@ -5,8 +5,9 @@
 //! `Store` per execution on it. The ticker bumps the epoch every `epoch_tick` while any
 //! execution runs and parks when none has run for a while, so an idle daemon never wakes.
 
+use std::cell::Cell;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -50,6 +51,22 @@ impl std::fmt::Debug for WasmEngine {
             .field("fuel_metering", &self.fuel_metering)
             .finish_non_exhaustive()
     }
+}
+
+/// The calling thread's engine number (modulo the engines): threads that start stores take
+/// one in turn, the first time they start one, so the runtime's threads, the only ones that
+/// run executions, each have an engine of their own.
+fn home() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local!(static HOME: Cell<usize> = const { Cell::new(usize::MAX) });
+    HOME.with(|h| match h.get() {
+        usize::MAX => {
+            let i = NEXT.fetch_add(1, Relaxed);
+            h.set(i);
+            i
+        }
+        i => i,
+    })
 }
 
 /// Engines wanted: one per CPU, at most [`SHARDS`].
@@ -137,7 +154,7 @@ impl WasmEngine {
     /// room for the store (then the one with the most room), so that a thread whose
     /// engine is full still starts stores while another has room.
     pub fn pick(&self, shape: StoreShape) -> usize {
-        let mine = shard::shard() % self.engines.len();
+        let mine = home() % self.engines.len();
         let free = |i: usize| {
             self.per_engine
                 .saturating_sub(self.pools[i].core_instances())
