@@ -1,10 +1,12 @@
-//! Restart to READY with persisted binaries, and the daemon's RSS.
+//! Restart to READY and to serving with persisted binaries, and the processes' RSS.
 //!
 //! Run: `cargo bench -p wasmcore-tests --bench restart` (after `make build plugins`).
-//! Loads N binaries (the example plugins in turn; N = 100 unless BENCH_BINARIES says
-//! otherwise), stops the daemon, then starts it repeatedly with a NOTIFY_SOCKET and times
-//! spawn → READY=1, against the same measurement with an empty state directory in the same
-//! run. RSS is read from /proc after READY.
+//! Loads N binaries as one tenant (the example plugins in turn; N = 100 unless
+//! BENCH_BINARIES says otherwise), stops the daemon, then starts it repeatedly with a
+//! NOTIFY_SOCKET and times spawn → READY=1 (the broker: it reads the stored metadata) and
+//! spawn → the tenant's first `list` answered with all N (its worker started, confined,
+//! and restored every binary), against the same measurements with an empty state directory
+//! in the same run. RSS of the broker and of its workers is read from /proc then.
 
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
@@ -17,11 +19,38 @@ const RUNS: usize = 9;
 
 struct Start {
     ready: Duration,
-    rss_kib: u64,
+    served: Duration,
+    broker_kib: u64,
+    workers_kib: u64,
     log: String,
 }
 
-fn start_once(dir: &TempDir, state: &std::path::Path) -> Start {
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The broker's child processes: its tenants' workers.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .filter_map(|t| t.ok())
+                .map(|t| std::fs::read_to_string(t.path().join("children")).unwrap_or_default())
+                .collect::<Vec<_>>()
+                .iter()
+                .flat_map(|c| c.split_whitespace())
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn start_once(dir: &TempDir, state: &std::path::Path, expect: usize) -> Start {
     let notify_path = dir.path().join("notify.sock");
     let _ = std::fs::remove_file(&notify_path);
     let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
@@ -52,12 +81,21 @@ fn start_once(dir: &TempDir, state: &std::path::Path) -> Start {
         }
     }
     let ready = t.elapsed();
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap_or(0);
+    let mut c = Client::connect(&dir.path().join("s.sock"));
+    let listed = c.call(&json!({"op": "list"}));
+    let served = t.elapsed();
+    let count = listed["binaries"].as_array().map_or(0, |b| b.len());
+    assert_eq!(count, expect, "{listed}");
+    let workers = children(child.id());
+    assert!(
+        expect == 0 || !workers.is_empty(),
+        "no worker serves the tenant"
+    );
+    let (broker_kib, workers_kib) = (
+        rss_kib(child.id()),
+        workers.iter().map(|w| rss_kib(*w)).sum(),
+    );
+    drop(c);
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -65,7 +103,9 @@ fn start_once(dir: &TempDir, state: &std::path::Path) -> Start {
     child.wait().unwrap();
     Start {
         ready,
-        rss_kib,
+        served,
+        broker_kib,
+        workers_kib,
         log: std::fs::read_to_string(&log_path).unwrap_or_default(),
     }
 }
@@ -94,40 +134,79 @@ fn main() {
     let state = d.state_dir();
     let mut d = d;
     d.terminate();
-    let empty = TempDir::new("bench-empty");
-    let (mut full_t, mut empty_t, mut full_rss, mut empty_rss) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let empty_dir = TempDir::new("bench-empty");
+    let (mut full, mut empty) = (Vec::new(), Vec::new());
     for _ in 0..RUNS {
-        let e = start_once(&empty, &empty.path().join("state"));
-        empty_t.push(e.ready.as_secs_f64() * 1000.0);
-        empty_rss.push(e.rss_kib as f64);
-        let f = start_once(&d.dir, &state);
+        empty.push(start_once(&empty_dir, &empty_dir.path().join("state"), 0));
+        let f = start_once(&d.dir, &state, n);
         assert!(
             f.log.contains(&format!("restored {n} binaries"))
                 && f.log.contains("(0 recompiled, 0 quarantined)"),
             "{}",
             f.log
         );
-        full_t.push(f.ready.as_secs_f64() * 1000.0);
-        full_rss.push(f.rss_kib as f64);
+        full.push(f);
     }
-    let (ft, et) = (median(full_t), median(empty_t));
-    let (fr, er) = (median(full_rss), median(empty_rss));
-    println!("restart to READY=1, median of {RUNS} (spawn to the notify datagram)");
-    println!("  empty state directory                {et:>8.1} ms");
-    println!(
-        "  {n} persisted binaries ({} KiB of wasm)  {ft:>8.1} ms   (+{:.1} ms, no recompiles)",
-        total_bytes / 1024,
-        ft - et
+    let med = |v: &[Start], f: fn(&Start) -> f64| median(v.iter().map(f).collect());
+    let ready = |s: &Start| s.ready.as_secs_f64() * 1000.0;
+    let served = |s: &Start| s.served.as_secs_f64() * 1000.0;
+    let broker = |s: &Start| s.broker_kib as f64 / 1024.0;
+    let workers = |s: &Start| s.workers_kib as f64 / 1024.0;
+    let row = |label: String, value: f64, unit: &str, note: &str| {
+        println!("  {label:<56} {value:>8.1} {unit}{note}")
+    };
+    println!("restart, median of {RUNS} (from spawn)");
+    row(
+        "to READY=1, empty state directory".into(),
+        med(&empty, ready),
+        "ms",
+        "",
     );
-    println!("RSS after READY, median");
-    println!(
-        "  idle, empty                          {:>8.1} MiB",
-        er / 1024.0
+    row(
+        format!(
+            "to READY=1, {n} persisted binaries ({} KiB of wasm)",
+            total_bytes / 1024
+        ),
+        med(&full, ready),
+        "ms",
+        "",
     );
-    println!(
-        "  with {n} binaries                     {:>8.1} MiB   ({:.0} KiB per binary)",
-        fr / 1024.0,
-        (fr - er) / n as f64
+    row(
+        "to the first answer, empty state directory".into(),
+        med(&empty, served),
+        "ms",
+        "",
+    );
+    row(
+        format!("to the first answer listing the {n} binaries"),
+        med(&full, served),
+        "ms",
+        "   (the worker restored them, no recompiles)",
+    );
+    println!("RSS after the first answer, median");
+    row(
+        "broker, empty state directory".into(),
+        med(&empty, broker),
+        "MiB",
+        "",
+    );
+    row(
+        format!("broker, {n} binaries"),
+        med(&full, broker),
+        "MiB",
+        "",
+    );
+    row(
+        "worker, empty state directory".into(),
+        med(&empty, workers),
+        "MiB",
+        "",
+    );
+    let per = (med(&full, workers) - med(&empty, workers)) * 1024.0 / n as f64;
+    row(
+        format!("worker, {n} binaries"),
+        med(&full, workers),
+        "MiB",
+        &format!("   ({per:.0} KiB per binary)"),
     );
 }

@@ -234,6 +234,8 @@ pub struct Compiled {
     glues: Box<[Arc<dyn Kind>]>,
     sha256: String,
     size: u64,
+    /// The serialized code, when [`Registry::compile`] made it (empty otherwise).
+    artifact: Vec<u8>,
     pub compile_ms: f64,
 }
 
@@ -242,12 +244,26 @@ impl Compiled {
         self.glues[0].kind()
     }
 
-    /// The precompiled artifact to store next to the original bytes.
-    pub fn serialize(&self) -> Result<Vec<u8>> {
-        self.code
-            .serialize()
-            .map_err(|e| Error::internal(format!("serializing the compiled binary: {e:#}")))
+    /// The precompiled artifact to store next to the original bytes, made once by
+    /// [`Registry::compile`] (the other engines were loaded from it); empty after the
+    /// first call, and for code that came from a stored artifact.
+    pub fn take_artifact(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.artifact)
     }
+}
+
+/// Where the other engines of a worker load a binary's code from: the first engine's
+/// serialized code, made by its compile, or the stored artifact file it was read from.
+#[derive(Debug, Clone, Copy)]
+pub enum Artifact<'a> {
+    Bytes(&'a [u8]),
+    File(&'a std::path::Path),
+}
+
+/// Serialize freshly compiled `code`, for storing and for the other engines.
+pub fn serialize(code: &Code) -> Result<Vec<u8>> {
+    code.serialize()
+        .map_err(|e| Error::internal(format!("serializing the compiled binary: {e:#}")))
 }
 
 impl std::fmt::Debug for Compiled {
@@ -431,48 +447,64 @@ impl Registry {
         }
         .map_err(|e| Error::InvalidModule(format!("invalid module: {e:#}")))?;
         let compile_ms = start.elapsed().as_secs_f64() * 1000.0;
-        let mut c = self.prepare(code, hex::encode(Sha256::digest(bytes)), bytes.len() as u64)?;
+        let artifact = serialize(&code)?;
+        let mut c = self.prepare(
+            code,
+            Artifact::Bytes(&artifact),
+            hex::encode(Sha256::digest(bytes)),
+            bytes.len() as u64,
+        )?;
         c.compile_ms = compile_ms;
+        c.artifact = artifact;
         Ok(c)
     }
 
     /// Detect the kind of compiled (or deserialized) code (of the first engine) and prepare
-    /// its glue, on every engine: the code is deserialized into the other engines.
-    pub fn prepare(&self, code: Code, sha256: String, size: u64) -> Result<Compiled> {
+    /// its glue, on every engine: the other engines load `artifact`, the serialized form
+    /// of `code`.
+    pub fn prepare(
+        &self,
+        code: Code,
+        artifact: Artifact<'_>,
+        sha256: String,
+        size: u64,
+    ) -> Result<Compiled> {
         let mut glues =
             vec![crate::kinds::prepare(&self.linkers[0], &code).map_err(Error::InvalidModule)?];
-        if self.linkers.len() > 1 {
-            let bytes = code
-                .serialize()
-                .map_err(|e| Error::internal(format!("serializing the compiled binary: {e:#}")))?;
-            let engines = self
-                .engine
-                .engines()
-                .iter()
-                .zip(self.linkers.iter())
-                .skip(1);
-            for (engine, linkers) in engines {
-                let copy = match &code {
-                    Code::Module(_) => {
-                        sys::deserialize_module_bytes(engine, &bytes).map(Code::Module)
-                    }
-                    Code::Component(_) => {
-                        sys::deserialize_component_bytes(engine, &bytes).map(Code::Component)
-                    }
+        let engines = self
+            .engine
+            .engines()
+            .iter()
+            .zip(self.linkers.iter())
+            .skip(1);
+        for (engine, linkers) in engines {
+            let copy = match (&code, artifact) {
+                (Code::Module(_), Artifact::Bytes(b)) => {
+                    sys::deserialize_module_bytes(engine, b).map(Code::Module)
                 }
-                .map_err(|e| {
-                    Error::internal(format!(
-                        "loading the compiled binary into another engine: {e:#}"
-                    ))
-                })?;
-                glues.push(crate::kinds::prepare(linkers, &copy).map_err(Error::InvalidModule)?);
+                (Code::Module(_), Artifact::File(f)) => {
+                    sys::deserialize_module(engine, f).map(Code::Module)
+                }
+                (Code::Component(_), Artifact::Bytes(b)) => {
+                    sys::deserialize_component_bytes(engine, b).map(Code::Component)
+                }
+                (Code::Component(_), Artifact::File(f)) => {
+                    sys::deserialize_component(engine, f).map(Code::Component)
+                }
             }
+            .map_err(|e| {
+                Error::internal(format!(
+                    "loading the compiled binary into another engine: {e:#}"
+                ))
+            })?;
+            glues.push(crate::kinds::prepare(linkers, &copy).map_err(Error::InvalidModule)?);
         }
         Ok(Compiled {
             code,
             glues: glues.into(),
             sha256,
             size,
+            artifact: Vec::new(),
             compile_ms: 0.0,
         })
     }

@@ -313,12 +313,14 @@ pub fn ignore_stop_signals() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Give the heap's free memory back to the kernel (glibc's `malloc_trim`): compiling a
-/// module leaves megabytes of freed compiler buffers that a tenant's worker would otherwise
-/// keep resident for as long as it lives.
+/// Give the heap's free memory back to the kernel: compiling a module leaves megabytes of
+/// freed compiler buffers that a tenant's worker would otherwise keep resident for as long
+/// as it lives. The Rust heap is mimalloc's (`mi_collect`, for the calling thread's heap
+/// and what other threads abandoned); C code's is glibc's (`malloc_trim`).
 pub fn release_free_memory() {
-    // SAFETY: malloc_trim only walks the allocator's own free lists, under its locks.
+    // SAFETY: both only walk their allocator's own free lists, under its locks.
     unsafe {
+        libmimalloc_sys::mi_collect(true);
         nix::libc::malloc_trim(0);
     }
 }

@@ -570,6 +570,104 @@ async fn the_engines_share_the_pool_and_run_every_binary() {
     }
 }
 
+/// Binaries stored by a worker with an engine per CPU come back on every engine: from
+/// the stored artifact (each engine loads the file), and, when the artifact is gone, from
+/// the original bytes (compiled once, the others load that code).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_binaries_are_restored_onto_every_engine() {
+    use wasmcored::store::{BinaryMeta, RestoreReport, StateDir, restore};
+    use wasmcored::tenant::Scope;
+    let root = std::env::temp_dir().join(format!("wasmcore-engines-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let dir = StateDir::open(&root).unwrap();
+    let mut c = config();
+    c.engine.pool_instances = 128;
+    let first = env_with(c.clone());
+    assert_eq!(
+        first.exec.engine().engines().len(),
+        wasmcored::engine::engines_wanted()
+    );
+    let hash = first.registry.engine().compat_hash();
+    let names = ["uppercase", "wc", "sort"];
+    for name in names {
+        let bytes = plugin(name);
+        let mut compiled = first.registry.compile(&bytes).unwrap();
+        let artifact = compiled.take_artifact();
+        assert!(!artifact.is_empty());
+        assert!(
+            compiled.take_artifact().is_empty(),
+            "the artifact is handed out once"
+        );
+        let opts = LoadOptions {
+            name: Some(name.into()),
+            ..LoadOptions::default()
+        };
+        first
+            .registry
+            .insert_with(&first.owner, compiled, opts, |bin| {
+                dir.save_binary(&BinaryMeta::of(bin), &bytes, &hash, &artifact)
+                    .map(|_| ())
+                    .map_err(|e| wasmcored::Error::internal(e.to_string()))
+            })
+            .unwrap();
+    }
+    let runs_everywhere = |e: std::sync::Arc<Env>| async move {
+        // Many at once from both runtime threads: every engine runs every binary.
+        let mut runs = Vec::new();
+        for i in 0..60 {
+            let (e, name) = (e.clone(), names[i % 3]);
+            runs.push(tokio::spawn(async move {
+                let bin = e.registry.resolve(&e.owner, name, Access::Use).unwrap();
+                let got = e.run(&bin, b"pear\napple\n").await.map(|o| o.output);
+                assert_eq!(got.unwrap(), wanted(name), "{name}");
+            }));
+        }
+        for r in runs {
+            r.await.unwrap();
+        }
+    };
+    fn wanted(name: &str) -> &'static [u8] {
+        match name {
+            "uppercase" => b"PEAR\nAPPLE\n",
+            "wc" => b"2 2 11\n",
+            _ => b"apple\npear\n",
+        }
+    }
+    let from_artifacts = std::sync::Arc::new(env_with(c.clone()));
+    let report = restore(&dir, &from_artifacts.registry, Scope::All).unwrap();
+    assert_eq!(
+        report,
+        RestoreReport {
+            restored: 3,
+            recompiled: 0,
+            quarantined: 0
+        }
+    );
+    runs_everywhere(from_artifacts).await;
+    // Without the artifacts: compiled from the stored bytes, and the artifacts written back.
+    for entry in std::fs::read_dir(&root).unwrap() {
+        remove_artifacts(&entry.unwrap().path());
+    }
+    fn remove_artifacts(p: &std::path::Path) {
+        if p.is_dir() {
+            for entry in std::fs::read_dir(p).unwrap() {
+                remove_artifacts(&entry.unwrap().path());
+            }
+        } else if p.to_string_lossy().contains(".cwasm") {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    let recompiled = std::sync::Arc::new(env_with(c.clone()));
+    let report = restore(&dir, &recompiled.registry, Scope::All).unwrap();
+    assert_eq!((report.restored, report.recompiled), (3, 3));
+    runs_everywhere(recompiled).await;
+    let again = std::sync::Arc::new(env_with(c));
+    let report = restore(&dir, &again.registry, Scope::All).unwrap();
+    assert_eq!((report.restored, report.recompiled), (3, 0));
+    runs_everywhere(again).await;
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
 #[tokio::test]
 async fn chains_pass_output_along_and_name_the_failing_stage() {
     let e = env();

@@ -123,13 +123,13 @@ pub async fn declared(
             Source::Bytes(b) => b,
             Source::File(f, what) => read_module(&d, f, &what)?,
         };
-        let compiled = d.registry.compile(&bytes)?;
+        let mut compiled = d.registry.compile(&bytes)?;
         // The caller was told at the deadline; a late compile must not register anything.
         if Instant::now() > deadline {
             return Err(too_slow(max_compile));
         }
         let compile_ms = compiled.compile_ms;
-        let artifact = compiled.serialize()?;
+        let artifact = compiled.take_artifact();
         let hash = d.registry.engine().compat_hash();
         let loaded = d.registry.insert_with(&who, compiled, opts, |bin| {
             let stored = d

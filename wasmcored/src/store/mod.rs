@@ -37,6 +37,7 @@ use uuid::Uuid;
 use wasmcore_proto::ModuleKind;
 
 use crate::kinds::Code;
+use crate::registry::Artifact;
 use crate::tenant::Scope;
 
 mod state_files;
@@ -885,8 +886,13 @@ fn restore_one(
         None
     });
     let recompiled = from_artifact.is_none();
-    let module = match from_artifact {
-        Some(m) => m,
+    let compiled = match from_artifact {
+        Some(m) => registry.prepare(
+            m,
+            Artifact::File(&artifact),
+            stored.meta.sha256.clone(),
+            stored.meta.size,
+        ),
         None => {
             let bytes =
                 fs::read(stored.module_path()).map_err(|e| format!("reading {MODULE}: {e}"))?;
@@ -899,23 +905,22 @@ fn restore_one(
                 wasmtime::Module::from_binary(engine, &bytes).map(Code::Module)
             }
             .map_err(|e| format!("compiling {MODULE}: {e:#}"))?;
-            match m.serialize() {
-                Ok(a) => {
-                    if let Err(e) = dir.replace_artifact(stored, hash, &a) {
-                        log::warn!(
-                            "binary {}: could not store the new artifact: {e}",
-                            stored.meta.id
-                        );
-                    }
-                }
-                Err(e) => log::warn!("binary {}: could not serialize: {e}", stored.meta.id),
+            let a = crate::registry::serialize(&m).map_err(|e| e.to_string())?;
+            if let Err(e) = dir.replace_artifact(stored, hash, &a) {
+                log::warn!(
+                    "binary {}: could not store the new artifact: {e}",
+                    stored.meta.id
+                );
             }
-            m
+            registry.prepare(
+                m,
+                Artifact::Bytes(&a),
+                stored.meta.sha256.clone(),
+                stored.meta.size,
+            )
         }
-    };
-    let compiled = registry
-        .prepare(module, stored.meta.sha256.clone(), stored.meta.size)
-        .map_err(|e| e.to_string())?;
+    }
+    .map_err(|e| e.to_string())?;
     if compiled.kind() != stored.meta.kind {
         return Err(format!(
             "stored as {} but the module is {}",
