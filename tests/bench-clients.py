@@ -8,7 +8,7 @@ Starts a daemon of this checkout on a temporary socket, then alternates, per rou
 `wasmcorectl bench --only pipe1` (32 in flight, raw request lines), the Rust client's
 `execute_many` (the `pipeline` example) and the Python package's `execute_many`. Reports
 the median req/s of each, its ratio to `wasmcorectl bench`, and the daemon's CPU time per
-request over each run (utime + stime from /proc). Needs `make build plugins`.
+request over each run (utime + stime of the broker and its workers, from /proc). Needs `make build plugins`.
 """
 
 import argparse
@@ -28,10 +28,25 @@ BIN = os.path.join(top, "target", "release")
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_s(pid):
+def stat_ticks(pid, reaped):
     with open("/proc/%d/stat" % pid) as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    # utime + stime, and with `reaped` the children it has waited for (cutime + cstime).
+    return sum(int(x) for x in fields[11:15 if reaped else 13])
+
+
+def cpu_s(pid):
+    """CPU seconds of the daemon: the broker, its tenants' workers (which serve the
+    requests), and the workers it has reaped."""
+    ticks = stat_ticks(pid, True)
+    for task in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/children" % (pid, task)) as f:
+                for child in f.read().split():
+                    ticks += stat_ticks(int(child), False)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return ticks / TICK
 
 
 def main():
