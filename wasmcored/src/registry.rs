@@ -260,12 +260,6 @@ pub enum Artifact<'a> {
     File(&'a std::path::Path),
 }
 
-/// Serialize freshly compiled `code`, for storing and for the other engines.
-pub fn serialize(code: &Code) -> Result<Vec<u8>> {
-    code.serialize()
-        .map_err(|e| Error::internal(format!("serializing the compiled binary: {e:#}")))
-}
-
 impl std::fmt::Debug for Compiled {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Compiled")
@@ -438,6 +432,13 @@ impl Registry {
                 "not a WebAssembly binary (missing the \\0asm header)".into(),
             ));
         }
+        self.compile_stored(bytes, hex::encode(Sha256::digest(bytes)))
+    }
+
+    /// Compile the bytes of a binary already stored, whose SHA-256 was checked: no size
+    /// cap (a cap lowered since must not drop what is stored). Also serializes the code,
+    /// for the artifact to store and for the other engines ([`Compiled::take_artifact`]).
+    pub fn compile_stored(&self, bytes: &[u8], sha256: String) -> Result<Compiled> {
         let start = Instant::now();
         let engine = self.engine.engine();
         let code = if Code::is_component(bytes) {
@@ -447,13 +448,10 @@ impl Registry {
         }
         .map_err(|e| Error::InvalidModule(format!("invalid module: {e:#}")))?;
         let compile_ms = start.elapsed().as_secs_f64() * 1000.0;
-        let artifact = serialize(&code)?;
-        let mut c = self.prepare(
-            code,
-            Artifact::Bytes(&artifact),
-            hex::encode(Sha256::digest(bytes)),
-            bytes.len() as u64,
-        )?;
+        let artifact = code
+            .serialize()
+            .map_err(|e| Error::internal(format!("serializing the compiled binary: {e:#}")))?;
+        let mut c = self.prepare(code, Artifact::Bytes(&artifact), sha256, bytes.len() as u64)?;
         c.compile_ms = compile_ms;
         c.artifact = artifact;
         Ok(c)

@@ -899,25 +899,16 @@ fn restore_one(
             if hex::encode(Sha256::digest(&bytes)) != stored.meta.sha256 {
                 return Err(format!("{MODULE} does not match the SHA-256 in {META}"));
             }
-            let m = if Code::is_component(&bytes) {
-                wasmtime::component::Component::from_binary(engine, &bytes).map(Code::Component)
-            } else {
-                wasmtime::Module::from_binary(engine, &bytes).map(Code::Module)
-            }
-            .map_err(|e| format!("compiling {MODULE}: {e:#}"))?;
-            let a = crate::registry::serialize(&m).map_err(|e| e.to_string())?;
-            if let Err(e) = dir.replace_artifact(stored, hash, &a) {
+            let mut compiled = registry
+                .compile_stored(&bytes, stored.meta.sha256.clone())
+                .map_err(|e| format!("compiling {MODULE}: {e}"))?;
+            if let Err(e) = dir.replace_artifact(stored, hash, &compiled.take_artifact()) {
                 log::warn!(
                     "binary {}: could not store the new artifact: {e}",
                     stored.meta.id
                 );
             }
-            registry.prepare(
-                m,
-                Artifact::Bytes(&a),
-                stored.meta.sha256.clone(),
-                stored.meta.size,
-            )
+            Ok(compiled)
         }
     }
     .map_err(|e| e.to_string())?;
