@@ -236,6 +236,11 @@ pub struct ExecCtx {
     pub(crate) state: StateTxn,
     pub(crate) max_key: usize,
     pub(crate) deadline: Instant,
+    /// The guest runs inline, on the calling thread (its kind said so before instantiating):
+    /// the epoch callback cannot yield, it hands the thread's runtime work to another.
+    pub(crate) inline: bool,
+    /// Epoch ticks this execution has seen.
+    pub(crate) ticks: u32,
     pub(crate) pipes: Option<Pipes>,
     pub(crate) wasi: Option<WasiP1Ctx>,
     pub(crate) p2: Option<P2>,

@@ -69,6 +69,45 @@ fn home() -> usize {
     })
 }
 
+thread_local! {
+    /// This thread's stack holds a guest's ([`guest_threads`]).
+    static GUEST_STACK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Room on a thread's stack beyond the guest's own `engine.max_wasm_stack`: the host
+/// functions it calls and the frames below the call, as the fibres have it.
+const HOST_STACK: usize = 2 << 20;
+
+/// Make `builder`'s threads ones that run guests inline: stacks of `cfg.max_wasm_stack`
+/// plus room for the host, marked for [`inline_here`].
+pub fn guest_threads<'a>(
+    builder: &'a mut tokio::runtime::Builder,
+    cfg: &EngineConfig,
+) -> &'a mut tokio::runtime::Builder {
+    builder
+        .thread_stack_size(cfg.max_wasm_stack + HOST_STACK)
+        .on_thread_start(|| GUEST_STACK.set(true))
+}
+
+/// Whether a guest may run inline on this thread: synchronous calls on the thread's own
+/// stack, which only a thread of a [`guest_threads`] runtime is sure to have room on.
+/// Elsewhere guests run on fibres of their own.
+pub fn inline_here() -> bool {
+    GUEST_STACK.get()
+}
+
+/// A guest running inline has run a whole epoch tick: give this thread's share of the
+/// runtime's work to another thread (Tokio's `block_in_place`), so the runtime goes on
+/// serving the other connections while the guest runs on here. Nothing happens where no
+/// multi-threaded runtime runs the caller (a guest there holds its thread, as any sync
+/// call does), or when this thread has handed its share off already.
+pub(crate) fn hand_off_thread() {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    if Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread) {
+        tokio::task::block_in_place(|| ());
+    }
+}
+
 /// Engines wanted: one per CPU, at most [`SHARDS`].
 pub fn engines_wanted() -> usize {
     std::thread::available_parallelism()

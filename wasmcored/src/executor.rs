@@ -1,9 +1,12 @@
 //! One execution: a fresh `Store` with its limits, instantiation from the binary's
 //! `InstancePre`, the ABI glue, and the result with its accounting. Also chains.
 //!
-//! Guests run as async calls on the caller's task: a short guest runs inline with no thread
-//! hop; a long one yields to the runtime at every epoch tick, so runaway guests share the
-//! workers instead of holding them. Each store has its own absolute deadline; the epoch is
+//! Guests run on the caller's task with no thread hop. A core module without WASI runs
+//! inline: synchronous calls on the runtime thread's own stack, no fibre
+//! ([`crate::engine::inline_here`]); when it has run a whole epoch tick, the thread hands
+//! its place in the runtime to another thread and goes on running the guest, so runaway
+//! guests never hold the runtime's workers. Other kinds run as async calls on a fibre and
+//! yield to the runtime at every epoch tick. Each store has its own absolute deadline; the epoch is
 //! never bumped to cancel one call.
 
 use std::sync::Arc;
@@ -385,6 +388,8 @@ impl Executor {
             ),
             max_key: cfg.registry.max_state_key_bytes,
             deadline,
+            inline: false,
+            ticks: 0,
             pipes: None,
             wasi: None,
             p2: None,
@@ -442,15 +447,25 @@ impl Executor {
                 .map_err(|e| Error::internal(format!("setting fuel: {e}")))?;
         }
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|cx| {
-            if Instant::now() >= cx.data().deadline {
-                Err(wasmtime::Error::new(HostTrap::TimedOut))
-            } else {
-                Ok(UpdateDeadline::YieldCustom(
+        store.epoch_deadline_callback(|mut cx| {
+            let ctx = cx.data_mut();
+            if Instant::now() >= ctx.deadline {
+                return Err(wasmtime::Error::new(HostTrap::TimedOut));
+            }
+            if !ctx.inline {
+                return Ok(UpdateDeadline::YieldCustom(
                     1,
                     Box::pin(tokio::task::yield_now()),
-                ))
+                ));
             }
+            // The first tick may come right after the start; the second means the guest
+            // has run for a whole tick: from then on it holds this thread, so the thread's
+            // place in the runtime goes to another one.
+            ctx.ticks += 1;
+            if ctx.ticks == 2 {
+                crate::engine::hand_off_thread();
+            }
+            Ok(UpdateDeadline::Continue(1))
         });
         Ok((store, input))
     }

@@ -164,7 +164,8 @@ pub fn main(uid: u32) -> anyhow::Result<()> {
             confined.missing.join(", ")
         );
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    let runtime = crate::engine::guest_threads(&mut builder, &config.engine)
         .worker_threads(threads())
         .max_blocking_threads(MAX_BLOCKING_THREADS)
         .enable_all()

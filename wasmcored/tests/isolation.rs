@@ -43,35 +43,42 @@ fn variants() -> Vec<(String, Config)> {
     out
 }
 
-#[tokio::test]
-async fn one_after_another_each_execution_sees_only_the_initial_data() {
-    let want = initial_report();
-    for (what, c) in variants() {
-        let env = env_with(c);
-        let bin = env.load(&fixture("leave_secrets.wat"));
-        for i in 0..20 {
+both_ways! {
+    #[tokio::test]
+    async fn one_after_another_each_execution_sees_only_the_initial_data() {
+        let want = initial_report();
+        for (what, c) in variants() {
+            let env = env_with(c);
+            let bin = env.load(&fixture("leave_secrets.wat"));
+            for i in 0..20 {
+                let r = env.run(&bin, b"").await.expect("execute");
+                assert_eq!(
+                    r.output, want,
+                    "{what}: execution {i} saw an earlier one's data"
+                );
+            }
+            // A different binary in between takes the slot, then the first comes back.
+            let other = env.load(&fixture("upper.wat"));
+            env.run(&other, b"x").await.expect("other binary");
             let r = env.run(&bin, b"").await.expect("execute");
-            assert_eq!(
-                r.output, want,
-                "{what}: execution {i} saw an earlier one's data"
-            );
+            assert_eq!(r.output, want, "{what}: after another binary used the slot");
         }
-        // A different binary in between takes the slot, then the first comes back.
-        let other = env.load(&fixture("upper.wat"));
-        env.run(&other, b"x").await.expect("other binary");
-        let r = env.run(&bin, b"").await.expect("execute");
-        assert_eq!(r.output, want, "{what}: after another binary used the slot");
     }
 }
 
 #[test]
 fn concurrent_executions_each_see_only_the_initial_data() {
     let want = Arc::new(initial_report());
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // Guests on fibres (a plain runtime), then inline (a runtime built as a worker's).
+    let plain = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .build()
         .expect("runtime");
-    for (what, c) in variants() {
+    let inline = support::inline_runtime(2);
+    for ((what, c), (how, rt)) in variants()
+        .into_iter()
+        .flat_map(|v| [(v.clone(), ("fibres", &plain)), (v, ("inline", &inline))])
+    {
         let env = Arc::new(env_with(c));
         let bin = env.load(&fixture("leave_secrets.wat"));
         rt.block_on(async {
@@ -88,7 +95,7 @@ fn concurrent_executions_each_see_only_the_initial_data() {
                 .collect();
             for t in tasks {
                 t.await
-                    .unwrap_or_else(|_| panic!("{what}: an execution saw another's data"));
+                    .unwrap_or_else(|_| panic!("{what}, {how}: an execution saw another's data"));
             }
         });
     }

@@ -164,7 +164,7 @@ pub fn prepare(linkers: &Linkers, module: &Module) -> Result<Arc<dyn Kind>, Prep
         Init::None
     };
     Ok(Arc::new(Plugin {
-        pre: super::instantiate_pre(linkers, module)?,
+        pre: super::instantiate_pre(linkers, module, false)?,
         names,
         funcs,
         init,

@@ -138,6 +138,9 @@ pub trait Kind: Send + Sync {
 pub struct Linkers {
     /// Core modules: the `host` functions of ABI v1, `extism:host/env`, WASI preview 1.
     pub core: Linker<ExecCtx>,
+    /// Core modules that run inline (on the calling thread, no fibre): the same functions
+    /// without WASI, every one synchronous, so that their stores need no async calls.
+    pub inline: Linker<ExecCtx>,
     /// Components: WASI preview 2.
     pub component: wasmtime::component::Linker<ExecCtx>,
 }
@@ -145,10 +148,16 @@ pub struct Linkers {
 impl Linkers {
     pub fn new(engine: &Engine) -> wasmtime::Result<Linkers> {
         let mut core = Linker::new(engine);
-        process::add_to_linker(&mut core)?;
+        let mut inline = Linker::new(engine);
+        process::add_to_linker(&mut core, false)?;
+        process::add_to_linker(&mut inline, true)?;
         #[cfg(feature = "escape-probe")]
-        probe::add_to_linker(&mut core)?;
+        {
+            probe::add_to_linker(&mut core)?;
+            probe::add_to_linker(&mut inline)?;
+        }
         extism::add_to_linker(&mut core)?;
+        extism::add_to_linker(&mut inline)?;
         wasmtime_wasi::p1::add_to_linker_async(&mut core, |c: &mut ExecCtx| {
             c.wasi
                 .as_mut()
@@ -156,7 +165,11 @@ impl Linkers {
         })?;
         let mut component = wasmtime::component::Linker::new(engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut component)?;
-        Ok(Linkers { core, component })
+        Ok(Linkers {
+            core,
+            inline,
+            component,
+        })
     }
 }
 
@@ -186,9 +199,12 @@ fn missing_imports(module: &Module) -> Vec<String> {
 
 /// Build the `InstancePre` of a core module, naming every import wasm-core does not
 /// provide.
+/// `inline`: through [`Linkers::inline`], for a kind that runs the module on the calling
+/// thread (its module imports no WASI).
 pub(crate) fn instantiate_pre(
     linkers: &Linkers,
     module: &Module,
+    inline: bool,
 ) -> Result<wasmtime::InstancePre<ExecCtx>, PrepareError> {
     let missing = missing_imports(module);
     if !missing.is_empty() {
@@ -197,8 +213,12 @@ pub(crate) fn instantiate_pre(
             missing.join(", ")
         ));
     }
-    linkers
-        .core
+    let linker = if inline {
+        &linkers.inline
+    } else {
+        &linkers.core
+    };
+    linker
         .instantiate_pre(module)
         .map_err(|e| format!("the module's imports do not match what wasm-core provides: {e:#}"))
 }

@@ -10,7 +10,9 @@
 use std::sync::Arc;
 
 use wasmcore_proto::ModuleKind;
-use wasmtime::{Caller, Extern, InstancePre, Linker, Memory, Module, ModuleExport, Store};
+use wasmtime::{
+    Caller, Extern, Instance, InstancePre, Linker, Memory, Module, ModuleExport, Store, TypedFunc,
+};
 
 use super::{Call, Ended, Kind, Linkers, PrepareError, RunFuture, Stdio};
 use crate::context::{ExecCtx, HostTrap, guest_range, trap};
@@ -50,12 +52,14 @@ pub fn prepare(linkers: &Linkers, module: &Module) -> Result<Arc<dyn Kind>, Prep
     let Some(memory) = memory else {
         return bad("the module exports no `memory`");
     };
+    // A module without WASI has only synchronous host functions: it runs inline.
+    let wasi = super::wasi::imports_wasi(module);
     Ok(Arc::new(Process {
-        pre: super::instantiate_pre(linkers, module)?,
+        pre: super::instantiate_pre(linkers, module, !wasi)?,
         memory,
         alloc,
         process,
-        wasi: super::wasi::imports_wasi(module),
+        wasi,
     }))
 }
 
@@ -73,30 +77,73 @@ impl Kind for Process {
     }
 
     fn run<'a>(&'a self, store: &'a mut Store<ExecCtx>, call: Call<'a>) -> RunFuture<'a> {
+        if !self.wasi && crate::engine::inline_here() {
+            return Box::pin(std::future::ready(self.run_inline(store, call)));
+        }
         Box::pin(async move {
             let instance = self.pre.instantiate_async(&mut *store).await?;
-            let Some(Extern::Memory(memory)) =
-                instance.get_module_export(&mut *store, &self.memory)
-            else {
-                return Err(wasmtime::Error::msg("module has no `memory` export"));
-            };
-            let alloc = super::typed(store, &instance, &self.alloc, "alloc")?;
-            let process = super::typed(store, &instance, &self.process, PROCESS)?;
-            store.data_mut().memory = Some(memory);
-            store.data_mut().alloc = Some(alloc.clone());
-            let input = &call.input;
-            let len =
-                i32::try_from(input.len()).map_err(|_| wasmtime::Error::msg("input too large"))?;
+            let (memory, alloc, process) = self.exports(store, &instance)?;
+            let len = input_len(&call.input)?;
             let ptr = alloc.call_async(&mut *store, len).await?;
-            let size = memory.data_size(&*store);
-            let r = guest_range("alloc (returned pointer)", ptr, len, size)?;
-            memory.data_mut(&mut *store)[r].copy_from_slice(input);
-            match process.call_async(&mut *store, (ptr, len)).await? {
-                0 => Ok(Ended::Ok),
-                code => Ok(Ended::Code(code)),
-            }
+            write_input(store, memory, ptr, &call.input)?;
+            ended(process.call_async(&mut *store, (ptr, len)).await?)
         })
     }
+}
+
+impl Process {
+    /// [`Kind::run`] on the calling thread: no fibre, no awaits ([`crate::engine::inline_here`]).
+    fn run_inline(&self, store: &mut Store<ExecCtx>, call: Call<'_>) -> wasmtime::Result<Ended> {
+        store.data_mut().inline = true;
+        let instance = self.pre.instantiate(&mut *store)?;
+        let (memory, alloc, process) = self.exports(store, &instance)?;
+        let len = input_len(&call.input)?;
+        let ptr = alloc.call(&mut *store, len)?;
+        write_input(store, memory, ptr, &call.input)?;
+        ended(process.call(&mut *store, (ptr, len))?)
+    }
+
+    /// The instance's memory, `alloc` and `process`; the first two kept in the store for
+    /// the host functions.
+    fn exports(
+        &self,
+        store: &mut Store<ExecCtx>,
+        instance: &Instance,
+    ) -> wasmtime::Result<(Memory, TypedFunc<i32, i32>, TypedFunc<(i32, i32), i32>)> {
+        let Some(Extern::Memory(memory)) = instance.get_module_export(&mut *store, &self.memory)
+        else {
+            return Err(wasmtime::Error::msg("module has no `memory` export"));
+        };
+        let alloc = super::typed(store, instance, &self.alloc, "alloc")?;
+        let process = super::typed(store, instance, &self.process, PROCESS)?;
+        store.data_mut().memory = Some(memory);
+        store.data_mut().alloc = Some(alloc.clone());
+        Ok((memory, alloc, process))
+    }
+}
+
+fn input_len(input: &[u8]) -> wasmtime::Result<i32> {
+    i32::try_from(input.len()).map_err(|_| wasmtime::Error::msg("input too large"))
+}
+
+/// Copy the input to where the guest's `alloc` put it.
+fn write_input(
+    store: &mut Store<ExecCtx>,
+    memory: Memory,
+    ptr: i32,
+    input: &[u8],
+) -> wasmtime::Result<()> {
+    let size = memory.data_size(&*store);
+    let r = guest_range("alloc (returned pointer)", ptr, input.len() as i32, size)?;
+    memory.data_mut(&mut *store)[r].copy_from_slice(input);
+    Ok(())
+}
+
+fn ended(code: i32) -> wasmtime::Result<Ended> {
+    Ok(match code {
+        0 => Ended::Ok,
+        code => Ended::Code(code),
+    })
 }
 
 /// The guest's linear memory: the cached export, or (during instantiation, before the
@@ -136,8 +183,55 @@ pub(crate) fn check_key(func: &str, key: &[u8], max: usize) -> wasmtime::Result<
     Ok(())
 }
 
-/// Define the `host` functions in `linker`.
-pub fn add_to_linker(linker: &mut Linker<ExecCtx>) -> wasmtime::Result<()> {
+/// `get_state` up to the guest's `alloc`: the value, the bytes to allocate for it (with
+/// its 4-byte length), and `alloc`; `None` when the key has no value.
+fn state_value(
+    caller: &mut Caller<'_, ExecCtx>,
+    kptr: i32,
+    klen: i32,
+) -> wasmtime::Result<Option<(Vec<u8>, i32, TypedFunc<i32, i32>)>> {
+    let key = read_guest(caller, "get_state", kptr, klen)?;
+    check_key("get_state", &key, caller.data().max_key)?;
+    let Some(value) = caller.data().state.get(&key) else {
+        return Ok(None);
+    };
+    let total = i32::try_from(4 + value.len()).map_err(|_| {
+        trap(HostTrap::BadPointer(
+            "host.get_state: value too large".into(),
+        ))
+    })?;
+    let Some(alloc) = caller.data().alloc.clone() else {
+        return Err(trap(HostTrap::BadPointer(
+            "host.get_state: the module exports no `alloc` to receive the value".into(),
+        )));
+    };
+    Ok(Some((value, total, alloc)))
+}
+
+/// `get_state` after the guest's `alloc` returned `ptr`: the length and the value there.
+fn place_value(
+    caller: &mut Caller<'_, ExecCtx>,
+    ptr: i32,
+    total: i32,
+    value: &[u8],
+) -> wasmtime::Result<i32> {
+    let mem = memory(caller, "get_state")?;
+    let data = mem.data_mut(caller);
+    let r = guest_range(
+        "get_state (pointer returned by alloc)",
+        ptr,
+        total,
+        data.len(),
+    )?;
+    let dst = &mut data[r];
+    dst[..4].copy_from_slice(&(value.len() as u32).to_le_bytes());
+    dst[4..].copy_from_slice(value);
+    Ok(ptr)
+}
+
+/// Define the `host` functions in `linker`; `inline`: for stores that run on the calling
+/// thread (`get_state` calls the guest's `alloc` synchronously), else for async stores.
+pub fn add_to_linker(linker: &mut Linker<ExecCtx>, inline: bool) -> wasmtime::Result<()> {
     linker.func_wrap(
         HOST_MODULE,
         "log",
@@ -163,42 +257,33 @@ pub fn add_to_linker(linker: &mut Linker<ExecCtx>) -> wasmtime::Result<()> {
             Ok(())
         },
     )?;
-    linker.func_wrap_async(
-        HOST_MODULE,
-        "get_state",
-        |mut caller: Caller<'_, ExecCtx>, (kptr, klen): (i32, i32)| {
-            Box::new(async move {
-                let key = read_guest(&mut caller, "get_state", kptr, klen)?;
-                check_key("get_state", &key, caller.data().max_key)?;
-                let Some(value) = caller.data().state.get(&key) else {
+    if inline {
+        linker.func_wrap(
+            HOST_MODULE,
+            "get_state",
+            |mut caller: Caller<'_, ExecCtx>, kptr: i32, klen: i32| -> wasmtime::Result<i32> {
+                let Some((value, total, alloc)) = state_value(&mut caller, kptr, klen)? else {
                     return Ok(-1);
                 };
-                let total = i32::try_from(4 + value.len()).map_err(|_| {
-                    trap(HostTrap::BadPointer(
-                        "host.get_state: value too large".into(),
-                    ))
-                })?;
-                let Some(alloc) = caller.data().alloc.clone() else {
-                    return Err(trap(HostTrap::BadPointer(
-                        "host.get_state: the module exports no `alloc` to receive the value".into(),
-                    )));
-                };
-                let ptr = alloc.call_async(&mut caller, total).await?;
-                let mem = memory(&mut caller, "get_state")?;
-                let data = mem.data_mut(&mut caller);
-                let r = guest_range(
-                    "get_state (pointer returned by alloc)",
-                    ptr,
-                    total,
-                    data.len(),
-                )?;
-                let dst = &mut data[r];
-                dst[..4].copy_from_slice(&(value.len() as u32).to_le_bytes());
-                dst[4..].copy_from_slice(&value);
-                Ok(ptr)
-            })
-        },
-    )?;
+                let ptr = alloc.call(&mut caller, total)?;
+                place_value(&mut caller, ptr, total, &value)
+            },
+        )?;
+    } else {
+        linker.func_wrap_async(
+            HOST_MODULE,
+            "get_state",
+            |mut caller: Caller<'_, ExecCtx>, (kptr, klen): (i32, i32)| {
+                Box::new(async move {
+                    let Some((value, total, alloc)) = state_value(&mut caller, kptr, klen)? else {
+                        return Ok(-1);
+                    };
+                    let ptr = alloc.call_async(&mut caller, total).await?;
+                    place_value(&mut caller, ptr, total, &value)
+                })
+            },
+        )?;
+    }
     linker.func_wrap(
         HOST_MODULE,
         "set_state",

@@ -92,7 +92,7 @@ pub fn prepare(linkers: &Linkers, module: &Module) -> Result<Arc<dyn Kind>, Prep
         _ => None,
     };
     Ok(Arc::new(Command {
-        pre: super::instantiate_pre(linkers, module)?,
+        pre: super::instantiate_pre(linkers, module, false)?,
         memory,
         // A WASI command may export `alloc` for `get_state`; any other signature is ignored.
         alloc: CheckedFunc::verified(module, "alloc"),

@@ -113,3 +113,37 @@ pub fn code<T: std::fmt::Debug>(r: Result<T, Error>) -> (ErrorCode, String) {
 pub fn stages<const N: usize>(bins: [Arc<Binary>; N]) -> Vec<wasmcored::executor::Stage> {
     bins.into_iter().map(Into::into).collect()
 }
+
+/// A runtime built as a worker's ([`wasmcored::engine::guest_threads`]): its threads run
+/// the guests of modules without WASI inline, on their own stacks.
+pub fn inline_runtime(threads: usize) -> tokio::runtime::Runtime {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    wasmcored::engine::guest_threads(&mut b, &config().engine)
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Each test twice: `NAME::on_fibres` under its own `#[tokio::test]` attribute, where
+/// guests run on fibres, and `NAME::inline` as a task of an [`inline_runtime`] of two
+/// threads, where guests without WASI run inline.
+#[macro_export]
+macro_rules! both_ways {
+    ($(#[$attr:meta] async fn $name:ident() $body:block)*) => {$(
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[$attr]
+            async fn on_fibres() $body
+
+            #[test]
+            fn inline() {
+                $crate::support::inline_runtime(2).block_on(async {
+                    tokio::spawn(async move $body).await.expect("test task")
+                })
+            }
+        }
+    )*};
+}
