@@ -488,6 +488,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    // Guests run inline on the bench's thread, as on a worker's runtime threads.
+    wasmcored::engine::on_guest_thread(&Config::default().engine, bench);
+}
+
+fn bench() {
     let plugin =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist/uppercase.wasm");
     let bytes = std::fs::read(&plugin)
@@ -630,7 +635,8 @@ fn main() {
 
     // Inline on a runtime worker (what the daemon does) vs a hop to the blocking pool per
     // execution, on a 2-worker multi-threaded runtime like the daemon's.
-    let mt = tokio::runtime::Builder::new_multi_thread()
+    let mut mt = tokio::runtime::Builder::new_multi_thread();
+    let mt = wasmcored::engine::guest_threads(&mut mt, &Config::default().engine)
         .worker_threads(2)
         .enable_all()
         .build()

@@ -75,7 +75,7 @@ thread_local! {
 }
 
 /// Room on a thread's stack beyond the guest's own `engine.max_wasm_stack`: the host
-/// functions it calls and the frames below the call, as the fibres have it.
+/// functions it calls (a fibre gives them 1 MiB) and the runtime's frames below the call.
 const HOST_STACK: usize = 2 << 20;
 
 /// Make `builder`'s threads ones that run guests inline: stacks of `cfg.max_wasm_stack`
@@ -89,6 +89,24 @@ pub fn guest_threads<'a>(
         .on_thread_start(|| GUEST_STACK.set(true))
 }
 
+/// Run `f` on a thread of its own with the stack of a [`guest_threads`] thread, where
+/// guests run inline: for tools and benchmarks that drive an executor from a
+/// single-threaded runtime, as a worker's runtime threads drive it.
+pub fn on_guest_thread<R: Send>(cfg: &EngineConfig, f: impl FnOnce() -> R + Send) -> R {
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("guest".into())
+            .stack_size(cfg.max_wasm_stack + HOST_STACK)
+            .spawn_scoped(s, || {
+                GUEST_STACK.set(true);
+                f()
+            })
+            .expect("starting a guest thread")
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
 /// Whether a guest may run inline on this thread: synchronous calls on the thread's own
 /// stack, which only a thread of a [`guest_threads`] runtime is sure to have room on.
 /// Elsewhere guests run on fibres of their own.
@@ -96,16 +114,36 @@ pub fn inline_here() -> bool {
     GUEST_STACK.get()
 }
 
-/// A guest running inline has run a whole epoch tick: give this thread's share of the
-/// runtime's work to another thread (Tokio's `block_in_place`), so the runtime goes on
-/// serving the other connections while the guest runs on here. Nothing happens where no
-/// multi-threaded runtime runs the caller (a guest there holds its thread, as any sync
-/// call does), or when this thread has handed its share off already.
-pub(crate) fn hand_off_thread() {
+/// A guest running inline has run for a while: give this thread's place in the runtime
+/// (its Tokio worker core, with the tasks queued on it) to another thread, so the runtime
+/// goes on serving the other connections while the guest runs on here.
+///
+/// Tokio's `block_in_place` sends the core to a new thread and takes it back when its
+/// closure returns, if that thread has not picked it up yet: so the closure waits (at most
+/// `wait`) until a task spawned just before has run, which the thread that took the core
+/// runs first. Another worker may steal that task before: then the core may have come
+/// back, and the caller tries again later ([`hand_off_due`]). Where this thread holds no
+/// core any more, this costs the task's trip through the runtime's queue. Nothing happens
+/// where no multi-threaded runtime runs the caller.
+pub(crate) fn hand_off_thread(wait: Duration) {
     use tokio::runtime::{Handle, RuntimeFlavor};
-    if Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread) {
-        tokio::task::block_in_place(|| ());
+    if !Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread) {
+        return;
     }
+    let (ran, runs) = std::sync::mpsc::sync_channel::<()>(1);
+    tokio::spawn(async move {
+        let _ = ran.send(());
+    });
+    tokio::task::block_in_place(|| {
+        let _ = runs.recv_timeout(wait);
+    });
+}
+
+/// Whether an inline guest that has seen `ticks` epoch ticks hands its thread off now: at
+/// the second tick (the first may come right after it started, the second means it has run
+/// a whole tick), then at ticks 3, 5, 9, 17, … in case an attempt left the core here.
+pub(crate) fn hand_off_due(ticks: u32) -> bool {
+    ticks >= 2 && (ticks - 1).is_power_of_two()
 }
 
 /// Engines wanted: one per CPU, at most [`SHARDS`].

@@ -447,7 +447,8 @@ impl Executor {
                 .map_err(|e| Error::internal(format!("setting fuel: {e}")))?;
         }
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|mut cx| {
+        let tick = self.engine.tick();
+        store.epoch_deadline_callback(move |mut cx| {
             let ctx = cx.data_mut();
             if Instant::now() >= ctx.deadline {
                 return Err(wasmtime::Error::new(HostTrap::TimedOut));
@@ -458,12 +459,11 @@ impl Executor {
                     Box::pin(tokio::task::yield_now()),
                 ));
             }
-            // The first tick may come right after the start; the second means the guest
-            // has run for a whole tick: from then on it holds this thread, so the thread's
-            // place in the runtime goes to another one.
+            // A guest that has run a whole tick holds this thread: the thread's place in
+            // the runtime goes to another one.
             ctx.ticks += 1;
-            if ctx.ticks == 2 {
-                crate::engine::hand_off_thread();
+            if crate::engine::hand_off_due(ctx.ticks) {
+                crate::engine::hand_off_thread(tick);
             }
             Ok(UpdateDeadline::Continue(1))
         });

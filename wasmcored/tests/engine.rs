@@ -205,9 +205,9 @@ both_ways! {
     }
 }
 
-/// With either bounds-checking mode, a memory's size is enforced exactly even in a pool slot
-/// an earlier execution grew: the bytes it wrote there are neither readable nor kept.
 both_ways! {
+    /// With either bounds-checking mode, a memory's size is enforced exactly even in a pool slot
+    /// an earlier execution grew: the bytes it wrote there are neither readable nor kept.
     #[tokio::test]
     async fn reads_past_memory_trap_in_a_slot_grown_before() {
         for guard_pages in [false, true] {
@@ -545,11 +545,9 @@ both_ways! {
         for _ in 0..2 {
             let (e, bin) = (e.clone(), looper.clone());
             loops.push(tokio::spawn(async move {
-                let t = Instant::now();
-                let r = e.run_with(&bin, b"", limits(Some(700), None, None))
+                e.run_with(&bin, b"", limits(Some(700), None, None))
                     .await
-                    .map(|_| ());
-                r
+                    .map(|_| ())
             }));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -561,10 +559,43 @@ both_ways! {
     }
 }
 
-/// A pool of 128 slots or more runs on one engine per CPU, each with such a pool: every
-/// engine runs every kind of binary, and the engines together hold exactly their pools'
-/// stores (a thread whose engine is full starts its store on another).
 both_ways! {
+    /// Guests that run long never hold the runtime's threads: with four loops running on a
+    /// runtime of two threads, a timer fires and a short execution runs while every loop
+    /// still runs (inline, each loop's thread hands its place in the runtime to another).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn long_guests_leave_the_runtime_serving() {
+        let mut c = config();
+        c.engine.pool_instances = 8;
+        let e = std::sync::Arc::new(env_with(c));
+        let looper = e.load(&fixture("loop.wat"));
+        let upper = e.load(&fixture("upper.wat"));
+        let mut loops = Vec::new();
+        for _ in 0..4 {
+            let (e, bin) = (e.clone(), looper.clone());
+            loops.push(tokio::spawn(async move {
+                e.run_with(&bin, b"", limits(Some(3000), None, None))
+                    .await
+                    .map(|_| ())
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let out = e.run(&upper, b"pear").await.unwrap();
+        assert_eq!(out.output, b"PEAR");
+        assert!(
+            loops.iter().all(|l| !l.is_finished()),
+            "the loops ended before the short execution ran"
+        );
+        for l in loops {
+            assert_eq!(code(l.await.unwrap()).0, ErrorCode::Timeout);
+        }
+    }
+}
+
+both_ways! {
+    /// A pool of 128 slots or more runs on one engine per CPU, each with such a pool: every
+    /// engine runs every kind of binary, and the engines together hold exactly their pools'
+    /// stores (a thread whose engine is full starts its store on another).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_engines_share_the_pool_and_run_every_binary() {
         let mut c = config();
@@ -620,10 +651,10 @@ both_ways! {
     }
 }
 
-/// Binaries stored by a worker with an engine per CPU come back on every engine: from
-/// the stored artifact (each engine loads the file), and, when the artifact is gone, from
-/// the original bytes (compiled once, the others load that code).
 both_ways! {
+    /// Binaries stored by a worker with an engine per CPU come back on every engine: from
+    /// the stored artifact (each engine loads the file), and, when the artifact is gone, from
+    /// the original bytes (compiled once, the others load that code).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn stored_binaries_are_restored_onto_every_engine() {
         use wasmcored::store::{BinaryMeta, RestoreReport, StateDir, restore};

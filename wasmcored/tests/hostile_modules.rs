@@ -198,10 +198,10 @@ both_ways! {
     }
 }
 
-/// A WASI command probing what it can reach. Exit code: a bit per refusal seen, so the
-/// test can tell which probe failed: 1 path_open on fd 3, 2 sock_accept on fd 3, 4 reading
-/// fd 3, 8 environ (must be empty); the clock and random must work (else exit 100/101).
 both_ways! {
+    /// A WASI command probing what it can reach. Exit code: a bit per refusal seen, so the
+    /// test can tell which probe failed: 1 path_open on fd 3, 2 sock_accept on fd 3, 4 reading
+    /// fd 3, 8 environ (must be empty); the clock and random must work (else exit 100/101).
     #[tokio::test]
     async fn wasi_guests_reach_no_files_sockets_or_environment() {
         let e = env();

@@ -25,9 +25,18 @@ pub const FUNCTIONS: &[&str] = &["log", "output", "get_state", "set_state", "del
 /// The export that makes a module a process-ABI plugin.
 pub const PROCESS: &str = "process";
 
+/// A guest's `alloc` export.
+type Alloc = TypedFunc<i32, i32>;
+/// A guest's `process` export.
+type Entry = TypedFunc<(i32, i32), i32>;
+
 /// A process-ABI plugin, prepared.
 pub struct Process {
+    /// Through the core linker: for async calls on a fibre.
     pre: InstancePre<ExecCtx>,
+    /// Through the inline linker, whose host functions are all synchronous: for a module
+    /// without WASI, run on the calling thread ([`crate::engine::inline_here`]).
+    inline: Option<InstancePre<ExecCtx>>,
     memory: ModuleExport,
     alloc: CheckedFunc<i32, i32>,
     process: CheckedFunc<(i32, i32), i32>,
@@ -55,7 +64,11 @@ pub fn prepare(linkers: &Linkers, module: &Module) -> Result<Arc<dyn Kind>, Prep
     // A module without WASI has only synchronous host functions: it runs inline.
     let wasi = super::wasi::imports_wasi(module);
     Ok(Arc::new(Process {
-        pre: super::instantiate_pre(linkers, module, !wasi)?,
+        pre: super::instantiate_pre(linkers, module, false)?,
+        inline: match wasi {
+            true => None,
+            false => Some(super::instantiate_pre(linkers, module, true)?),
+        },
         memory,
         alloc,
         process,
@@ -77,8 +90,12 @@ impl Kind for Process {
     }
 
     fn run<'a>(&'a self, store: &'a mut Store<ExecCtx>, call: Call<'a>) -> RunFuture<'a> {
-        if !self.wasi && crate::engine::inline_here() {
-            return Box::pin(std::future::ready(self.run_inline(store, call)));
+        if let Some(pre) = self
+            .inline
+            .as_ref()
+            .filter(|_| crate::engine::inline_here())
+        {
+            return Box::pin(std::future::ready(self.run_inline(pre, store, call)));
         }
         Box::pin(async move {
             let instance = self.pre.instantiate_async(&mut *store).await?;
@@ -92,10 +109,16 @@ impl Kind for Process {
 }
 
 impl Process {
-    /// [`Kind::run`] on the calling thread: no fibre, no awaits ([`crate::engine::inline_here`]).
-    fn run_inline(&self, store: &mut Store<ExecCtx>, call: Call<'_>) -> wasmtime::Result<Ended> {
+    /// [`Kind::run`] on the calling thread from `pre`, [`Process::inline`]: no fibre, no
+    /// awaits ([`crate::engine::inline_here`]).
+    fn run_inline(
+        &self,
+        pre: &InstancePre<ExecCtx>,
+        store: &mut Store<ExecCtx>,
+        call: Call<'_>,
+    ) -> wasmtime::Result<Ended> {
         store.data_mut().inline = true;
-        let instance = self.pre.instantiate(&mut *store)?;
+        let instance = pre.instantiate(&mut *store)?;
         let (memory, alloc, process) = self.exports(store, &instance)?;
         let len = input_len(&call.input)?;
         let ptr = alloc.call(&mut *store, len)?;
@@ -109,7 +132,7 @@ impl Process {
         &self,
         store: &mut Store<ExecCtx>,
         instance: &Instance,
-    ) -> wasmtime::Result<(Memory, TypedFunc<i32, i32>, TypedFunc<(i32, i32), i32>)> {
+    ) -> wasmtime::Result<(Memory, Alloc, Entry)> {
         let Some(Extern::Memory(memory)) = instance.get_module_export(&mut *store, &self.memory)
         else {
             return Err(wasmtime::Error::msg("module has no `memory` export"));
@@ -189,7 +212,7 @@ fn state_value(
     caller: &mut Caller<'_, ExecCtx>,
     kptr: i32,
     klen: i32,
-) -> wasmtime::Result<Option<(Vec<u8>, i32, TypedFunc<i32, i32>)>> {
+) -> wasmtime::Result<Option<(Vec<u8>, i32, Alloc)>> {
     let key = read_guest(caller, "get_state", kptr, klen)?;
     check_key("get_state", &key, caller.data().max_key)?;
     let Some(value) = caller.data().state.get(&key) else {

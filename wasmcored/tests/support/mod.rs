@@ -130,18 +130,23 @@ pub fn inline_runtime(threads: usize) -> tokio::runtime::Runtime {
 /// threads, where guests without WASI run inline.
 #[macro_export]
 macro_rules! both_ways {
-    ($(#[$attr:meta] async fn $name:ident() $body:block)*) => {$(
+    ($($(#[$attr:meta])* async fn $name:ident() $body:block)*) => {$(
         mod $name {
             #[allow(unused_imports)]
             use super::*;
 
-            #[$attr]
+            $(#[$attr])*
             async fn on_fibres() $body
 
             #[test]
             fn inline() {
                 $crate::support::inline_runtime(2).block_on(async {
-                    tokio::spawn(async move $body).await.expect("test task")
+                    tokio::spawn(async move {
+                        assert!(wasmcored::engine::inline_here(), "not on a guest thread");
+                        $body
+                    })
+                    .await
+                    .expect("test task")
                 })
             }
         }
