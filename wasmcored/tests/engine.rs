@@ -22,6 +22,25 @@ fn limits(
     }
 }
 
+/// `n` tasks each running `bin` with no input and a timeout of `timeout_ms`.
+fn spawn_runs(
+    e: &std::sync::Arc<Env>,
+    bin: &std::sync::Arc<wasmcored::registry::Binary>,
+    n: usize,
+    timeout_ms: u64,
+) -> Vec<tokio::task::JoinHandle<Result<(), wasmcored::error::Error>>> {
+    (0..n)
+        .map(|_| {
+            let (e, bin) = (e.clone(), bin.clone());
+            tokio::spawn(async move {
+                e.run_with(&bin, b"", limits(Some(timeout_ms), None, None))
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .collect()
+}
+
 both_ways! {
     #[tokio::test]
     async fn every_byte_value_round_trips_exactly() {
@@ -541,15 +560,7 @@ both_ways! {
         c.engine.pool_instances = 2;
         let e = std::sync::Arc::new(env_with(c));
         let looper = e.load(&fixture("loop.wat"));
-        let mut loops = Vec::new();
-        for _ in 0..2 {
-            let (e, bin) = (e.clone(), looper.clone());
-            loops.push(tokio::spawn(async move {
-                e.run_with(&bin, b"", limits(Some(700), None, None))
-                    .await
-                    .map(|_| ())
-            }));
-        }
+        let loops = spawn_runs(&e, &looper, 2, 700);
         tokio::time::sleep(Duration::from_millis(200)).await;
         let (c, msg) = code(e.run(&looper, b"").await);
         assert_eq!(c, ErrorCode::Busy, "{msg}");
@@ -570,15 +581,7 @@ both_ways! {
         let e = std::sync::Arc::new(env_with(c));
         let looper = e.load(&fixture("loop.wat"));
         let upper = e.load(&fixture("upper.wat"));
-        let mut loops = Vec::new();
-        for _ in 0..4 {
-            let (e, bin) = (e.clone(), looper.clone());
-            loops.push(tokio::spawn(async move {
-                e.run_with(&bin, b"", limits(Some(3000), None, None))
-                    .await
-                    .map(|_| ())
-            }));
-        }
+        let loops = spawn_runs(&e, &looper, 4, 3000);
         tokio::time::sleep(Duration::from_millis(100)).await;
         let out = e.run(&upper, b"pear").await.unwrap();
         assert_eq!(out.output, b"PEAR");

@@ -35,12 +35,12 @@ pub struct Process {
     /// Through the core linker: for async calls on a fibre.
     pre: InstancePre<ExecCtx>,
     /// Through the inline linker, whose host functions are all synchronous: for a module
-    /// without WASI, run on the calling thread ([`crate::engine::inline_here`]).
+    /// without WASI (`None`: it imports WASI), run on the calling thread
+    /// ([`crate::engine::inline_here`]).
     inline: Option<InstancePre<ExecCtx>>,
     memory: ModuleExport,
     alloc: CheckedFunc<i32, i32>,
     process: CheckedFunc<(i32, i32), i32>,
-    wasi: bool,
 }
 
 pub fn prepare(linkers: &Linkers, module: &Module) -> Result<Arc<dyn Kind>, PrepareError> {
@@ -61,18 +61,18 @@ pub fn prepare(linkers: &Linkers, module: &Module) -> Result<Arc<dyn Kind>, Prep
     let Some(memory) = memory else {
         return bad("the module exports no `memory`");
     };
+    let pre = super::instantiate_pre(linkers, module, false)?;
     // A module without WASI has only synchronous host functions: it runs inline.
-    let wasi = super::wasi::imports_wasi(module);
+    let inline = match super::wasi::imports_wasi(module) {
+        true => None,
+        false => Some(super::instantiate_pre(linkers, module, true)?),
+    };
     Ok(Arc::new(Process {
-        pre: super::instantiate_pre(linkers, module, false)?,
-        inline: match wasi {
-            true => None,
-            false => Some(super::instantiate_pre(linkers, module, true)?),
-        },
+        pre,
+        inline,
         memory,
         alloc,
         process,
-        wasi,
     }))
 }
 
@@ -82,7 +82,7 @@ impl Kind for Process {
     }
 
     fn stdio(&self) -> Stdio {
-        if self.wasi {
+        if self.inline.is_none() {
             Stdio::P1 { command: false }
         } else {
             Stdio::None
