@@ -22,13 +22,17 @@ pid=$!
 cleanup() { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$dir"; }
 trap cleanup EXIT
 for _ in $(seq 200); do [ -S "$sock" ] && break; kill -0 "$pid" || exit 1; sleep 0.05; done
+# The exec bench, built once.
+exec_bench=$(cargo bench --no-run --quiet -p wasmcored --bench exec --message-format=json |
+    grep -o '"executable":"[^"]*/deps/exec-[^"]*"' | cut -d'"' -f4) || true
+[ -x "$exec_bench" ] || { echo "bench-socket: the exec bench was not built" >&2; exit 1; }
 # The in-process cost of one execution, the yardstick for the daemon's CPU per request.
-engine_us=$(BENCH_ITERS=5000 cargo bench --quiet -p wasmcored --bench exec -- --executor-us)
-# The bare-Wasmtime floor of one execution: the unit of the daemon's overhead.
-floor_us=$(BENCH_ITERS=5000 cargo bench --quiet -p wasmcored --bench exec -- --floor-us)
-# The same floor with every CPU executing at once: what bare Wasmtime costs on busy cores.
-floor_parallel_us=$(BENCH_ITERS=5000 cargo bench --quiet -p wasmcored --bench exec -- --floor-parallel-us)
+engine_us=$(BENCH_ITERS=5000 "$exec_bench" --executor-us)
+# The bare-Wasmtime floor of one execution, the unit of the daemon's overhead, and the same
+# floor with every CPU executing at once (what bare Wasmtime costs on busy cores): measured
+# before and after every scenario, so each is divided by a floor of the same minute.
 "$bin/wasmcorectl" --socket "$sock" bench --load plugins/dist/uppercase.wasm \
     --plugins plugins/dist --wasi plugins/dist/wc.wasm --extism plugins/dist/count_vowels.wasm \
-    --engine-us "$engine_us" --floor-us "$floor_us" \
-    --floor-parallel-us "$floor_parallel_us" "$@"
+    --engine-us "$engine_us" \
+    --floor-cmd "BENCH_ITERS=5000 '$exec_bench' --floor-us" \
+    --floor-parallel-cmd "BENCH_ITERS=5000 '$exec_bench' --floor-parallel-us" "$@"

@@ -161,7 +161,7 @@ _wasmcorectl() {
             return 0
             ;;
         wasmcorectl__subcmd__bench)
-            opts="-h --binary --load --input --duration-ms --rounds --pipeline --chain --plugins --executions --copies --extism --wasi --rotate --tenants --tenant-uid --engine-us --floor-us --floor-parallel-us --only --check --socket --json --help"
+            opts="-h --binary --load --input --duration-ms --rounds --pipeline --chain --plugins --executions --copies --extism --wasi --rotate --tenants --tenant-uid --engine-us --floor-us --floor-parallel-us --floor-cmd --floor-parallel-cmd --only --check --socket --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -236,6 +236,14 @@ _wasmcorectl() {
                     return 0
                     ;;
                 --floor-parallel-us)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --floor-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --floor-parallel-cmd)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

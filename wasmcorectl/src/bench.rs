@@ -94,6 +94,15 @@ pub struct BenchArgs {
     /// scenarios are also reported in it, for what bare Wasmtime itself costs on busy cores.
     #[arg(long, value_name = "US")]
     pub floor_parallel_us: Option<f64>,
+    /// A command (run with `sh -c`) that prints the floor of one execution in µs, run
+    /// before and after every scenario: the scenario is reported in the mean of the two,
+    /// a floor measured in the same minute as the load on a machine whose speed drifts
+    /// (e.g. `cargo bench -q -p wasmcored --bench exec -- --floor-us`).
+    #[arg(long, value_name = "COMMAND", conflicts_with = "floor_us")]
+    pub floor_cmd: Option<String>,
+    /// The same for the parallel floor (`--floor-parallel-us`).
+    #[arg(long, value_name = "COMMAND", conflicts_with = "floor_parallel_us")]
+    pub floor_parallel_cmd: Option<String>,
     /// Run only these scenarios (comma-separated: ping1, ping10, pipe1, pipe10, chain10,
     /// tenants, rotate, extism10), e.g. to profile one.
     #[arg(long, value_delimiter = ',', value_name = "NAMES")]
@@ -101,6 +110,71 @@ pub struct BenchArgs {
     /// Fail (exit status 1) on a gross regression of the throughput ratios.
     #[arg(long)]
     pub check: bool,
+}
+
+/// The floors a scenario's CPU per request is reported in (µs): given once for the whole
+/// run (`--floor-us`, `--floor-parallel-us`), or measured before and after the scenario by
+/// `--floor-cmd` and `--floor-parallel-cmd`, the mean of the two.
+#[derive(Debug, Clone, Copy, Default)]
+struct Floors {
+    one: Option<f64>,
+    parallel: Option<f64>,
+}
+
+impl Floors {
+    /// The floors now: the given numbers, or what the commands print.
+    fn now(args: &BenchArgs) -> Result<Floors, Failure> {
+        let pick = |given: Option<f64>, cmd: &Option<String>, what| match cmd {
+            Some(cmd) => command_us(what, cmd).map(Some),
+            None => Ok(given),
+        };
+        Ok(Floors {
+            one: pick(args.floor_us, &args.floor_cmd, "--floor-cmd")?,
+            parallel: pick(
+                args.floor_parallel_us,
+                &args.floor_parallel_cmd,
+                "--floor-parallel-cmd",
+            )?,
+        })
+    }
+
+    fn mean(a: Floors, b: Floors) -> Floors {
+        let mean = |a: Option<f64>, b: Option<f64>| Some((a? + b?) / 2.0);
+        Floors {
+            one: mean(a.one, b.one),
+            parallel: mean(a.parallel, b.parallel),
+        }
+    }
+}
+
+/// Run `cmd` with `sh -c` and read the number of µs it prints.
+fn command_us(what: &str, cmd: &str) -> Result<f64, Failure> {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| Failure::new(exit::IO, format!("{what}: cannot run `{cmd}`: {e}")))?;
+    if !out.status.success() {
+        return Err(Failure::new(
+            exit::USAGE,
+            format!("{what}: `{cmd}` failed ({})", out.status),
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .ok_or_else(|| {
+            Failure::new(
+                exit::USAGE,
+                format!(
+                    "{what}: `{cmd}` printed {:?}, not a number of µs",
+                    text.trim()
+                ),
+            )
+        })
 }
 
 /// One measured run.
@@ -250,6 +324,9 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
     if let Some(us) = args.floor_parallel_us {
         println!("the same floor, every CPU at once (engine bench): {us:.2} CPU µs");
     }
+    if args.floor_cmd.is_some() {
+        println!("bare-Wasmtime floor of one execution: measured before and after each scenario");
+    }
     println!();
 
     // The binaries of the rotation, loaded as copies of the module under new names.
@@ -383,10 +460,11 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
         "CPU µs",
         "JSON CPU"
     );
-    let mut results: Vec<(Kind, Measured, Measured)> = Vec::new();
+    let mut results: Vec<(Kind, Measured, Measured, Floors)> = Vec::new();
     for s in &scenarios {
         // On a terminal, what is being measured; cleared before the row is printed.
         let progress = crate::progress::Progress::start(format!("measuring {}…", s.label));
+        let before = Floors::now(args)?;
         // Rounds alternate the three servers so that drift in the machine's load hits all
         // of them alike; each figure is the median round.
         let raw_echo = EchoProcess::start("raw", &s.reply)?;
@@ -408,6 +486,7 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
             d.push(m(socket, daemon_pid)?);
         }
         drop((raw_echo, json_echo));
+        let after = Floors::now(args)?;
         drop(progress);
         let (raw, js, d) = (median_round(raw), median_round(js), median_round(d));
         let lat = |m: &Measured, v: f64| {
@@ -432,7 +511,11 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
             cpu(&d),
             cpu(&js),
         );
-        results.push((s.kind, js, d));
+        if args.floor_cmd.is_some() {
+            let us = |f: Floors| f.one.map_or("-".into(), |v| format!("{v:.2}"));
+            println!("  floor before / after: {} / {} µs", us(before), us(after));
+        }
+        results.push((s.kind, js, d, Floors::mean(before, after)));
     }
     unload_all(&mut c, &rotation)?;
     unload_all(&mut c, &extism)?;
@@ -483,11 +566,13 @@ pub fn run(socket: &Path, args: &BenchArgs) -> Result<(), Failure> {
 
 /// The multi-connection scenarios in floors measured with every CPU busy, as the daemon's
 /// are under these loads (for reading, not a target: the targets are in the floor of one).
-fn in_parallel_floors(results: &[(Kind, Measured, Measured)], args: &BenchArgs) {
-    let Some(floor) = args.floor_parallel_us else {
-        return;
+fn in_parallel_floors(results: &[(Kind, Measured, Measured, Floors)], args: &BenchArgs) {
+    let get = |k: Kind| {
+        results
+            .iter()
+            .find(|r| r.0 == k)
+            .and_then(|r| Some((r.1, r.2, r.3.parallel?)))
     };
-    let get = |k: Kind| results.iter().find(|r| r.0 == k).map(|r| (r.1, r.2));
     let rows = [
         (
             "10 connections ping-pong: (daemon − echo CPU/req)",
@@ -507,20 +592,19 @@ fn in_parallel_floors(results: &[(Kind, Measured, Measured)], args: &BenchArgs) 
         } else {
             1.0
         };
-        let v = get(kind).and_then(|(js, d)| Some((d.cpu_us? - echo * js.cpu_us?) / stages));
+        let v = get(kind)
+            .and_then(|(js, d, floor)| Some((d.cpu_us? - echo * js.cpu_us?) / stages / floor));
         if let Some(v) = v {
-            println!(
-                "{:<64} {:>7.2}",
-                format!("{what} / parallel floor"),
-                v / floor
-            );
+            println!("{:<64} {:>7.2}", format!("{what} / parallel floor"), v);
         }
     }
 }
 
 /// The targets of the scenarios that ran, with the measured value of each.
-fn targets(results: &[(Kind, Measured, Measured)], args: &BenchArgs) -> Vec<(Target, f64)> {
+fn targets(results: &[(Kind, Measured, Measured, Floors)], args: &BenchArgs) -> Vec<(Target, f64)> {
     let get = |k: Kind| results.iter().find(|r| r.0 == k).map(|r| (r.1, r.2));
+    // The floor a scenario is reported in.
+    let floor = |k: Kind| results.iter().find(|r| r.0 == k).and_then(|r| r.3.one);
     let p = args.pipeline;
     let tput = |(js, d): (Measured, Measured)| d.per_sec / js.per_sec;
     let mut checks = Vec::new();
@@ -606,14 +690,14 @@ fn targets(results: &[(Kind, Measured, Measured)], args: &BenchArgs) -> Vec<(Tar
     // The daemon's CPU per request beyond the echo's, in floors (bare Wasmtime: a store,
     // an instance from its InstancePre, an epoch deadline and fuel, the call): reported
     // against the targets, not yet a regression floor.
-    for (what, m) in [
-        ("1 connection ping-pong", ping1),
-        ("10 connections ping-pong", ping10),
-        ("10 × pipelined", pipe10),
+    for (what, kind) in [
+        ("1 connection ping-pong", Kind::Ping1),
+        ("10 connections ping-pong", Kind::Ping10),
+        ("10 × pipelined", Kind::Pipe10),
     ] {
         check(
             Target::cost(format!("{what}: (daemon − echo CPU/req) / floor"), 1.5),
-            m.and_then(|(js, d)| Some((d.cpu_us? - js.cpu_us?) / args.floor_us?)),
+            get(kind).and_then(|(js, d)| Some((d.cpu_us? - js.cpu_us?) / floor(kind)?)),
         );
     }
     check(
@@ -625,11 +709,11 @@ fn targets(results: &[(Kind, Measured, Measured)], args: &BenchArgs) -> Vec<(Tar
             1.5,
         ),
         get(Kind::Chain10)
-            .and_then(|(_, d)| Some(d.cpu_us? / (args.chain as f64 * args.floor_us?))),
+            .and_then(|(_, d)| Some(d.cpu_us? / (args.chain as f64 * floor(Kind::Chain10)?))),
     );
     check(
         Target::cost("1 connection: (daemon p50 − echo p50) / floor", 2.0),
-        ping1.and_then(|(js, d)| Some((d.p50_us - js.p50_us) / args.floor_us?)),
+        ping1.and_then(|(js, d)| Some((d.p50_us - js.p50_us) / floor(Kind::Ping1)?)),
     );
     // An Extism plugin's call against the process-ABI binary's execution, both relative
     // to the echo under the same clients: what the Extism glue costs over the socket.
@@ -1522,5 +1606,34 @@ fn cpu_per_request(before: Option<f64>, after: Option<f64>, requests: u64) -> Op
     match (before, after) {
         (Some(b), Some(a)) if requests > 0 => Some((a - b) / requests as f64),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_floor_command_gives_the_number_it_prints_or_a_clear_error() {
+        assert_eq!(command_us("--floor-cmd", "echo ' 3.25'").unwrap(), 3.25);
+        for (cmd, said) in [
+            ("echo fast", "printed \"fast\", not a number of µs"),
+            ("echo 0", "printed \"0\", not a number of µs"),
+            ("echo -2", "printed \"-2\", not a number of µs"),
+            ("true", "printed \"\", not a number of µs"),
+            ("echo 3; exit 4", "failed (exit status: 4)"),
+        ] {
+            let f = command_us("--floor-cmd", cmd).unwrap_err();
+            assert_eq!(f.code, exit::USAGE, "{cmd}");
+            assert!(f.message.contains(said), "{cmd}: {}", f.message);
+            assert!(f.message.starts_with("--floor-cmd: `"), "{}", f.message);
+        }
+    }
+
+    #[test]
+    fn a_scenario_is_divided_by_the_mean_of_its_floors_and_by_none_when_one_is_missing() {
+        let f = |one, parallel| Floors { one, parallel };
+        let m = Floors::mean(f(Some(4.0), Some(5.0)), f(Some(6.0), None));
+        assert_eq!((m.one, m.parallel), (Some(5.0), None));
     }
 }
