@@ -216,6 +216,16 @@ fn bare_with(bytes: &[u8], tuned: bool, limited: bool) -> Bare {
             .table_keep_resident(d.engine.memory_keep_resident)
             .pagemap_scan(wasmtime::Enabled::Auto)
             .max_memory_size((d.limits.max_memory_mb as usize) << 20);
+        // The same small pool as the daemonless executor's under valgrind.
+        if let Some(n) = std::env::var("BENCH_POOL_INSTANCES")
+            .ok()
+            .and_then(|n| n.parse::<u32>().ok())
+        {
+            pool.total_memories(n)
+                .total_core_instances(n)
+                .total_tables(n)
+                .max_unused_warm_slots(n);
+        }
         c.signals_based_traps(false)
             .memory_guard_size(0)
             .memory_reservation(d.limits.max_memory_mb << 20);
