@@ -23,7 +23,8 @@ cleanup() { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm
 trap cleanup EXIT
 for _ in $(seq 200); do [ -S "$sock" ] && break; kill -0 "$pid" || exit 1; sleep 0.05; done
 # The exec bench, built once.
-exec_bench=$(cargo bench --no-run --quiet -p wasmcored --bench exec --message-format=json |
+exec_bench=$(cargo bench --no-run --quiet -p wasmcored --bench exec \
+    --message-format=json-render-diagnostics |
     grep -o '"executable":"[^"]*/deps/exec-[^"]*"' | cut -d'"' -f4) || true
 [ -x "$exec_bench" ] || { echo "bench-socket: the exec bench was not built" >&2; exit 1; }
 # The in-process cost of one execution, the yardstick for the daemon's CPU per request.
