@@ -31,18 +31,22 @@ struct Daemonless {
     exec: Executor,
 }
 
+/// `BENCH_POOL_INSTANCES`: a pool of that many slots for every engine of the bench, small
+/// enough for valgrind (`BENCH_POOL_INSTANCES=4 valgrind --tool=callgrind`), whose address
+/// space cannot hold the default pool's reservation.
+fn small_pool() -> Option<u32> {
+    std::env::var("BENCH_POOL_INSTANCES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+}
+
 fn daemonless(fuel: bool) -> Daemonless {
     daemonless_with(|c| c.engine.fuel_metering = fuel)
 }
 
 fn daemonless_with(f: impl FnOnce(&mut Config)) -> Daemonless {
     let mut c = Config::default();
-    // A small pool fits under valgrind (`BENCH_POOL_INSTANCES=4 valgrind --tool=callgrind`),
-    // whose address space cannot hold the default pool's reservation.
-    if let Some(n) = std::env::var("BENCH_POOL_INSTANCES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-    {
+    if let Some(n) = small_pool() {
         c.engine.pool_instances = n;
         c.engine.max_unused_warm_slots = n;
     }
@@ -127,10 +131,7 @@ fn request_daemon(bytes: &[u8]) -> (Arc<wasmcored::Daemon>, Tenant, Vec<u8>, Tem
         state_dir: dir.0.clone(),
         ..Config::default()
     };
-    if let Some(n) = std::env::var("BENCH_POOL_INSTANCES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-    {
+    if let Some(n) = small_pool() {
         c.engine.pool_instances = n;
         c.engine.max_unused_warm_slots = n;
     }
@@ -216,11 +217,7 @@ fn bare_with(bytes: &[u8], tuned: bool, limited: bool) -> Bare {
             .table_keep_resident(d.engine.memory_keep_resident)
             .pagemap_scan(wasmtime::Enabled::Auto)
             .max_memory_size((d.limits.max_memory_mb as usize) << 20);
-        // The same small pool as the daemonless executor's under valgrind.
-        if let Some(n) = std::env::var("BENCH_POOL_INSTANCES")
-            .ok()
-            .and_then(|n| n.parse::<u32>().ok())
-        {
+        if let Some(n) = small_pool() {
             pool.total_memories(n)
                 .total_core_instances(n)
                 .total_tables(n)
